@@ -1,0 +1,270 @@
+//! Wiring only: connect NATS and OpenCode, start the event-stream reader,
+//! serve prompts, and shut down as a tree with a grace period.
+//!
+//! Shutdown order: stop taking prompts (drain the subscriptions and serve
+//! what was already delivered) -> let in-flight turns finish within
+//! `shutdown.grace` -> cancel the rest (each ends with `shutting_down`) ->
+//! flush NATS -> stop the stream reader and the embedded OpenCode.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::bus::{self, BusError, Incoming, PromptSubscription, Publisher};
+use crate::config::Config;
+use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
+use crate::opencode::stream::StreamOptions;
+use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
+use crate::protocol::{
+    parse_prompt, reply_subject, validate_subject, ErrorCode, PromptLimits, ReplyBody,
+};
+use crate::turn::{Dispatcher, Job, MemoryStore, ReplySink, SessionStore, TurnContext};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error(transparent)]
+    OpenCode(#[from] OpenCodeError),
+}
+
+/// What a caller learns once the daemon is serving.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub opencode_url: String,
+}
+
+/// Runs the daemon until `shutdown` resolves. `ready` is told once the
+/// prompt subscriptions are live.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<oneshot::Sender<Ready>>,
+) -> Result<(), AppError> {
+    let config = Arc::new(config);
+    let nats = bus::connect(&config.nats).await?;
+    let publisher = Publisher::new(nats.clone());
+
+    let (embedded, client) = match &config.opencode.base_url {
+        Some(url) => {
+            let client = OpenCodeClient::new(
+                url,
+                config.opencode.resolved_password(),
+                config
+                    .opencode
+                    .directory
+                    .as_ref()
+                    .map(|d| d.display().to_string()),
+                &config.opencode,
+            )?;
+            (None, client)
+        }
+        None => {
+            let (server, client) = EmbeddedServer::start(&config.opencode).await?;
+            (Some(server), client)
+        }
+    };
+
+    let stream_cancel = CancellationToken::new();
+    let hub = EventHub::new(config.turn.event_buffer);
+    let reader = tokio::spawn(hub.clone().run(
+        client.clone(),
+        StreamOptions {
+            max_event_bytes: config.limits.max_event_bytes,
+            stall_timeout: config.opencode.stream_stall_timeout,
+            reconnect_min: config.opencode.reconnect_min,
+            reconnect_max: config.opencode.reconnect_max,
+        },
+        stream_cancel.clone(),
+    ));
+
+    let sessions: Arc<dyn SessionStore> = match MemoryStore::rebuild(
+        &client,
+        &config.opencode.title_prefix,
+    )
+    .await
+    {
+        Ok(s) => {
+            info!(
+                conversations = s.len(),
+                "conversation map rebuilt from OpenCode's sessions"
+            );
+            Arc::new(s)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot list OpenCode's sessions; starting with an empty conversation map");
+            Arc::new(MemoryStore::default())
+        }
+    };
+
+    let ctx = Arc::new(TurnContext::new(
+        client.clone(),
+        hub.clone(),
+        publisher.clone(),
+        sessions,
+        config.clone(),
+    ));
+    let tracker = TaskTracker::new();
+    let turn_cancel = CancellationToken::new();
+    let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
+    let in_flight = Arc::new(Semaphore::new(config.turn.max_in_flight));
+
+    let mut prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
+    if let Some(r) = ready {
+        let _ = r.send(Ready {
+            opencode_url: client.base_url().to_string(),
+        });
+    }
+    info!("opencode-nats-bridge is serving");
+
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            p = in_flight.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let msg = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            m = prompts.next() => m,
+        };
+        let Some(msg) = msg else {
+            warn!("prompt subscriptions ended (NATS connection closed)");
+            break;
+        };
+        accept(&dispatcher, &config, msg, Some(permit)).await;
+    }
+
+    info!("shutting down: no new prompts");
+    prompts.drain().await;
+    // Serve what the server had already delivered before the drain.
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), prompts.next()).await {
+        accept(&dispatcher, &config, msg, None).await;
+    }
+    tracker.close();
+    let grace = config.shutdown.grace;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            ?grace,
+            "turns still running after the grace period; ending them"
+        );
+        turn_cancel.cancel();
+        let bound = config.turn.abort_timeout + Duration::from_secs(5);
+        if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
+            warn!("some turns did not end; exiting anyway");
+        }
+    }
+    publisher.flush().await;
+    stream_cancel.cancel();
+    let _ = reader.await;
+    if let Some(server) = embedded {
+        server.stop(Duration::from_secs(5)).await;
+    }
+    if let Err(e) = nats.drain().await {
+        warn!(error = %e, "NATS drain failed");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Parses and routes one prompt: a `bad_request` or `session_busy` reply
+/// right away, or a queued turn.
+async fn accept(
+    dispatcher: &Arc<Dispatcher>,
+    config: &Config,
+    msg: Incoming,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let ctx = dispatcher.context();
+    let tail = msg
+        .subject
+        .strip_prefix(config.subjects.prompt.as_str())
+        .and_then(|t| t.strip_prefix('.'))
+        .filter(|t| !t.is_empty());
+    let limits = PromptLimits {
+        max_prompt_bytes: config.limits.max_prompt_bytes,
+    };
+    let inbox_error = msg.reply.as_deref().and_then(|r| {
+        validate_subject(r)
+            .err()
+            .map(|e| format!("reply subject {r:?} {e}"))
+    });
+    let inbox = msg.reply.as_deref().filter(|_| inbox_error.is_none());
+    let parsed = parse_prompt(&msg.payload, &msg.headers, tail, limits);
+    let prompt = match (parsed, inbox_error) {
+        (Ok(p), None) => p,
+        (Ok(p), Some(reason)) => {
+            let subject = reply_subject(
+                None,
+                p.reply_to.as_deref(),
+                &p.trace_id,
+                &config.subjects.reply_prefix,
+            );
+            warn!(trace_id = %p.trace_id, subject = %msg.subject, %reason, "bad prompt");
+            let mut sink = ReplySink::new(
+                ctx.publisher.clone(),
+                subject,
+                p.trace_id.clone(),
+                p.conversation.clone(),
+                config.limits.max_reply_bytes,
+            );
+            sink.send(ReplyBody::error(ErrorCode::BadRequest, reason))
+                .await;
+            return;
+        }
+        (Err(rej), _) => {
+            let subject = reply_subject(
+                inbox,
+                rej.reply_to.as_deref(),
+                &rej.trace_id,
+                &config.subjects.reply_prefix,
+            );
+            warn!(trace_id = %rej.trace_id, subject = %msg.subject, reason = %rej.reason, bytes = msg.payload.len(), "bad prompt");
+            let mut sink = ReplySink::new(
+                ctx.publisher.clone(),
+                subject,
+                rej.trace_id.clone(),
+                rej.conversation.clone(),
+                config.limits.max_reply_bytes,
+            );
+            sink.send(ReplyBody::error(ErrorCode::BadRequest, rej.reason))
+                .await;
+            return;
+        }
+    };
+    let subject = reply_subject(
+        inbox,
+        prompt.reply_to.as_deref(),
+        &prompt.trace_id,
+        &config.subjects.reply_prefix,
+    );
+    let sink = ctx.sink(&prompt, subject);
+    let job = Job {
+        prompt,
+        sink,
+        permit,
+    };
+    if let Err(job) = dispatcher.dispatch(job) {
+        let Job {
+            prompt, mut sink, ..
+        } = *job;
+        let reason =
+            format!(
+            "conversation {} already has a turn running and {} queued (turn.conversation_queue)",
+            prompt.conversation.as_deref().or(prompt.session_id.as_deref()).unwrap_or("?"),
+            config.turn.conversation_queue
+        );
+        warn!(trace_id = %prompt.trace_id, %reason, "prompt refused");
+        sink.send(ReplyBody::error(ErrorCode::SessionBusy, reason))
+            .await;
+    }
+}

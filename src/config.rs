@@ -1,0 +1,580 @@
+//! Configuration: a TOML file layered with `OPENCODE_BRIDGE__<SECTION>__<KEY>`
+//! environment variables, read into serde structs that reject unknown keys,
+//! then validated into [`Config`]. Every key is documented here and in
+//! `config.example.toml`, with its default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol::subject::validate_subject;
+
+/// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
+pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub subjects: SubjectsConfig,
+    pub opencode: OpenCodeConfig,
+    pub turn: TurnConfig,
+    pub limits: LimitsConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// One or more server URLs, comma-separated (`nats://a:4222,nats://b:4222`).
+    pub url: String,
+    /// Client name shown by the server (`nats server report connections`).
+    pub name: String,
+    /// A `.creds` file (JWT + nkey seed), for decentralised auth.
+    pub credentials_file: Option<PathBuf>,
+    /// An nkey seed (`SU...`), for nkey auth.
+    pub nkey: Option<String>,
+    /// A token, for token auth.
+    pub token: Option<String>,
+    /// User name, for user/password auth (with `password`).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// A CA bundle to verify the server's certificate (enables TLS).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key, for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Require TLS even without a CA file.
+    pub tls_required: bool,
+    /// Keep retrying when the server is not up yet at start (a sidecar may
+    /// start before its server).
+    pub retry_on_initial_connect: bool,
+    /// Give up an initial connection attempt after this long.
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+    /// Messages buffered per subscription before the server calls us a slow
+    /// consumer and drops (async-nats `subscription_capacity`).
+    pub subscription_capacity: usize,
+    /// Outgoing commands buffered while disconnected (async-nats
+    /// `client_capacity`); replies beyond it wait for the reconnect.
+    pub client_capacity: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "opencode-nats-bridge".into(),
+            credentials_file: None,
+            nkey: None,
+            token: None,
+            user: None,
+            password: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
+            retry_on_initial_connect: true,
+            connection_timeout: Duration::from_secs(5),
+            subscription_capacity: 8192,
+            client_capacity: 8192,
+        }
+    }
+}
+
+/// The subjects of the wire contract (docs/PROTOCOL.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubjectsConfig {
+    /// Prompts arrive on this subject and on `<prompt>.>`; the tail tokens of
+    /// the latter name the conversation.
+    pub prompt: String,
+    /// Queue group of the prompt subscriptions: several daemons share load.
+    pub queue_group: String,
+    /// Replies go to `<reply_prefix>.<trace_id>` when the prompt names no
+    /// reply subject.
+    pub reply_prefix: String,
+}
+
+impl Default for SubjectsConfig {
+    fn default() -> Self {
+        SubjectsConfig {
+            prompt: "opencode.prompt".into(),
+            queue_group: "opencode-bridge".into(),
+            reply_prefix: "opencode.reply".into(),
+        }
+    }
+}
+
+/// Which OpenCode server to drive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenCodeConfig {
+    /// An existing server (`http://127.0.0.1:4096`). Unset: the daemon starts
+    /// `opencode serve` itself (the embedded default).
+    pub base_url: Option<String>,
+    /// HTTP Basic user.
+    pub username: String,
+    /// HTTP Basic password; falls back to `OPENCODE_SERVER_PASSWORD`. Never
+    /// logged.
+    pub password: Option<String>,
+    /// The `opencode` binary for the embedded server.
+    pub binary: PathBuf,
+    /// Working directory of the embedded server, and the `directory` passed
+    /// on every call (sessions belong to a directory). Unset: the daemon's
+    /// current directory for the embedded server, the server's own for an
+    /// external one.
+    pub directory: Option<PathBuf>,
+    /// How long the embedded server may take to become healthy.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Bound on every plain HTTP call (not the event stream).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Bound on connecting to OpenCode.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The event stream is reconnected after this long without a byte (not
+    /// even OpenCode's 10-second heartbeat).
+    #[serde(with = "humantime_serde")]
+    pub stream_stall_timeout: Duration,
+    /// First delay before reconnecting the event stream; doubles (with
+    /// jitter) up to `reconnect_max`, and resets after a good connection.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Session titles are `<title_prefix><conversation>`, so the
+    /// conversation map can be rebuilt from `GET /session` after a restart.
+    pub title_prefix: String,
+}
+
+impl Default for OpenCodeConfig {
+    fn default() -> Self {
+        OpenCodeConfig {
+            base_url: None,
+            username: "opencode".into(),
+            password: None,
+            binary: PathBuf::from("opencode"),
+            directory: None,
+            startup_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            stream_stall_timeout: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+            title_prefix: "nats:".into(),
+        }
+    }
+}
+
+/// Per-turn deadlines and queues.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// Deadline for the first event of the turn after the prompt was sent
+    /// (slow reasoning models can take a while).
+    #[serde(with = "humantime_serde")]
+    pub first_event_timeout: Duration,
+    /// Deadline between meaningful events (heartbeats don't count).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Deadline for the whole turn.
+    #[serde(with = "humantime_serde")]
+    pub turn_timeout: Duration,
+    /// Prompts waiting behind a running turn of the same conversation; one
+    /// more gets `session_busy`.
+    pub conversation_queue: usize,
+    /// Turns in flight (running or queued) across all conversations; the
+    /// daemon stops reading prompts while at the limit.
+    pub max_in_flight: usize,
+    /// Events buffered between the stream reader and one turn; a turn that
+    /// falls this far behind loses live events and is reconciled over HTTP.
+    pub event_buffer: usize,
+    /// Bound on waiting for OpenCode to confirm an abort.
+    #[serde(with = "humantime_serde")]
+    pub abort_timeout: Duration,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            first_event_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(600),
+            turn_timeout: Duration::from_secs(1800),
+            conversation_queue: 8,
+            max_in_flight: 1024,
+            event_buffer: 1024,
+            abort_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Sizes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// A prompt payload above this gets `bad_request`.
+    pub max_prompt_bytes: usize,
+    /// An SSE event from OpenCode above this is skipped (logged).
+    pub max_event_bytes: usize,
+    /// Reply payloads are kept under this (and under the server's
+    /// `max_payload`); longer deltas are split.
+    pub max_reply_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_prompt_bytes: 1024 * 1024,
+            max_event_bytes: 16 * 1024 * 1024,
+            max_reply_bytes: 512 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT, in-flight turns get this long to finish; the rest
+    /// end with `shutting_down`.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json` (one object per line, for journald/Loki).
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `opencode_nats_bridge=debug`); `RUST_LOG`
+    /// wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that could not be loaded, naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("config: {0}")]
+    Parse(config::ConfigError),
+    #[error("config: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Config {
+    /// Loads the embedded defaults, then `path` (if given), then the
+    /// environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// As [`load`](Self::load), with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut b = config::Config::builder();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError::File {
+                    path: p.to_path_buf(),
+                    source: config::ConfigError::NotFound(p.display().to_string()),
+                });
+            }
+            b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        }
+        let mut e = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        if let Some(env) = env {
+            e = e.source(Some(env.into_iter().collect()));
+        }
+        b = b.add_source(e);
+        let built = b.build().map_err(|source| match path {
+            Some(p) => ConfigError::File {
+                path: p.to_path_buf(),
+                source,
+            },
+            None => ConfigError::Parse(source),
+        })?;
+        let cfg: Config = built.try_deserialize().map_err(ConfigError::Parse)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.nats.urls().is_empty() {
+            return invalid("nats.url", "no server URL given".into());
+        }
+        for (key, s) in [
+            ("subjects.prompt", &self.subjects.prompt),
+            ("subjects.reply_prefix", &self.subjects.reply_prefix),
+            ("subjects.queue_group", &self.subjects.queue_group),
+        ] {
+            if let Err(e) = validate_subject(s) {
+                return invalid(key, format!("{s:?} {e}"));
+            }
+        }
+        if let Some(u) = &self.opencode.base_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return invalid(
+                    "opencode.base_url",
+                    format!("{u:?} must start with http:// or https://"),
+                );
+            }
+        }
+        let positive = [
+            ("turn.first_event_timeout", self.turn.first_event_timeout),
+            ("turn.idle_timeout", self.turn.idle_timeout),
+            ("turn.turn_timeout", self.turn.turn_timeout),
+            ("turn.abort_timeout", self.turn.abort_timeout),
+            ("opencode.request_timeout", self.opencode.request_timeout),
+            ("opencode.connect_timeout", self.opencode.connect_timeout),
+            ("opencode.startup_timeout", self.opencode.startup_timeout),
+            (
+                "opencode.stream_stall_timeout",
+                self.opencode.stream_stall_timeout,
+            ),
+            ("opencode.reconnect_min", self.opencode.reconnect_min),
+        ];
+        for (key, d) in positive {
+            if d.is_zero() {
+                return invalid(key, "must be above zero".into());
+            }
+        }
+        if self.opencode.reconnect_max < self.opencode.reconnect_min {
+            return invalid(
+                "opencode.reconnect_max",
+                "must not be below opencode.reconnect_min".into(),
+            );
+        }
+        for (key, n) in [
+            ("turn.max_in_flight", self.turn.max_in_flight),
+            ("turn.event_buffer", self.turn.event_buffer),
+            ("limits.max_prompt_bytes", self.limits.max_prompt_bytes),
+            ("limits.max_event_bytes", self.limits.max_event_bytes),
+            (
+                "nats.subscription_capacity",
+                self.nats.subscription_capacity,
+            ),
+            ("nats.client_capacity", self.nats.client_capacity),
+        ] {
+            if n == 0 {
+                return invalid(key, "must be above zero".into());
+            }
+        }
+        if self.limits.max_reply_bytes < 1024 {
+            return invalid("limits.max_reply_bytes", "must be at least 1024".into());
+        }
+        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+            return invalid(
+                "nats.tls_cert_file",
+                "tls_cert_file and tls_key_file go together".into(),
+            );
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return invalid("nats.user", "user and password go together".into());
+        }
+        Ok(())
+    }
+}
+
+impl NatsConfig {
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl OpenCodeConfig {
+    /// The password: from the config, else `OPENCODE_SERVER_PASSWORD`.
+    pub fn resolved_password(&self) -> Option<String> {
+        self.password
+            .clone()
+            .or_else(|| std::env::var("OPENCODE_SERVER_PASSWORD").ok())
+            .filter(|p| !p.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(c.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(c.turn.first_event_timeout, Duration::from_secs(120));
+        assert!(c.opencode.base_url.is_none());
+    }
+
+    #[test]
+    fn example_file_is_valid_and_complete() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        Config::load_with_env(Some(&path), env(&[])).unwrap();
+        // Every key of the defaults appears in the example.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let example: toml_keys::Keys = toml_keys::keys(&text);
+        for key in [
+            "nats.url",
+            "nats.subscription_capacity",
+            "subjects.prompt",
+            "opencode.base_url",
+            "opencode.password",
+            "turn.first_event_timeout",
+            "limits.max_prompt_bytes",
+            "shutdown.grace",
+            "log.format",
+        ] {
+            assert!(
+                example.iter().any(|k| k == key),
+                "config.example.toml lacks {key}"
+            );
+        }
+    }
+
+    mod toml_keys {
+        pub type Keys = Vec<String>;
+        /// `section.key` for every `key =` line, commented out or not.
+        pub fn keys(text: &str) -> Keys {
+            let mut section = String::new();
+            let mut out = Vec::new();
+            for line in text.lines() {
+                let l = line.trim().trim_start_matches('#').trim();
+                if l.starts_with('[') && l.ends_with(']') {
+                    section = l.trim_matches(['[', ']']).to_string();
+                } else if let Some((k, _)) = l.split_once('=') {
+                    let k = k.trim();
+                    if !k.is_empty() && !k.contains(' ') {
+                        out.push(format!("{section}.{k}"));
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn file_and_env_layer() {
+        let f = write(
+            "[nats]\nurl = \"nats://file:4222\"\n[turn]\nidle_timeout = \"90s\"\n[opencode]\nbase_url = \"http://127.0.0.1:4096\"\n",
+        );
+        let c = Config::load_with_env(
+            Some(f.path()),
+            env(&[
+                ("OPENCODE_BRIDGE__NATS__URL", "nats://env:4222"),
+                ("OPENCODE_BRIDGE__OPENCODE__PASSWORD", "s3cret"),
+                ("OPENCODE_BRIDGE__TURN__CONVERSATION_QUEUE", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.nats.url, "nats://env:4222");
+        assert_eq!(c.turn.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.turn.conversation_queue, 3);
+        assert_eq!(c.opencode.password.as_deref(), Some("s3cret"));
+        assert_eq!(
+            c.opencode.base_url.as_deref(),
+            Some("http://127.0.0.1:4096")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let f = write("[nats]\nurll = \"x\"\n");
+        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("urll"), "{e}");
+        let f = write("[natz]\nurl = \"x\"\n");
+        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("natz"), "{e}");
+        let e = Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__TURN__IDEL_TIMEOUT", "1s")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("idel_timeout"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("[turn]\nidle_timeout = \"soon\"\n", "idle_timeout"),
+            ("[turn]\nidle_timeout = \"0s\"\n", "turn.idle_timeout"),
+            ("[subjects]\nprompt = \"a.*\"\n", "subjects.prompt"),
+            (
+                "[opencode]\nbase_url = \"localhost:4096\"\n",
+                "opencode.base_url",
+            ),
+            ("[nats]\nurl = \" , \"\n", "nats.url"),
+            ("[log]\nformat = \"xml\"\n", "xml"),
+        ];
+        for (text, needle) in cases {
+            let f = write(text);
+            let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
+        let e = Config::load_with_env(Some(Path::new("/nonexistent.toml")), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent.toml"), "{e}");
+    }
+
+    #[test]
+    fn several_urls() {
+        let c = NatsConfig {
+            url: "nats://a:1, nats://b:2".into(),
+            ..Default::default()
+        };
+        assert_eq!(c.urls(), vec!["nats://a:1", "nats://b:2"]);
+    }
+}

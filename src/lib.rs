@@ -1,0 +1,30 @@
+//! # opencode-nats-bridge
+//!
+//! A daemon between a NATS bus and OpenCode's headless server:
+//!
+//! ```text
+//! NATS prompt -> turn driver -> OpenCode HTTP/SSE -> event mapper -> NATS replies
+//! ```
+//!
+//! # Layout (in the order a prompt flows)
+//!
+//! - [`config`]: the TOML + environment configuration, validated.
+//! - [`protocol`] *(pure)*: the NATS wire contract: prompt parsing, the reply
+//!   vocabulary, subject validation (`docs/PROTOCOL.md`).
+//! - [`bus`]: the async-nats adapter (subscribe, publish, drain).
+//! - [`turn`]: one turn from prompt to `final`/`error`; the per-conversation
+//!   FIFO; the conversation -> session map.
+//! - [`opencode`]: the HTTP client, the single event-stream reader and its
+//!   per-session routes, the embedded `opencode serve`; *(pure)* the SSE
+//!   decoder and the typed events.
+//! - [`mapper`] *(pure)*: OpenCode events -> replies, and the end of a turn
+//!   read from the message list.
+//! - [`app`]: wiring and shutdown.
+
+pub mod app;
+pub mod bus;
+pub mod config;
+pub mod mapper;
+pub mod opencode;
+pub mod protocol;
+pub mod turn;

@@ -1,0 +1,516 @@
+//! [pure] OpenCode events -> the reply vocabulary, for one turn.
+//!
+//! A [`TurnMapper`] follows one turn of one session: it learns which user
+//! message is this turn's, which assistant messages answer it (their
+//! `parentID`), and what each part is (text, reasoning, tool). From that it
+//! emits `delta`, `reasoning`, `tool_call` and `tool_result` bodies, and at
+//! the end [`TurnMapper::conclude`] reads OpenCode's message list (the truth)
+//! into the `final` body or an error.
+//!
+//! Rules that keep text exact:
+//! - deltas are appended exactly as received; a delta is emitted only for a
+//!   part already known to be this turn's text or reasoning;
+//! - a snapshot (a part's full text) is only used to reconcile, and only once
+//!   the part is finished: whatever lies beyond the bytes already emitted is
+//!   emitted once. Nothing is ever deduplicated by comparing text.
+//!
+//! The mapper never awaits and never does I/O.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::opencode::events::{
+    Event, MessageError, MessageInfo, MessageWithParts, Part, PermissionAsked, QuestionAsked, Role,
+    SessionStatus,
+};
+use crate::protocol::reply::FinalReply;
+use crate::protocol::{ErrorCode, ReplyBody, Usage};
+
+/// What an event means for the turn's control flow (the replies it produced
+/// are pushed to the output vector separately).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// Not this turn's business (or noise).
+    Nothing,
+    /// The turn made progress (resets the idle deadline).
+    Progress,
+    /// The session went idle: time to check whether the turn is over.
+    Idle,
+    /// OpenCode reported an error for this session.
+    Error(MessageError),
+    /// OpenCode is retrying the provider call.
+    Retry {
+        attempt: Option<u64>,
+        message: Option<String>,
+    },
+    Permission(PermissionAsked),
+    Question(QuestionAsked),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Text,
+    Reasoning,
+    Tool,
+    Other,
+}
+
+#[derive(Debug)]
+struct PartTrack {
+    kind: PartKind,
+    /// Bytes of this part's text already emitted.
+    emitted: usize,
+    /// Live deltas may have been lost for this part: it is only brought up
+    /// to date from snapshots from now on.
+    frozen: bool,
+}
+
+#[derive(Debug, Default)]
+struct ToolTrack {
+    call_emitted: bool,
+    result_emitted: bool,
+}
+
+/// The end of a turn as read from OpenCode's message list.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Conclusion {
+    Final(FinalReply),
+    Failed {
+        code: ErrorCode,
+        error: String,
+        retryable: bool,
+    },
+}
+
+/// One turn's mapping state.
+#[derive(Debug)]
+pub struct TurnMapper {
+    session_id: String,
+    /// The newest message id known before this turn started: anything at or
+    /// below it belongs to earlier turns (OpenCode ids ascend).
+    floor: Option<String>,
+    user_message_id: Option<String>,
+    /// This turn's assistant messages, by id.
+    assistant: HashMap<String, MessageInfo>,
+    parts: HashMap<String, PartTrack>,
+    tools: HashMap<String, ToolTrack>,
+    error: Option<MessageError>,
+}
+
+impl TurnMapper {
+    /// `floor`: the newest message id of the session before this turn (from
+    /// the previous turn's message list), if known.
+    pub fn new(session_id: impl Into<String>, floor: Option<String>) -> Self {
+        TurnMapper {
+            session_id: session_id.into(),
+            floor,
+            user_message_id: None,
+            assistant: HashMap::new(),
+            parts: HashMap::new(),
+            tools: HashMap::new(),
+            error: None,
+        }
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// This turn's user message id, once seen.
+    pub fn user_message_id(&self) -> Option<&str> {
+        self.user_message_id.as_deref()
+    }
+
+    /// The error OpenCode reported for this session during the turn, if any.
+    pub fn error(&self) -> Option<&MessageError> {
+        self.error.as_ref()
+    }
+
+    fn above_floor(&self, id: &str) -> bool {
+        self.floor.as_deref().is_none_or(|f| id > f)
+    }
+
+    fn is_ours(&self, message_id: &str) -> bool {
+        self.assistant.contains_key(message_id)
+    }
+
+    /// Feeds one event; pushes the replies it produces onto `out`.
+    pub fn on_event(&mut self, event: &Event, out: &mut Vec<ReplyBody>) -> Signal {
+        if event.session_id() != Some(self.session_id.as_str()) {
+            return Signal::Nothing;
+        }
+        match event {
+            Event::MessageUpdated(info) => {
+                self.on_message(info);
+                Signal::Progress
+            }
+            Event::PartUpdated(part) => {
+                self.on_part(part, out);
+                Signal::Progress
+            }
+            Event::PartDelta(d) => {
+                if let Some(track) = self.parts.get_mut(&d.part_id) {
+                    if d.field == "text" && !d.delta.is_empty() && !track.frozen {
+                        match track.kind {
+                            PartKind::Text => {
+                                track.emitted += d.delta.len();
+                                out.push(ReplyBody::Delta {
+                                    content: d.delta.clone(),
+                                    part_id: d.part_id.clone(),
+                                });
+                            }
+                            PartKind::Reasoning => {
+                                track.emitted += d.delta.len();
+                                out.push(ReplyBody::Reasoning {
+                                    content: d.delta.clone(),
+                                    part_id: d.part_id.clone(),
+                                });
+                            }
+                            PartKind::Tool | PartKind::Other => {}
+                        }
+                    }
+                }
+                Signal::Progress
+            }
+            Event::SessionStatus { status, .. } => match status {
+                SessionStatus::Idle => Signal::Idle,
+                SessionStatus::Retry { attempt, message } => Signal::Retry {
+                    attempt: *attempt,
+                    message: message.clone(),
+                },
+                SessionStatus::Busy | SessionStatus::Other => Signal::Progress,
+            },
+            Event::SessionIdle { .. } => Signal::Idle,
+            Event::SessionError { error, .. } => {
+                let error = error.clone().unwrap_or(MessageError {
+                    name: "UnknownError".into(),
+                    data: Value::Null,
+                });
+                self.error = Some(error.clone());
+                Signal::Error(error)
+            }
+            Event::PermissionAsked(p) => Signal::Permission(p.clone()),
+            Event::QuestionAsked(q) => Signal::Question(q.clone()),
+            Event::Other { .. } => Signal::Progress,
+            Event::ServerConnected | Event::Heartbeat => Signal::Nothing,
+        }
+    }
+
+    fn on_message(&mut self, info: &MessageInfo) {
+        match info.role {
+            Role::User => {
+                if self.user_message_id.is_none() && self.above_floor(&info.id) {
+                    self.user_message_id = Some(info.id.clone());
+                }
+            }
+            Role::Assistant => {
+                let Some(parent) = info.parent_id.as_deref() else {
+                    return;
+                };
+                if self.user_message_id.is_none() && self.above_floor(parent) {
+                    // The user message's own event was missed: its answer
+                    // names it.
+                    self.user_message_id = Some(parent.to_string());
+                }
+                if self.user_message_id.as_deref() == Some(parent) {
+                    self.assistant.insert(info.id.clone(), info.clone());
+                }
+            }
+            Role::Other => {}
+        }
+    }
+
+    fn on_part(&mut self, part: &Part, out: &mut Vec<ReplyBody>) {
+        if !self.is_ours(&part.message_id) {
+            return;
+        }
+        let kind = match part.kind.as_str() {
+            "text" => PartKind::Text,
+            "reasoning" => PartKind::Reasoning,
+            "tool" => PartKind::Tool,
+            _ => PartKind::Other,
+        };
+        let track = self.parts.entry(part.id.clone()).or_insert(PartTrack {
+            kind,
+            emitted: 0,
+            frozen: false,
+        });
+        match kind {
+            PartKind::Text | PartKind::Reasoning => {
+                let finished = part.time.as_ref().is_some_and(|t| t.end.is_some());
+                if finished {
+                    if let Some(text) = &part.text {
+                        emit_suffix(track, &part.id, text, out);
+                    }
+                }
+            }
+            PartKind::Tool => self.on_tool(part, out),
+            PartKind::Other => {}
+        }
+    }
+
+    fn on_tool(&mut self, part: &Part, out: &mut Vec<ReplyBody>) {
+        let (Some(call_id), Some(state)) = (&part.call_id, &part.state) else {
+            return;
+        };
+        let tool = part.tool.clone().unwrap_or_default();
+        let track = self.tools.entry(call_id.clone()).or_default();
+        let emit_call = |track: &mut ToolTrack, out: &mut Vec<ReplyBody>| {
+            if !track.call_emitted {
+                track.call_emitted = true;
+                let args = match &state.input {
+                    Value::Object(_) => state.input.clone(),
+                    Value::Null => Value::Object(Default::default()),
+                    other => serde_json::json!({ "input": other }),
+                };
+                out.push(ReplyBody::ToolCall {
+                    call_id: call_id.clone(),
+                    tool: tool.clone(),
+                    args,
+                });
+            }
+        };
+        match state.status.as_str() {
+            // `pending` carries no arguments yet.
+            "pending" => {}
+            "running" => emit_call(track, out),
+            "completed" | "error" => {
+                emit_call(track, out);
+                if !track.result_emitted {
+                    track.result_emitted = true;
+                    let success = state.status == "completed";
+                    let result = if success {
+                        state.output.clone().unwrap_or_default()
+                    } else {
+                        state.error.clone().unwrap_or_else(|| "tool failed".into())
+                    };
+                    out.push(ReplyBody::ToolResult {
+                        call_id: call_id.clone(),
+                        tool: tool.clone(),
+                        success,
+                        result,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The slice of `messages` that is this turn: its user message and what
+    /// follows. Learns the user message id if the events did not show it.
+    fn turn_slice<'m>(&mut self, messages: &'m [MessageWithParts]) -> &'m [MessageWithParts] {
+        let start = match &self.user_message_id {
+            Some(id) => messages.iter().position(|m| &m.info.id == id),
+            None => messages
+                .iter()
+                .position(|m| m.info.role == Role::User && self.above_floor(&m.info.id)),
+        };
+        match start {
+            Some(i) => {
+                self.user_message_id = Some(messages[i].info.id.clone());
+                &messages[i..]
+            }
+            None => &[],
+        }
+    }
+
+    /// Events were lost (a full channel, a reconnect): stop trusting live
+    /// deltas for every part seen so far; they are brought up to date from
+    /// snapshots instead.
+    pub fn mark_gap(&mut self) {
+        for t in self.parts.values_mut() {
+            t.frozen = true;
+        }
+    }
+
+    /// Brings the emitted stream up to date with OpenCode's message list
+    /// (after a gap, or at the end of the turn): the text beyond what was
+    /// emitted, and tool calls and results not yet emitted. A part still
+    /// followed live is only touched once it is finished, or `at_end` (when
+    /// no delta can follow any more). Returns whether the turn is over
+    /// according to the list.
+    pub fn reconcile(
+        &mut self,
+        messages: &[MessageWithParts],
+        at_end: bool,
+        out: &mut Vec<ReplyBody>,
+    ) -> bool {
+        let slice = self.turn_slice(messages);
+        let Some(user_id) = self.user_message_id.clone() else {
+            return false;
+        };
+        let mut last_done = None;
+        for m in slice.iter().skip(1) {
+            if m.info.role != Role::Assistant || m.info.parent_id.as_deref() != Some(&user_id) {
+                continue;
+            }
+            self.assistant.insert(m.info.id.clone(), m.info.clone());
+            for part in &m.parts {
+                match part.kind.as_str() {
+                    "text" | "reasoning" => {
+                        let kind = if part.kind == "text" {
+                            PartKind::Text
+                        } else {
+                            PartKind::Reasoning
+                        };
+                        // A part first seen here had its live events lost.
+                        let track = self.parts.entry(part.id.clone()).or_insert(PartTrack {
+                            kind,
+                            emitted: 0,
+                            frozen: true,
+                        });
+                        let finished = part.time.as_ref().is_some_and(|t| t.end.is_some());
+                        if at_end || finished || track.frozen {
+                            if let Some(text) = &part.text {
+                                emit_suffix(track, &part.id, text, out);
+                            }
+                        }
+                    }
+                    "tool" => self.on_tool(part, out),
+                    _ => {}
+                }
+            }
+            last_done = Some(m.info.is_done());
+        }
+        last_done.unwrap_or(false)
+    }
+
+    /// Reads the end of the turn from OpenCode's message list. `None`: the
+    /// list shows the turn still running (a late `session.idle` of an
+    /// earlier turn, say). When it returns `Some`, call
+    /// [`reconcile`](Self::reconcile) with `at_end` and publish what it
+    /// emits before the final, so the deltas add up to the final text.
+    pub fn conclude(&mut self, messages: &[MessageWithParts]) -> Option<Conclusion> {
+        let slice = self.turn_slice(messages);
+        let user_id = self.user_message_id.clone()?;
+        let answers: Vec<&MessageWithParts> = slice
+            .iter()
+            .skip(1)
+            .filter(|m| {
+                m.info.role == Role::Assistant && m.info.parent_id.as_deref() == Some(&user_id)
+            })
+            .collect();
+        let Some(last) = answers.last() else {
+            // No answer at all: only an error reported on the stream ends it.
+            return self.error.as_ref().map(classify);
+        };
+        if !last.info.is_done() {
+            return None;
+        }
+        if let Some(e) = &last.info.error {
+            return Some(classify(e));
+        }
+        let mut fin = FinalReply {
+            model: match (&last.info.provider_id, &last.info.model_id) {
+                (Some(p), Some(m)) => Some(format!("{p}/{m}")),
+                _ => None,
+            },
+            agent: last.info.agent.clone().or_else(|| last.info.mode.clone()),
+            finish: last.info.finish.clone(),
+            ..FinalReply::default()
+        };
+        let mut usage = UsageSum::default();
+        for m in &answers {
+            for p in &m.parts {
+                if p.kind == "text" {
+                    if let Some(t) = &p.text {
+                        fin.content.push_str(t);
+                    }
+                }
+            }
+            if let Some(t) = &m.info.tokens {
+                usage.add(t);
+            }
+            fin.cost += m.info.cost.unwrap_or(0.0);
+        }
+        fin.usage = usage.into();
+        Some(Conclusion::Final(fin))
+    }
+}
+
+fn emit_suffix(track: &mut PartTrack, part_id: &str, text: &str, out: &mut Vec<ReplyBody>) {
+    if text.len() <= track.emitted || !text.is_char_boundary(track.emitted) {
+        return;
+    }
+    let content = text[track.emitted..].to_string();
+    track.emitted = text.len();
+    out.push(match track.kind {
+        PartKind::Reasoning => ReplyBody::Reasoning {
+            content,
+            part_id: part_id.to_string(),
+        },
+        _ => ReplyBody::Delta {
+            content,
+            part_id: part_id.to_string(),
+        },
+    });
+}
+
+#[derive(Default)]
+struct UsageSum {
+    input: f64,
+    output: f64,
+    reasoning: f64,
+    cache_read: f64,
+    cache_write: f64,
+}
+
+impl UsageSum {
+    fn add(&mut self, t: &crate::opencode::events::Tokens) {
+        self.input += t.input;
+        self.output += t.output;
+        self.reasoning += t.reasoning;
+        self.cache_read += t.cache.read;
+        self.cache_write += t.cache.write;
+    }
+}
+
+impl From<UsageSum> for Usage {
+    fn from(s: UsageSum) -> Usage {
+        let n = |f: f64| {
+            if f.is_finite() && f > 0.0 {
+                f as u64
+            } else {
+                0
+            }
+        };
+        Usage {
+            input: n(s.input),
+            output: n(s.output),
+            reasoning: n(s.reasoning),
+            cache_read: n(s.cache_read),
+            cache_write: n(s.cache_write),
+        }
+    }
+}
+
+/// Classifies an OpenCode error into the wire's error codes.
+pub fn classify(e: &MessageError) -> Conclusion {
+    let message = e.message();
+    let (code, retryable) = match e.name.as_str() {
+        "MessageAbortedError" => (ErrorCode::Aborted, false),
+        "ProviderAuthError" => (ErrorCode::ProviderError, false),
+        "MessageOutputLengthError" | "ContextOverflowError" => (ErrorCode::ProviderError, false),
+        "APIError" => {
+            let auth = matches!(e.status_code(), Some(401) | Some(403));
+            let retryable = !auth && e.is_retryable().unwrap_or(true);
+            (ErrorCode::ProviderError, retryable)
+        }
+        "UnknownError" | "" => (ErrorCode::OpencodeError, true),
+        _ => (ErrorCode::ProviderError, e.is_retryable().unwrap_or(true)),
+    };
+    let error = if e.name.is_empty() || message == e.name {
+        message
+    } else {
+        format!("{}: {message}", e.name)
+    };
+    Conclusion::Failed {
+        code,
+        error,
+        retryable,
+    }
+}
+
+#[cfg(test)]
+mod tests;

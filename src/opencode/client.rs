@@ -1,0 +1,379 @@
+//! The reqwest adapter for OpenCode's HTTP API. Every call is bounded by
+//! `request_timeout`; errors say whether OpenCode was unreachable or
+//! answered badly. The password is never logged.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::events::MessageWithParts;
+use crate::config::OpenCodeConfig;
+use crate::protocol::{ErrorCode, ModelRef};
+
+/// What went wrong talking to OpenCode.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenCodeError {
+    /// Connection refused, reset, timed out: OpenCode is not there.
+    #[error("OpenCode is unreachable ({what}): {detail}")]
+    Unavailable { what: String, detail: String },
+    /// The thing asked for does not exist (a deleted session).
+    #[error("OpenCode says not found ({what}): {body}")]
+    NotFound { what: String, body: String },
+    /// OpenCode refused our credentials.
+    #[error("OpenCode refused the credentials ({what}): HTTP {status}")]
+    Unauthorized { what: String, status: u16 },
+    /// Any other non-2xx answer.
+    #[error("OpenCode answered HTTP {status} ({what}): {body}")]
+    Status {
+        what: String,
+        status: u16,
+        body: String,
+    },
+    /// A 2xx answer we could not read.
+    #[error("OpenCode sent an unreadable answer ({what}): {detail}")]
+    Decode { what: String, detail: String },
+}
+
+impl OpenCodeError {
+    /// The wire error code for a turn that fails with this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            OpenCodeError::Unavailable { .. } => ErrorCode::OpencodeUnavailable,
+            _ => ErrorCode::OpencodeError,
+        }
+    }
+
+    pub fn retryable(&self) -> bool {
+        match self {
+            OpenCodeError::Unavailable { .. } => true,
+            OpenCodeError::Unauthorized { .. } => false,
+            OpenCodeError::Status { status, .. } => *status >= 500,
+            OpenCodeError::NotFound { .. } | OpenCodeError::Decode { .. } => true,
+        }
+    }
+}
+
+/// A session as OpenCode lists it (only what the bridge reads).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SessionInfo {
+    pub id: String,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default, rename = "parentID")]
+    pub parent_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Health {
+    #[serde(default)]
+    pub healthy: bool,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// The body of `POST /session/{id}/prompt_async`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PromptBody {
+    pub parts: Vec<TextPart>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<std::collections::BTreeMap<String, bool>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TextPart {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBody {
+    #[serde(rename = "providerID")]
+    pub provider_id: String,
+    #[serde(rename = "modelID")]
+    pub model_id: String,
+}
+
+impl From<&ModelRef> for ModelBody {
+    fn from(m: &ModelRef) -> Self {
+        ModelBody {
+            provider_id: m.provider.clone(),
+            model_id: m.model.clone(),
+        }
+    }
+}
+
+/// A client for one OpenCode server.
+#[derive(Clone)]
+pub struct OpenCodeClient {
+    http: reqwest::Client,
+    /// No `/event` deadline: the stream lives as long as it can.
+    stream_http: reqwest::Client,
+    base: String,
+    username: String,
+    password: Option<String>,
+    directory: Option<String>,
+}
+
+impl std::fmt::Debug for OpenCodeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCodeClient")
+            .field("base", &self.base)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("directory", &self.directory)
+            .finish()
+    }
+}
+
+impl OpenCodeClient {
+    pub fn new(
+        base_url: &str,
+        password: Option<String>,
+        directory: Option<String>,
+        cfg: &OpenCodeConfig,
+    ) -> Result<Self, OpenCodeError> {
+        let build = |timeout: Option<Duration>| {
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(cfg.connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(30))
+                .user_agent(concat!("opencode-nats-bridge/", env!("CARGO_PKG_VERSION")));
+            if let Some(t) = timeout {
+                b = b.timeout(t);
+            }
+            b.build().map_err(|e| OpenCodeError::Unavailable {
+                what: "building the HTTP client".into(),
+                detail: e.to_string(),
+            })
+        };
+        Ok(OpenCodeClient {
+            http: build(Some(cfg.request_timeout))?,
+            stream_http: build(None)?,
+            base: base_url.trim_end_matches('/').to_string(),
+            username: cfg.username.clone(),
+            password,
+            directory,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let mut rb = client.request(method, format!("{}{}", self.base, path));
+        if let Some(dir) = &self.directory {
+            rb = rb.query(&[("directory", dir)]);
+        }
+        if let Some(pw) = &self.password {
+            rb = rb.basic_auth(&self.username, Some(pw));
+        }
+        rb
+    }
+
+    async fn send(
+        &self,
+        what: &str,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, OpenCodeError> {
+        let resp = rb.send().await.map_err(|e| OpenCodeError::Unavailable {
+            what: what.to_string(),
+            detail: error_chain(&e),
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let body: String = body.chars().take(500).collect();
+        Err(match status {
+            StatusCode::NOT_FOUND => OpenCodeError::NotFound {
+                what: what.to_string(),
+                body,
+            },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => OpenCodeError::Unauthorized {
+                what: what.to_string(),
+                status: status.as_u16(),
+            },
+            _ => OpenCodeError::Status {
+                what: what.to_string(),
+                status: status.as_u16(),
+                body,
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, OpenCodeError> {
+        let resp = self.send(what, rb).await?;
+        let bytes = resp.bytes().await.map_err(|e| OpenCodeError::Unavailable {
+            what: what.to_string(),
+            detail: error_chain(&e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| OpenCodeError::Decode {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// `GET /global/health`.
+    pub async fn health(&self) -> Result<Health, OpenCodeError> {
+        self.json(
+            "health check",
+            self.request(&self.http, Method::GET, "/global/health"),
+        )
+        .await
+    }
+
+    /// `POST /session` with a title.
+    pub async fn create_session(&self, title: &str) -> Result<SessionInfo, OpenCodeError> {
+        let rb = self
+            .request(&self.http, Method::POST, "/session")
+            .json(&serde_json::json!({ "title": title }));
+        self.json("creating a session", rb).await
+    }
+
+    /// `GET /session`.
+    pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>, OpenCodeError> {
+        self.json(
+            "listing sessions",
+            self.request(&self.http, Method::GET, "/session"),
+        )
+        .await
+    }
+
+    /// `GET /session/{id}`.
+    pub async fn get_session(&self, id: &str) -> Result<SessionInfo, OpenCodeError> {
+        let path = format!("/session/{id}");
+        self.json(
+            "reading a session",
+            self.request(&self.http, Method::GET, &path),
+        )
+        .await
+    }
+
+    /// `POST /session/{id}/prompt_async` (204 on acceptance).
+    pub async fn prompt_async(&self, id: &str, body: &PromptBody) -> Result<(), OpenCodeError> {
+        let path = format!("/session/{id}/prompt_async");
+        let rb = self.request(&self.http, Method::POST, &path).json(body);
+        self.send("sending the prompt", rb).await.map(drop)
+    }
+
+    /// `GET /session/{id}/message`.
+    pub async fn messages(&self, id: &str) -> Result<Vec<MessageWithParts>, OpenCodeError> {
+        let path = format!("/session/{id}/message");
+        self.json(
+            "reading messages",
+            self.request(&self.http, Method::GET, &path),
+        )
+        .await
+    }
+
+    /// `GET /session/status`: busy sessions (idle ones are absent).
+    pub async fn session_status(&self) -> Result<HashMap<String, Value>, OpenCodeError> {
+        self.json(
+            "reading session status",
+            self.request(&self.http, Method::GET, "/session/status"),
+        )
+        .await
+    }
+
+    /// `POST /session/{id}/abort`, bounded by `timeout`. OpenCode answers
+    /// `true` even for an idle session: confirm from the events.
+    pub async fn abort(&self, id: &str, timeout: Duration) -> Result<(), OpenCodeError> {
+        let path = format!("/session/{id}/abort");
+        let rb = self
+            .request(&self.http, Method::POST, &path)
+            .timeout(timeout);
+        self.send("aborting the session", rb).await.map(drop)
+    }
+
+    /// Answers a permission request: `POST /permission/{id}/reply`, falling
+    /// back to the older `POST /session/{sid}/permissions/{id}`.
+    pub async fn reply_permission(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        reply: &str,
+    ) -> Result<(), OpenCodeError> {
+        let path = format!("/permission/{request_id}/reply");
+        let rb = self
+            .request(&self.http, Method::POST, &path)
+            .json(&serde_json::json!({ "reply": reply }));
+        match self.send("answering a permission request", rb).await {
+            Ok(_) => Ok(()),
+            Err(OpenCodeError::NotFound { .. }) => {
+                let path = format!("/session/{session_id}/permissions/{request_id}");
+                let rb = self
+                    .request(&self.http, Method::POST, &path)
+                    .json(&serde_json::json!({ "response": reply }));
+                self.send("answering a permission request (old route)", rb)
+                    .await
+                    .map(drop)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rejects a question: `POST /question/{id}/reject`.
+    pub async fn reject_question(&self, request_id: &str) -> Result<(), OpenCodeError> {
+        let path = format!("/question/{request_id}/reject");
+        let rb = self.request(&self.http, Method::POST, &path);
+        self.send("rejecting a question", rb).await.map(drop)
+    }
+
+    /// Opens `GET /event`, checking the status and the content type (a 401
+    /// must not look like an early end of stream).
+    pub async fn open_events(&self) -> Result<reqwest::Response, OpenCodeError> {
+        let rb = self
+            .request(&self.stream_http, Method::GET, "/event")
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        let resp = self.send("opening the event stream", rb).await?;
+        let ct = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if !ct.starts_with("text/event-stream") {
+            return Err(OpenCodeError::Decode {
+                what: "opening the event stream".into(),
+                detail: format!("content type is {ct:?}, not text/event-stream"),
+            });
+        }
+        Ok(resp)
+    }
+}
+
+/// `reqwest` hides the useful part of an error in its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,160 @@
+//! The embedded default: the daemon runs `opencode serve` itself, on a free
+//! loopback port with a random password, and stops it on shutdown.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tracing::{debug, info, warn};
+
+use super::client::{OpenCodeClient, OpenCodeError};
+use crate::config::OpenCodeConfig;
+
+/// Why the embedded server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("cannot start `{binary}` (is OpenCode installed? set [opencode] binary or base_url): {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot find a free loopback port: {0}")]
+    Port(std::io::Error),
+    #[error("`opencode serve` exited during start-up with {0}")]
+    Exited(std::process::ExitStatus),
+    #[error("`opencode serve` did not become healthy within {0:?}: {1}")]
+    NotHealthy(Duration, String),
+    #[error(transparent)]
+    Client(#[from] OpenCodeError),
+}
+
+/// A running `opencode serve` child.
+pub struct EmbeddedServer {
+    child: Child,
+    pub base_url: String,
+    pub password: String,
+    pub directory: PathBuf,
+}
+
+impl EmbeddedServer {
+    /// Spawns the server and waits until `GET /global/health` answers.
+    pub async fn start(
+        cfg: &OpenCodeConfig,
+    ) -> Result<(EmbeddedServer, OpenCodeClient), EmbeddedError> {
+        let directory = match &cfg.directory {
+            Some(d) => d.clone(),
+            None => std::env::current_dir().map_err(|source| EmbeddedError::Spawn {
+                binary: cfg.binary.clone(),
+                source,
+            })?,
+        };
+        let port = free_port().map_err(EmbeddedError::Port)?;
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let mut cmd = Command::new(&cfg.binary);
+        cmd.arg("serve")
+            .arg("--hostname")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(port.to_string())
+            .current_dir(&directory)
+            .env("OPENCODE_SERVER_PASSWORD", &password)
+            .env("OPENCODE_SERVER_USERNAME", &cfg.username)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| EmbeddedError::Spawn {
+            binary: cfg.binary.clone(),
+            source,
+        })?;
+        forward_output(&mut child);
+        let base_url = format!("http://127.0.0.1:{port}");
+        info!(binary = %cfg.binary.display(), %base_url, directory = %directory.display(), "started embedded `opencode serve`");
+        let client = OpenCodeClient::new(
+            &base_url,
+            Some(password.clone()),
+            Some(directory.display().to_string()),
+            cfg,
+        )?;
+        let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
+        let mut last;
+        loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                return Err(EmbeddedError::Exited(status));
+            }
+            match client.health().await {
+                Ok(h) if h.healthy => {
+                    info!(version = %h.version, "embedded OpenCode is healthy");
+                    break;
+                }
+                Ok(_) => last = "reported unhealthy".into(),
+                Err(e) => last = e.to_string(),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.start_kill();
+                return Err(EmbeddedError::NotHealthy(cfg.startup_timeout, last));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok((
+            EmbeddedServer {
+                child,
+                base_url,
+                password,
+                directory,
+            },
+            client,
+        ))
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// Resolves when the child exits (for supervision).
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            match tokio::time::timeout(grace, self.child.wait()).await {
+                Ok(_) => {
+                    info!("embedded OpenCode stopped");
+                    return;
+                }
+                Err(_) => warn!(?grace, "embedded OpenCode ignored SIGTERM; killing it"),
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn forward_output(child: &mut Child) {
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                debug!(target: "opencode", "{line}");
+            }
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                debug!(target: "opencode", "{line}");
+            }
+        });
+    }
+}

@@ -1,0 +1,345 @@
+//! The one event-stream reader per OpenCode server, and its demultiplexer.
+//!
+//! One task reads `GET /event`, decodes it ([`super::sse`]), parses it
+//! ([`super::events`]) and routes each event by session id into the bounded
+//! channel of the turn that subscribed to that session. The reader never
+//! waits for a turn: when a turn's channel is full the event is dropped and
+//! the turn is flagged as lagged, so it reconciles over HTTP instead. The
+//! same flag is raised on every route after a reconnect, because OpenCode's
+//! stream has no resume and events in the gap are gone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::client::{error_chain, OpenCodeClient};
+use super::events::{parse_event, Event};
+use super::sse::{SseDecoder, SseItem};
+
+/// The stream's state as turns see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamState {
+    /// `server.connected` seen on the current connection.
+    pub connected: bool,
+    /// Counts connections; changes on every reconnect.
+    pub epoch: u64,
+}
+
+/// Counters, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub events: AtomicU64,
+    pub bad_events: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub dropped_for_lag: AtomicU64,
+}
+
+struct Route {
+    tx: mpsc::Sender<Event>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// Routes events to turns. Shared by the reader task and every turn.
+pub struct EventHub {
+    routes: Mutex<HashMap<String, Route>>,
+    state: watch::Sender<StreamState>,
+    buffer: usize,
+    pub stats: StreamStats,
+}
+
+/// Already subscribed: two turns never follow one session at once.
+#[derive(Debug, thiserror::Error)]
+#[error("session {0} already has a turn following it")]
+pub struct AlreadySubscribed(pub String);
+
+impl EventHub {
+    pub fn new(buffer: usize) -> Arc<Self> {
+        let (state, _) = watch::channel(StreamState {
+            connected: false,
+            epoch: 0,
+        });
+        Arc::new(EventHub {
+            routes: Mutex::new(HashMap::new()),
+            state,
+            buffer: buffer.max(1),
+            stats: StreamStats::default(),
+        })
+    }
+
+    /// Follows `session_id`'s events until the subscription is dropped.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        session_id: &str,
+    ) -> Result<Subscription, AlreadySubscribed> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if routes.contains_key(session_id) {
+            return Err(AlreadySubscribed(session_id.to_string()));
+        }
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let lagged = Arc::new(AtomicBool::new(false));
+        routes.insert(
+            session_id.to_string(),
+            Route {
+                tx,
+                lagged: lagged.clone(),
+            },
+        );
+        Ok(Subscription {
+            rx,
+            lagged,
+            hub: self.clone(),
+            session_id: session_id.to_string(),
+        })
+    }
+
+    pub fn state(&self) -> watch::Receiver<StreamState> {
+        self.state.subscribe()
+    }
+
+    /// Waits until the stream is connected (`server.connected` seen), at
+    /// most `timeout`. Returns whether it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.state.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|s| s.connected))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Routes one event. Never blocks.
+    pub fn route(&self, event: Event) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let Some(sid) = event.session_id() else {
+            return;
+        };
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(route) = routes.get(sid) {
+            if route.tx.try_send(event).is_err() {
+                route.lagged.store(true, Ordering::Release);
+                self.stats.dropped_for_lag.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.state.send_modify(|s| {
+            if connected && !s.connected {
+                s.epoch += 1;
+            }
+            s.connected = connected;
+        });
+    }
+
+    /// Every follower may have missed events: flag them all.
+    fn flag_all_lagged(&self) {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        for r in routes.values() {
+            r.lagged.store(true, Ordering::Release);
+        }
+    }
+
+    /// Reads the event stream until `cancel`, reconnecting with jittered,
+    /// capped exponential backoff that resets after a good connection.
+    pub async fn run(
+        self: Arc<Self>,
+        client: OpenCodeClient,
+        opts: StreamOptions,
+        cancel: CancellationToken,
+    ) {
+        let mut delay = opts.reconnect_min;
+        let mut first = true;
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let outcome = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                r = self.read_once(&client, &opts) => r,
+            };
+            self.set_connected(false);
+            self.flag_all_lagged();
+            match outcome {
+                ReadOutcome::Good(reason) => {
+                    delay = opts.reconnect_min;
+                    warn!(reason = %reason, "OpenCode event stream ended; reconnecting");
+                }
+                ReadOutcome::Failed(reason) => {
+                    if first {
+                        info!(reason = %reason, "OpenCode event stream not available yet");
+                    } else {
+                        warn!(reason = %reason, retry_in = ?delay, "OpenCode event stream failed");
+                    }
+                }
+            }
+            first = false;
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            let sleep = jitter(delay);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            delay = (delay * 2).min(opts.reconnect_max);
+        }
+        self.set_connected(false);
+        debug!("event stream reader stopped");
+    }
+
+    async fn read_once(&self, client: &OpenCodeClient, opts: &StreamOptions) -> ReadOutcome {
+        let resp = match client.open_events().await {
+            Ok(r) => r,
+            Err(e) => return ReadOutcome::Failed(e.to_string()),
+        };
+        let mut body = resp.bytes_stream();
+        let mut decoder = SseDecoder::new(opts.max_event_bytes);
+        let mut items = Vec::new();
+        let mut saw_connected = false;
+        loop {
+            let chunk = match tokio::time::timeout(opts.stall_timeout, body.next()).await {
+                Err(_) => {
+                    let why = format!("no bytes for {:?} (stalled)", opts.stall_timeout);
+                    return if saw_connected {
+                        ReadOutcome::Good(why)
+                    } else {
+                        ReadOutcome::Failed(why)
+                    };
+                }
+                Ok(None) => {
+                    return if saw_connected {
+                        ReadOutcome::Good("end of stream".into())
+                    } else {
+                        ReadOutcome::Failed("end of stream before server.connected".into())
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    let why = error_chain(&e);
+                    return if saw_connected {
+                        ReadOutcome::Good(why)
+                    } else {
+                        ReadOutcome::Failed(why)
+                    };
+                }
+                Ok(Some(Ok(c))) => c,
+            };
+            decoder.feed(&chunk, &mut items);
+            for item in items.drain(..) {
+                match item {
+                    SseItem::Event(ev) => match parse_event(&ev.data) {
+                        Ok(Event::ServerConnected) => {
+                            if !saw_connected {
+                                saw_connected = true;
+                                info!(url = client.base_url(), "OpenCode event stream connected");
+                            }
+                            self.set_connected(true);
+                        }
+                        Ok(event) => self.route(event),
+                        Err(e) => {
+                            self.stats.bad_events.fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %e, "skipping an OpenCode event");
+                        }
+                    },
+                    SseItem::Error(e) => {
+                        self.stats.bad_events.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "skipping an undecodable OpenCode event");
+                        // The event is gone; whoever it was for may lag.
+                        self.flag_all_lagged();
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum ReadOutcome {
+    /// The connection had worked (backoff resets).
+    Good(String),
+    /// It never came up.
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    pub max_event_bytes: usize,
+    pub stall_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+fn jitter(d: Duration) -> Duration {
+    let f: f64 = rand::random_range(0.5..1.0);
+    d.mul_f64(f)
+}
+
+/// One turn's view of the stream.
+pub struct Subscription {
+    rx: mpsc::Receiver<Event>,
+    lagged: Arc<AtomicBool>,
+    hub: Arc<EventHub>,
+    session_id: String,
+}
+
+impl Subscription {
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// Whether events were lost since the last call (then reconcile).
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut routes = self.hub.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.remove(&self.session_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::opencode::events::Event;
+
+    fn idle(s: &str) -> Event {
+        Event::SessionIdle {
+            session_id: s.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_by_session_and_flags_lag_instead_of_blocking() {
+        let hub = EventHub::new(2);
+        let mut a = hub.subscribe("ses_a").unwrap();
+        let mut b = hub.subscribe("ses_b").unwrap();
+        assert!(hub.subscribe("ses_a").is_err());
+        hub.route(idle("ses_a"));
+        hub.route(idle("ses_b"));
+        hub.route(idle("ses_zzz"));
+        assert_eq!(a.recv().await, Some(idle("ses_a")));
+        assert_eq!(b.recv().await, Some(idle("ses_b")));
+        // b is slow: a third event for it while two are queued is dropped
+        // and flagged, and never blocks a.
+        for _ in 0..3 {
+            hub.route(idle("ses_b"));
+        }
+        hub.route(idle("ses_a"));
+        assert_eq!(a.recv().await, Some(idle("ses_a")));
+        assert!(!a.take_lagged());
+        assert!(b.take_lagged());
+        assert!(!b.take_lagged());
+        assert_eq!(hub.stats.dropped_for_lag.load(Ordering::Relaxed), 1);
+        drop(a);
+        assert!(hub.subscribe("ses_a").is_ok());
+    }
+}

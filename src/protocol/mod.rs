@@ -1,0 +1,12 @@
+//! [pure] The NATS wire contract: prompts in, replies out, subject rules.
+//!
+//! Nothing here does I/O; `bus/` moves these values over NATS. The contract is
+//! written up for users in `docs/PROTOCOL.md`; the two must agree.
+
+pub mod prompt;
+pub mod reply;
+pub mod subject;
+
+pub use prompt::{parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, Rejection};
+pub use reply::{ErrorCode, Reply, ReplyBody, Usage};
+pub use subject::{reply_subject, subject_matches, validate_subject, SubjectError};

@@ -1,0 +1,546 @@
+//! Prompts: a NATS message (subject, headers, payload) in, a validated
+//! [`Prompt`] or a [`Rejection`] out.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::subject::{validate_subject, SubjectError};
+
+/// What a prompt asks for, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Echoed on every reply; generated (UUID v4) when the caller gave none.
+    pub trace_id: String,
+    pub text: String,
+    /// The conversation key (`slack.C042`): turns with the same key share one
+    /// OpenCode session. `None` with no `session_id`: a one-off session.
+    pub conversation: Option<String>,
+    /// Drive this existing OpenCode session instead of the conversation map.
+    pub session_id: Option<String>,
+    pub model: Option<ModelRef>,
+    pub agent: Option<String>,
+    pub system: Option<String>,
+    pub tools: Option<BTreeMap<String, bool>>,
+    /// Where replies go when the message has no NATS reply subject.
+    pub reply_to: Option<String>,
+}
+
+impl Prompt {
+    /// The key that serialises turns: the conversation, else the session.
+    pub fn queue_key(&self) -> Option<String> {
+        match (&self.conversation, &self.session_id) {
+            (Some(c), _) => Some(format!("c:{c}")),
+            (None, Some(s)) => Some(format!("s:{s}")),
+            (None, None) => None,
+        }
+    }
+}
+
+/// `provider/model`, split at the first `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRef {
+    pub provider: String,
+    pub model: String,
+}
+
+impl ModelRef {
+    pub fn parse(s: &str) -> Option<ModelRef> {
+        let (provider, model) = s.split_once('/')?;
+        let (provider, model) = (provider.trim(), model.trim());
+        if provider.is_empty() || model.is_empty() {
+            return None;
+        }
+        Some(ModelRef {
+            provider: provider.to_string(),
+            model: model.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.provider, self.model)
+    }
+}
+
+/// Metadata headers a plain-text prompt may carry (JSON fields win).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptHeaders {
+    pub trace_id: Option<String>,
+    pub conversation: Option<String>,
+    pub model: Option<String>,
+    pub agent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PromptLimits {
+    pub max_prompt_bytes: usize,
+}
+
+/// A prompt that cannot be served, with whatever could be salvaged to route
+/// the `bad_request` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: String,
+    /// A valid trace id from the prompt or a header, else a generated one.
+    pub trace_id: String,
+    /// A valid `reply_to` from the prompt, if one could be read.
+    pub reply_to: Option<String>,
+    pub conversation: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct JsonPrompt {
+    text: Option<Value>,
+    prompt: Option<Value>,
+    trace_id: Option<Value>,
+    conversation: Option<Value>,
+    session_id: Option<Value>,
+    model: Option<Value>,
+    agent: Option<Value>,
+    system: Option<Value>,
+    tools: Option<Value>,
+    reply_to: Option<Value>,
+}
+
+/// Parses a prompt message.
+///
+/// `subject_conversation` is the conversation named by the subject's `>`
+/// tail (`opencode.prompt.slack.C042` -> `slack.C042`), if any.
+pub fn parse_prompt(
+    payload: &[u8],
+    headers: &PromptHeaders,
+    subject_conversation: Option<&str>,
+    limits: PromptLimits,
+) -> Result<Prompt, Rejection> {
+    let mut salvage = Salvage::from_headers(headers);
+    if payload.len() > limits.max_prompt_bytes {
+        return Err(salvage.reject(format!(
+            "prompt is {} bytes, above the limit of {} bytes (max_prompt_bytes)",
+            payload.len(),
+            limits.max_prompt_bytes
+        )));
+    }
+    let Ok(body) = std::str::from_utf8(payload) else {
+        return Err(salvage.reject("prompt is not valid UTF-8"));
+    };
+    let trimmed = body.trim_start();
+    if trimmed.is_empty() {
+        return Err(salvage.reject("prompt is empty"));
+    }
+
+    let mut fields = Fields {
+        trace_id: headers.trace_id.clone(),
+        conversation: headers.conversation.clone(),
+        model: headers.model.clone(),
+        agent: headers.agent.clone(),
+        ..Fields::default()
+    };
+
+    if trimmed.starts_with('{') {
+        let json: JsonPrompt = match serde_json::from_str(body) {
+            Ok(j) => j,
+            Err(e) => {
+                // A JSON object that is not valid: try to salvage routing
+                // fields from a looser parse before giving up.
+                if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(body) {
+                    salvage.absorb(&map);
+                }
+                return Err(salvage.reject(format!("prompt is not a valid JSON object: {e}")));
+            }
+        };
+        salvage.absorb_json(&json);
+        fields.absorb(json).map_err(|r| salvage.reject(r))?;
+    } else {
+        fields.text = Some(body.to_string());
+    }
+
+    if fields.conversation.is_none() {
+        fields.conversation = subject_conversation.map(str::to_string);
+    }
+    fields.validate(salvage)
+}
+
+#[derive(Default)]
+struct Fields {
+    text: Option<String>,
+    trace_id: Option<String>,
+    conversation: Option<String>,
+    session_id: Option<String>,
+    model: Option<String>,
+    agent: Option<String>,
+    system: Option<String>,
+    tools: Option<BTreeMap<String, bool>>,
+    reply_to: Option<String>,
+}
+
+fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(format!(
+            "`{name}` must be a string, got {}",
+            json_type(&other)
+        )),
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Fields {
+    fn absorb(&mut self, j: JsonPrompt) -> Result<(), String> {
+        let (name, text) = match (j.text, j.prompt) {
+            (Some(t), _) => ("text", Some(t)),
+            (None, Some(p)) => ("prompt", Some(p)),
+            (None, None) => ("text", None),
+        };
+        self.text = match text {
+            None | Some(Value::Null) => return Err("`text` is required".to_string()),
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(format!(
+                    "`{name}` must be a non-empty string, got {}",
+                    json_type(&other)
+                ))
+            }
+        };
+        if let Some(t) = string_field("trace_id", j.trace_id)? {
+            self.trace_id = Some(t);
+        }
+        if let Some(c) = string_field("conversation", j.conversation)? {
+            self.conversation = Some(c);
+        }
+        self.session_id = string_field("session_id", j.session_id)?;
+        if let Some(m) = string_field("model", j.model)? {
+            self.model = Some(m);
+        }
+        if let Some(a) = string_field("agent", j.agent)? {
+            self.agent = Some(a);
+        }
+        self.system = string_field("system", j.system)?;
+        self.reply_to = string_field("reply_to", j.reply_to)?;
+        self.tools = match j.tools {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(map)) => {
+                let mut tools = BTreeMap::new();
+                for (k, v) in map {
+                    match v {
+                        Value::Bool(b) => {
+                            tools.insert(k, b);
+                        }
+                        other => {
+                            return Err(format!(
+                                "`tools.{k}` must be a boolean, got {}",
+                                json_type(&other)
+                            ))
+                        }
+                    }
+                }
+                Some(tools)
+            }
+            Some(other) => {
+                return Err(format!(
+                    "`tools` must be an object of name to boolean, got {}",
+                    json_type(&other)
+                ))
+            }
+        };
+        Ok(())
+    }
+
+    fn validate(self, salvage: Salvage) -> Result<Prompt, Rejection> {
+        let text = self.text.unwrap_or_default();
+        if text.trim().is_empty() {
+            return Err(salvage.reject("`text` must be a non-empty string"));
+        }
+        let trace_id = match self.trace_id {
+            Some(t) => {
+                check_subjectish("trace_id", &t).map_err(|r| salvage.reject(r))?;
+                t
+            }
+            None => salvage.trace_id.clone(),
+        };
+        if let Some(c) = &self.conversation {
+            check_subjectish("conversation", c).map_err(|r| salvage.reject(r))?;
+        }
+        if let Some(r) = &self.reply_to {
+            check_subjectish("reply_to", r).map_err(|r| salvage.reject(r))?;
+        }
+        if let Some(s) = &self.session_id {
+            if !is_session_id(s) {
+                return Err(salvage.reject(format!(
+                    "`session_id` {s:?} is not an OpenCode session id (ses_ followed by letters and digits)"
+                )));
+            }
+        }
+        let model = match &self.model {
+            None => None,
+            Some(m) => Some(ModelRef::parse(m).ok_or_else(|| {
+                salvage.reject(format!("`model` {m:?} must look like \"provider/model\""))
+            })?),
+        };
+        if let Some(a) = &self.agent {
+            if a.trim().is_empty() {
+                return Err(salvage.reject("`agent` must not be empty"));
+            }
+        }
+        Ok(Prompt {
+            trace_id,
+            text,
+            conversation: self.conversation,
+            session_id: self.session_id,
+            model,
+            agent: self.agent,
+            system: self.system,
+            tools: self.tools,
+            reply_to: self.reply_to,
+        })
+    }
+}
+
+fn check_subjectish(name: &str, v: &str) -> Result<(), String> {
+    validate_subject(v).map_err(|e: SubjectError| format!("`{name}` {v:?} {e}"))
+}
+
+/// OpenCode session ids are `ses_` plus base62; anything else could escape
+/// the URL path it is put in.
+pub fn is_session_id(s: &str) -> bool {
+    s.len() <= 128
+        && s.starts_with("ses")
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Routing data collected as far as the payload could be read.
+struct Salvage {
+    trace_id: String,
+    reply_to: Option<String>,
+    conversation: Option<String>,
+}
+
+impl Salvage {
+    fn from_headers(h: &PromptHeaders) -> Salvage {
+        let trace_id = h
+            .trace_id
+            .clone()
+            .filter(|t| validate_subject(t).is_ok())
+            .unwrap_or_else(new_trace_id);
+        Salvage {
+            trace_id,
+            reply_to: None,
+            conversation: h
+                .conversation
+                .clone()
+                .filter(|c| validate_subject(c).is_ok()),
+        }
+    }
+
+    fn absorb_json(&mut self, j: &JsonPrompt) {
+        let str_of = |v: &Option<Value>| match v {
+            Some(Value::String(s)) if validate_subject(s).is_ok() => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(t) = str_of(&j.trace_id) {
+            self.trace_id = t;
+        }
+        if let Some(r) = str_of(&j.reply_to) {
+            self.reply_to = Some(r);
+        }
+        if let Some(c) = str_of(&j.conversation) {
+            self.conversation = Some(c);
+        }
+    }
+
+    fn absorb(&mut self, map: &serde_json::Map<String, Value>) {
+        let get = |k: &str| map.get(k).cloned();
+        self.absorb_json(&JsonPrompt {
+            text: None,
+            prompt: None,
+            trace_id: get("trace_id"),
+            conversation: get("conversation"),
+            session_id: None,
+            model: None,
+            agent: None,
+            system: None,
+            tools: None,
+            reply_to: get("reply_to"),
+        });
+    }
+
+    fn reject(&self, reason: impl Into<String>) -> Rejection {
+        Rejection {
+            reason: reason.into(),
+            trace_id: self.trace_id.clone(),
+            reply_to: self.reply_to.clone(),
+            conversation: self.conversation.clone(),
+        }
+    }
+}
+
+/// A fresh trace id (UUID v4, hyphenated).
+pub fn new_trace_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: PromptLimits = PromptLimits {
+        max_prompt_bytes: 1024,
+    };
+
+    fn parse(payload: &str) -> Result<Prompt, Rejection> {
+        parse_prompt(payload.as_bytes(), &PromptHeaders::default(), None, LIMITS)
+    }
+
+    #[test]
+    fn plain_text_with_headers() {
+        let h = PromptHeaders {
+            trace_id: Some("t-1".into()),
+            conversation: Some("slack.C1".into()),
+            model: Some("anthropic/claude-x/y".into()),
+            agent: Some("plan".into()),
+        };
+        let p = parse_prompt(b"  hello there", &h, Some("ignored.tail"), LIMITS).unwrap();
+        assert_eq!(p.text, "  hello there");
+        assert_eq!(p.trace_id, "t-1");
+        assert_eq!(p.conversation.as_deref(), Some("slack.C1"));
+        assert_eq!(
+            p.model,
+            Some(ModelRef {
+                provider: "anthropic".into(),
+                model: "claude-x/y".into()
+            })
+        );
+        assert_eq!(p.agent.as_deref(), Some("plan"));
+    }
+
+    #[test]
+    fn subject_tail_names_the_conversation() {
+        let p = parse_prompt(b"hi", &PromptHeaders::default(), Some("slack.C042"), LIMITS).unwrap();
+        assert_eq!(p.conversation.as_deref(), Some("slack.C042"));
+        assert!(uuid::Uuid::parse_str(&p.trace_id).is_ok());
+        let p = parse_prompt(
+            br#"{"text":"hi","conversation":"own"}"#,
+            &PromptHeaders::default(),
+            Some("slack.C042"),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(p.conversation.as_deref(), Some("own"));
+    }
+
+    #[test]
+    fn full_json() {
+        let p = parse(
+            r#"{"text":"hi","trace_id":"abc","conversation":"c.1","session_id":"ses_9Zx",
+                "model":"fake/m1","agent":"build","system":"be brief","tools":{"bash":false},
+                "reply_to":"my.replies","unknown":42}"#,
+        )
+        .unwrap();
+        assert_eq!(p.trace_id, "abc");
+        assert_eq!(p.session_id.as_deref(), Some("ses_9Zx"));
+        assert_eq!(p.model.unwrap().to_string(), "fake/m1");
+        assert_eq!(p.system.as_deref(), Some("be brief"));
+        assert_eq!(p.tools.unwrap().get("bash"), Some(&false));
+        assert_eq!(p.reply_to.as_deref(), Some("my.replies"));
+    }
+
+    #[test]
+    fn prompt_is_a_synonym_of_text() {
+        assert_eq!(parse(r#"{"prompt":"yo"}"#).unwrap().text, "yo");
+    }
+
+    fn rejected(payload: &[u8]) -> Rejection {
+        parse_prompt(payload, &PromptHeaders::default(), None, LIMITS).unwrap_err()
+    }
+
+    #[test]
+    fn every_bad_input_is_rejected_with_a_reason() {
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"", "empty"),
+            (b"   \n\t ", "empty"),
+            (b"{not json", "not a valid JSON"),
+            (b"{\"text\": \"x\"", "not a valid JSON"),
+            (b"\xff\xfe hello", "UTF-8"),
+            (b"{}", "`text` is required"),
+            (br#"{"text": null}"#, "`text` is required"),
+            (br#"{"text": ""}"#, "non-empty"),
+            (br#"{"text": "   "}"#, "non-empty"),
+            (br#"{"text": 42}"#, "non-empty string"),
+            (br#"{"text": ["a"]}"#, "non-empty string"),
+            (br#"{"text": "x", "model": "nomodel"}"#, "provider/model"),
+            (br#"{"text": "x", "model": "/m"}"#, "provider/model"),
+            (br#"{"text": "x", "model": 3}"#, "must be a string"),
+            (br#"{"text": "x", "tools": {"bash": "yes"}}"#, "boolean"),
+            (br#"{"text": "x", "tools": []}"#, "object"),
+            (br#"{"text": "x", "session_id": "../../etc"}"#, "session id"),
+            (br#"{"text": "x", "agent": ""}"#, "agent"),
+        ];
+        for (payload, needle) in cases {
+            let r = rejected(payload);
+            assert!(
+                r.reason.contains(needle),
+                "{:?}: {:?} does not mention {needle:?}",
+                String::from_utf8_lossy(payload),
+                r.reason
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_payload() {
+        let big = vec![b'a'; LIMITS.max_prompt_bytes + 1];
+        assert!(rejected(&big).reason.contains("max_prompt_bytes"));
+        let exact = vec![b'a'; LIMITS.max_prompt_bytes];
+        assert!(parse_prompt(&exact, &PromptHeaders::default(), None, LIMITS).is_ok());
+    }
+
+    #[test]
+    fn subject_injection_is_refused() {
+        for field in ["trace_id", "conversation", "reply_to"] {
+            for bad in ["a.*", ">", "a b", "a..b", "$SYS.x", "x.>", "a\r\nPUB"] {
+                let payload = serde_json::json!({"text": "x", field: bad}).to_string();
+                let r = rejected(payload.as_bytes());
+                assert!(r.reason.contains(field), "{field}={bad:?}: {}", r.reason);
+            }
+        }
+        let h = PromptHeaders {
+            conversation: Some("a.*".into()),
+            ..Default::default()
+        };
+        assert!(parse_prompt(b"hi", &h, None, LIMITS).is_err());
+        assert!(parse_prompt(b"hi", &PromptHeaders::default(), Some("a b"), LIMITS).is_err());
+    }
+
+    #[test]
+    fn rejection_salvages_routing() {
+        let r = rejected(br#"{"text": 1, "trace_id": "t9", "reply_to": "back.here"}"#);
+        assert_eq!(r.trace_id, "t9");
+        assert_eq!(r.reply_to.as_deref(), Some("back.here"));
+        // A bad reply_to is never salvaged.
+        let r = rejected(br#"{"text": 1, "reply_to": "back.*"}"#);
+        assert_eq!(r.reply_to, None);
+        // Invalid JSON: nothing salvaged, a fresh trace id.
+        let r = rejected(b"{oops");
+        assert!(uuid::Uuid::parse_str(&r.trace_id).is_ok());
+        // Header trace id survives a payload that is not UTF-8.
+        let h = PromptHeaders {
+            trace_id: Some("hdr".into()),
+            ..Default::default()
+        };
+        let r = parse_prompt(b"\xff", &h, None, LIMITS).unwrap_err();
+        assert_eq!(r.trace_id, "hdr");
+    }
+}

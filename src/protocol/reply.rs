@@ -1,0 +1,286 @@
+//! Replies: one JSON object per NATS message, in a fixed vocabulary.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The reply vocabulary. `Final` and `Error` are terminal: exactly one of
+/// them ends every turn and nothing follows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReplyBody {
+    /// Answer text to append.
+    Delta { content: String, part_id: String },
+    /// Reasoning text to append (shown dimmed by chat front-ends).
+    Reasoning { content: String, part_id: String },
+    /// A tool call; exactly one per `call_id`.
+    ToolCall {
+        call_id: String,
+        tool: String,
+        args: Value,
+    },
+    /// The outcome of a tool call; exactly one per `call_id`, after its call.
+    ToolResult {
+        call_id: String,
+        tool: String,
+        success: bool,
+        result: String,
+    },
+    /// The authoritative end of a successful turn.
+    Final(Box<FinalReply>),
+    /// The end of a failed turn.
+    Error {
+        error: String,
+        code: ErrorCode,
+        retryable: bool,
+    },
+}
+
+impl ReplyBody {
+    /// The `kind` field's value (also the `Reply-Kind` header).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReplyBody::Delta { .. } => "delta",
+            ReplyBody::Reasoning { .. } => "reasoning",
+            ReplyBody::ToolCall { .. } => "tool_call",
+            ReplyBody::ToolResult { .. } => "tool_result",
+            ReplyBody::Final(_) => "final",
+            ReplyBody::Error { .. } => "error",
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, ReplyBody::Final(_) | ReplyBody::Error { .. })
+    }
+
+    pub fn error(code: ErrorCode, error: impl Into<String>) -> Self {
+        ReplyBody::Error {
+            error: error.into(),
+            code,
+            retryable: code.retryable(),
+        }
+    }
+}
+
+/// The body of a `final` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct FinalReply {
+    /// The full text of the assistant's answer to this prompt, read from
+    /// OpenCode's message history once the turn was over.
+    pub content: String,
+    /// `provider/model` that actually answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The agent that answered (e.g. `build`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    pub usage: Usage,
+    pub cost: f64,
+    pub duration_ms: u64,
+    /// Why the model stopped (`stop`, `length`, ...), as OpenCode reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish: Option<String>,
+    /// Notes about decisions the bridge took during the turn (for example a
+    /// permission request it rejected by policy).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// The conversation's OpenCode session was gone and a new one was made
+    /// for this prompt (earlier context is lost).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub session_recreated: bool,
+}
+
+/// Token counts summed over the turn's assistant messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+    pub reasoning: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+/// Stable error codes (snake_case on the wire). Documented in docs/PROTOCOL.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The prompt itself is unusable; resending it unchanged fails again.
+    BadRequest,
+    /// The conversation already has a turn running and its queue is full.
+    SessionBusy,
+    /// OpenCode could not be reached (connection refused, reset, stream down).
+    OpencodeUnavailable,
+    /// OpenCode answered with something unexpected (a 4xx/5xx, bad JSON).
+    OpencodeError,
+    /// The model provider failed (auth, rate limit, overload).
+    ProviderError,
+    /// A deadline fired (first event, idle, whole turn).
+    Timeout,
+    /// The turn was aborted.
+    Aborted,
+    /// The daemon is shutting down and the turn could not finish in the grace.
+    ShuttingDown,
+    /// The daemon has too many turns in flight.
+    Overloaded,
+    /// A bug in the bridge.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether the same prompt, sent again later, can succeed. Specific
+    /// errors may override this (a provider auth error is not retryable).
+    pub fn retryable(self) -> bool {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::Internal | ErrorCode::Aborted => false,
+            ErrorCode::SessionBusy
+            | ErrorCode::OpencodeUnavailable
+            | ErrorCode::OpencodeError
+            | ErrorCode::ProviderError
+            | ErrorCode::Timeout
+            | ErrorCode::ShuttingDown
+            | ErrorCode::Overloaded => true,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::SessionBusy => "session_busy",
+            ErrorCode::OpencodeUnavailable => "opencode_unavailable",
+            ErrorCode::OpencodeError => "opencode_error",
+            ErrorCode::ProviderError => "provider_error",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Aborted => "aborted",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A reply as it goes on the wire: the body stamped with the turn's identity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reply<'a> {
+    pub trace_id: &'a str,
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<&'a str>,
+    #[serde(flatten)]
+    pub body: &'a ReplyBody,
+}
+
+impl Reply<'_> {
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising these plain structs cannot fail (no maps with non-string
+        // keys, no failing Serialize impls).
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+    }
+}
+
+/// Splits `content` into pieces of at most `max` bytes on UTF-8 boundaries
+/// (used to keep every reply under the server's `max_payload`).
+pub fn split_utf8(content: &str, max: usize) -> Vec<&str> {
+    let max = max.max(4);
+    let mut out = Vec::new();
+    let mut rest = content;
+    while rest.len() > max {
+        let mut cut = max;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.push(&rest[..cut]);
+        rest = &rest[cut..];
+    }
+    out.push(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wire_shape_of_each_kind() {
+        let d = ReplyBody::Delta {
+            content: "Hi".into(),
+            part_id: "prt_1".into(),
+        };
+        let r = Reply {
+            trace_id: "t1",
+            seq: 3,
+            conversation: Some("slack.C1"),
+            session_id: Some("ses_1"),
+            body: &d,
+        };
+        let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({"kind":"delta","trace_id":"t1","seq":3,"conversation":"slack.C1",
+                   "session_id":"ses_1","content":"Hi","part_id":"prt_1"})
+        );
+        let e = ReplyBody::error(ErrorCode::SessionBusy, "busy");
+        let r = Reply {
+            trace_id: "t1",
+            seq: 0,
+            conversation: None,
+            session_id: None,
+            body: &e,
+        };
+        let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({"kind":"error","trace_id":"t1","seq":0,"error":"busy","code":"session_busy","retryable":true})
+        );
+        let f = ReplyBody::Final(Box::new(FinalReply {
+            content: "x".into(),
+            model: Some("p/m".into()),
+            ..Default::default()
+        }));
+        let v: Value = serde_json::from_slice(
+            &Reply {
+                trace_id: "t",
+                seq: 1,
+                conversation: None,
+                session_id: None,
+                body: &f,
+            }
+            .to_json(),
+        )
+        .unwrap();
+        assert_eq!(v["kind"], "final");
+        assert_eq!(v["usage"]["cache_read"], 0);
+        assert_eq!(v["model"], "p/m");
+        assert!(v.get("notes").is_none());
+    }
+
+    #[test]
+    fn error_codes_serialise_as_documented() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::SessionBusy,
+            ErrorCode::OpencodeUnavailable,
+            ErrorCode::OpencodeError,
+            ErrorCode::ProviderError,
+            ErrorCode::Timeout,
+            ErrorCode::Aborted,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Overloaded,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        }
+    }
+
+    #[test]
+    fn split_on_char_boundaries() {
+        let s = "aé€😀".repeat(100);
+        for max in [4, 5, 7, 64] {
+            let parts = split_utf8(&s, max);
+            assert!(parts.iter().all(|p| p.len() <= max && !p.is_empty()));
+            assert_eq!(parts.concat(), s);
+        }
+        assert_eq!(split_utf8("", 10), vec![""]);
+    }
+}

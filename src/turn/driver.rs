@@ -1,0 +1,523 @@
+//! One agent turn, from a validated prompt to its terminal reply.
+//!
+//! resolve the session -> follow its events -> wait for the stream ->
+//! `prompt_async` -> map events to replies under three deadlines -> on idle,
+//! read the message list and conclude (`final` or `error`).
+//!
+//! Invariant: [`run_turn`] publishes exactly one terminal reply, whatever
+//! happens (it is the only place that sends one, and the sink refuses
+//! anything after it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::sessions::SessionStore;
+use super::sink::ReplySink;
+use crate::bus::Publisher;
+use crate::config::Config;
+use crate::mapper::{Conclusion, Signal, TurnMapper};
+use crate::opencode::client::{ModelBody, PromptBody, TextPart};
+use crate::opencode::events::MessageWithParts;
+use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError, Subscription};
+use crate::protocol::reply::FinalReply;
+use crate::protocol::{ErrorCode, Prompt, ReplyBody};
+
+/// What every turn shares.
+pub struct TurnContext {
+    pub client: OpenCodeClient,
+    pub hub: Arc<EventHub>,
+    pub publisher: Publisher,
+    pub sessions: Arc<dyn SessionStore>,
+    pub config: Arc<Config>,
+    /// The newest message id per session, known from the last turn.
+    floors: Mutex<HashMap<String, String>>,
+}
+
+impl TurnContext {
+    pub fn new(
+        client: OpenCodeClient,
+        hub: Arc<EventHub>,
+        publisher: Publisher,
+        sessions: Arc<dyn SessionStore>,
+        config: Arc<Config>,
+    ) -> Self {
+        TurnContext {
+            client,
+            hub,
+            publisher,
+            sessions,
+            config,
+            floors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn floor(&self, session_id: &str) -> Option<String> {
+        self.floors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session_id)
+            .cloned()
+    }
+
+    fn set_floor(&self, session_id: &str, id: String) {
+        let mut f = self.floors.lock().unwrap_or_else(|p| p.into_inner());
+        let e = f.entry(session_id.to_string()).or_default();
+        if id > *e {
+            *e = id;
+        }
+    }
+
+    /// A sink for one prompt's replies.
+    pub fn sink(&self, prompt: &Prompt, subject: String) -> ReplySink {
+        ReplySink::new(
+            self.publisher.clone(),
+            subject,
+            prompt.trace_id.clone(),
+            prompt.conversation.clone(),
+            self.config.limits.max_reply_bytes,
+        )
+    }
+}
+
+/// Why a turn failed: the `error` reply's fields.
+#[derive(Debug, Clone)]
+pub struct TurnError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl TurnError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        TurnError {
+            code,
+            message: message.into(),
+            retryable: code.retryable(),
+        }
+    }
+}
+
+impl From<OpenCodeError> for TurnError {
+    fn from(e: OpenCodeError) -> Self {
+        TurnError {
+            code: e.code(),
+            retryable: e.retryable(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Runs one turn and publishes its replies, ending with exactly one
+/// terminal reply. `cancel` ends the turn with `shutting_down`.
+pub async fn run_turn(
+    ctx: &TurnContext,
+    prompt: Prompt,
+    mut sink: ReplySink,
+    cancel: CancellationToken,
+) {
+    let span = info_span!("turn", trace_id = %prompt.trace_id, conversation = prompt.conversation.as_deref().unwrap_or(""));
+    async move {
+        let started = Instant::now();
+        info!(reply_subject = sink.subject(), "turn started");
+        let outcome = if cancel.is_cancelled() {
+            Err(TurnError::new(
+                ErrorCode::ShuttingDown,
+                "the bridge is shutting down; the prompt was not started",
+            ))
+        } else {
+            drive(ctx, &prompt, &mut sink, &cancel).await
+        };
+        let elapsed = started.elapsed();
+        match outcome {
+            Ok(mut fin) => {
+                fin.duration_ms = elapsed.as_millis() as u64;
+                info!(
+                    duration_ms = fin.duration_ms,
+                    replies = sink.count() + 1,
+                    "turn completed"
+                );
+                sink.send(ReplyBody::Final(Box::new(fin))).await;
+            }
+            Err(e) => {
+                warn!(code = e.code.as_str(), error = %e.message, "turn failed");
+                sink.send(ReplyBody::Error {
+                    error: e.message,
+                    code: e.code,
+                    retryable: e.retryable,
+                })
+                .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The session this prompt drives, created on first use of a conversation.
+async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<(String, bool), TurnError> {
+    if let Some(id) = &prompt.session_id {
+        return match ctx.client.get_session(id).await {
+            Ok(s) => Ok((s.id, false)),
+            Err(OpenCodeError::NotFound { .. }) => Err(TurnError::new(
+                ErrorCode::BadRequest,
+                format!("OpenCode has no session {id}"),
+            )),
+            Err(e) => Err(e.into()),
+        };
+    }
+    if let Some(conv) = &prompt.conversation {
+        if let Some(id) = ctx.sessions.get(conv).await {
+            return Ok((id, false));
+        }
+    }
+    let title = match &prompt.conversation {
+        Some(c) => format!("{}{c}", ctx.config.opencode.title_prefix),
+        None => format!(
+            "{}one-off {}",
+            ctx.config.opencode.title_prefix, prompt.trace_id
+        ),
+    };
+    let s = ctx.client.create_session(&title).await?;
+    info!(session_id = %s.id, %title, "created OpenCode session");
+    if let Some(conv) = &prompt.conversation {
+        ctx.sessions.put(conv, &s.id).await;
+    }
+    Ok((s.id, true))
+}
+
+fn prompt_body(prompt: &Prompt) -> PromptBody {
+    PromptBody {
+        parts: vec![TextPart {
+            kind: "text",
+            text: prompt.text.clone(),
+        }],
+        model: prompt.model.as_ref().map(ModelBody::from),
+        agent: prompt.agent.clone(),
+        system: prompt.system.clone(),
+        tools: prompt.tools.clone(),
+    }
+}
+
+/// A non-concluding idle is followed by this many looks at the message list.
+const MAX_RECHECKS: u32 = 10;
+const RECHECK_DELAY: Duration = Duration::from_millis(200);
+
+/// Which deadline fired.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    FirstEvent,
+    Idle,
+    Turn,
+    Recheck,
+}
+
+async fn drive(
+    ctx: &TurnContext,
+    prompt: &Prompt,
+    sink: &mut ReplySink,
+    cancel: &CancellationToken,
+) -> Result<FinalReply, TurnError> {
+    let cfg = &ctx.config.turn;
+    let turn_deadline = Instant::now() + cfg.turn_timeout;
+    let (mut session_id, mut created) = resolve_session(ctx, prompt).await?;
+    let mut recreated = false;
+
+    // Follow the session before prompting, so no event is missed.
+    let mut sub = subscribe(ctx, &session_id)?;
+    if !ctx
+        .hub
+        .wait_connected(ctx.config.opencode.request_timeout)
+        .await
+    {
+        return Err(TurnError::new(
+            ErrorCode::OpencodeUnavailable,
+            format!(
+                "OpenCode's event stream at {} is not connected",
+                ctx.client.base_url()
+            ),
+        ));
+    }
+
+    let body = prompt_body(prompt);
+    loop {
+        sink.set_session(&session_id);
+        if !created && ctx.floor(&session_id).is_none() {
+            // A session we have not driven yet: learn where its history
+            // ends, so an old message is never taken for this turn's.
+            let msgs = ctx.client.messages(&session_id).await;
+            match msgs {
+                Ok(m) => {
+                    if let Some(last) = m.last() {
+                        ctx.set_floor(&session_id, last.info.id.clone());
+                    }
+                }
+                Err(OpenCodeError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match ctx.client.prompt_async(&session_id, &body).await {
+            Ok(()) => break,
+            Err(OpenCodeError::NotFound { .. }) if prompt.session_id.is_none() && !recreated => {
+                // The session is gone (deleted, data reset). OpenCode never
+                // accepted the prompt, so sending it again is safe.
+                warn!(%session_id, "OpenCode session is gone; creating a new one");
+                if let Some(conv) = &prompt.conversation {
+                    ctx.sessions.remove(conv).await;
+                }
+                drop(sub);
+                let (id, c) = resolve_session(ctx, prompt).await?;
+                session_id = id;
+                created = c;
+                recreated = true;
+                sub = subscribe(ctx, &session_id)?;
+            }
+            Err(OpenCodeError::NotFound { .. }) if prompt.session_id.is_some() => {
+                return Err(TurnError::new(
+                    ErrorCode::BadRequest,
+                    format!("OpenCode has no session {session_id}"),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    debug!(%session_id, "prompt accepted by OpenCode");
+
+    let mut mapper = TurnMapper::new(&session_id, ctx.floor(&session_id));
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    let mut stream_state = ctx.hub.state();
+    let mut seen_epoch = stream_state.borrow().epoch;
+    let mut got_first = false;
+    let mut idle_deadline = Instant::now() + cfg.first_event_timeout;
+    // When to look at the message list again without waiting for an event.
+    let mut recheck_at: Option<Instant> = None;
+    let mut rechecks = 0;
+
+    let conclusion = loop {
+        let (deadline, which) = next_deadline(turn_deadline, idle_deadline, recheck_at, got_first);
+        let check_end: bool;
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                abort_quietly(ctx, &session_id).await;
+                return Err(TurnError::new(ErrorCode::ShuttingDown, "the bridge is shutting down; the turn was aborted"));
+            }
+            ev = sub.recv() => {
+                let Some(ev) = ev else {
+                    return Err(TurnError::new(ErrorCode::Internal, "the event router closed"));
+                };
+                if sub.take_lagged() {
+                    // Events were lost: stop trusting live text, catch up over HTTP.
+                    if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
+                        break c;
+                    }
+                }
+                let signal = mapper.on_event(&ev, &mut out);
+                sink.send_all(&mut out).await;
+                match signal {
+                    Signal::Nothing => { check_end = false; }
+                    Signal::Progress => {
+                        got_first = true;
+                        idle_deadline = Instant::now() + cfg.idle_timeout;
+                        check_end = false;
+                    }
+                    Signal::Retry { attempt, message } => {
+                        got_first = true;
+                        idle_deadline = Instant::now() + cfg.idle_timeout;
+                        info!(?attempt, message = message.as_deref().unwrap_or(""), "OpenCode is retrying the provider");
+                        check_end = false;
+                    }
+                    Signal::Idle => { check_end = true; }
+                    Signal::Error(e) => {
+                        got_first = true;
+                        debug!(name = %e.name, "session.error");
+                        recheck_at = Some(Instant::now() + Duration::from_secs(5));
+                        check_end = false;
+                    }
+                    Signal::Permission(p) => {
+                        got_first = true;
+                        idle_deadline = Instant::now() + cfg.idle_timeout;
+                        let note = format!(
+                            "permission `{}` ({}) rejected: no policy allows it",
+                            p.permission,
+                            p.patterns.join(", ")
+                        );
+                        warn!(request_id = %p.id, permission = %p.permission, "rejecting a permission request (headless default)");
+                        if let Err(e) = ctx.client.reply_permission(&session_id, &p.id, "reject").await {
+                            warn!(error = %e, "rejecting a permission request failed");
+                        }
+                        notes.push(note);
+                        check_end = false;
+                    }
+                    Signal::Question(q) => {
+                        got_first = true;
+                        idle_deadline = Instant::now() + cfg.idle_timeout;
+                        warn!(request_id = %q.id, "rejecting a question (headless default)");
+                        if let Err(e) = ctx.client.reject_question(&q.id).await {
+                            warn!(error = %e, "rejecting a question failed");
+                        }
+                        notes.push("a question from the agent was rejected: nobody to answer it".into());
+                        check_end = false;
+                    }
+                }
+            }
+            changed = stream_state.changed() => {
+                if changed.is_err() {
+                    return Err(TurnError::new(ErrorCode::Internal, "the event stream reader stopped"));
+                }
+                let s = *stream_state.borrow_and_update();
+                if s.connected && s.epoch != seen_epoch {
+                    seen_epoch = s.epoch;
+                    info!("event stream reconnected; resyncing the turn over HTTP");
+                    sub.take_lagged();
+                    if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
+                        break c;
+                    }
+                }
+                check_end = false;
+            }
+            _ = sleep_until(deadline) => {
+                match which {
+                    Deadline::Recheck => { check_end = true; recheck_at = None; }
+                    _ => {
+                        abort_quietly(ctx, &session_id).await;
+                        let (name, d) = match which {
+                            Deadline::FirstEvent => ("first_event_timeout", cfg.first_event_timeout),
+                            Deadline::Idle => ("idle_timeout", cfg.idle_timeout),
+                            _ => ("turn_timeout", cfg.turn_timeout),
+                        };
+                        return Err(TurnError::new(
+                            ErrorCode::Timeout,
+                            format!("deadline {name} ({}) expired; the OpenCode session was aborted", humantime::format_duration(d)),
+                        ));
+                    }
+                }
+            }
+        }
+        if check_end {
+            let messages = ctx.client.messages(&session_id).await?;
+            remember_floor(ctx, &session_id, &messages);
+            match mapper.conclude(&messages) {
+                Some(c) => {
+                    mapper.reconcile(&messages, true, &mut out);
+                    sink.send_all(&mut out).await;
+                    break c;
+                }
+                None if recheck_at.is_none()
+                    && mapper.error().is_some()
+                    && rechecks >= MAX_RECHECKS =>
+                {
+                    // An error with no answer message and no idle to follow.
+                    break crate::mapper::classify(mapper.error().expect("checked"));
+                }
+                None => {
+                    // OpenCode announces idle a few ms before it writes the
+                    // answer's completion: look again shortly, a few times.
+                    debug!("idle, but this turn's answer is not complete yet");
+                    if rechecks < MAX_RECHECKS {
+                        rechecks += 1;
+                        recheck_at = Some(Instant::now() + RECHECK_DELAY);
+                    }
+                }
+            }
+        }
+    };
+
+    match conclusion {
+        Conclusion::Final(mut fin) => {
+            fin.notes = notes;
+            fin.session_recreated = recreated;
+            Ok(fin)
+        }
+        Conclusion::Failed {
+            code,
+            error,
+            retryable,
+        } => Err(TurnError {
+            code,
+            message: error,
+            retryable,
+        }),
+    }
+}
+
+fn subscribe(ctx: &TurnContext, session_id: &str) -> Result<Subscription, TurnError> {
+    ctx.hub
+        .subscribe(session_id)
+        .map_err(|e| TurnError::new(ErrorCode::SessionBusy, e.to_string()))
+}
+
+fn next_deadline(
+    turn: Instant,
+    idle: Instant,
+    recheck_at: Option<Instant>,
+    got_first: bool,
+) -> (Instant, Deadline) {
+    let mut best = (turn, Deadline::Turn);
+    if idle < best.0 {
+        best = (
+            idle,
+            if got_first {
+                Deadline::Idle
+            } else {
+                Deadline::FirstEvent
+            },
+        );
+    }
+    if let Some(e) = recheck_at {
+        if e < best.0 {
+            best = (e, Deadline::Recheck);
+        }
+    }
+    best
+}
+
+fn remember_floor(ctx: &TurnContext, session_id: &str, messages: &[MessageWithParts]) {
+    if let Some(last) = messages.last() {
+        ctx.set_floor(session_id, last.info.id.clone());
+    }
+}
+
+/// After lost events: catch up from the message list; conclude if OpenCode
+/// says the session is idle and the turn's answer is complete.
+async fn resync(
+    ctx: &TurnContext,
+    mapper: &mut TurnMapper,
+    session_id: &str,
+    sink: &mut ReplySink,
+    out: &mut Vec<ReplyBody>,
+) -> Result<Option<Conclusion>, TurnError> {
+    mapper.mark_gap();
+    let messages = ctx.client.messages(session_id).await?;
+    remember_floor(ctx, session_id, &messages);
+    let done = mapper.reconcile(&messages, false, out);
+    sink.send_all(out).await;
+    if !done {
+        return Ok(None);
+    }
+    let busy = ctx.client.session_status().await?.contains_key(session_id);
+    if busy {
+        return Ok(None);
+    }
+    let c = mapper.conclude(&messages);
+    if c.is_some() {
+        mapper.reconcile(&messages, true, out);
+        sink.send_all(out).await;
+    }
+    Ok(c)
+}
+
+async fn abort_quietly(ctx: &TurnContext, session_id: &str) {
+    if let Err(e) = ctx
+        .client
+        .abort(session_id, ctx.config.turn.abort_timeout)
+        .await
+    {
+        warn!(%session_id, error = %e, "aborting the OpenCode session failed");
+    }
+}

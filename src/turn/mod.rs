@@ -1,0 +1,12 @@
+//! One agent turn from prompt to `final`/`error`, the per-conversation
+//! queue, and the conversation -> session map.
+
+pub mod driver;
+pub mod queue;
+pub mod sessions;
+pub mod sink;
+
+pub use driver::{run_turn, TurnContext, TurnError};
+pub use queue::{Dispatcher, Job};
+pub use sessions::{MemoryStore, SessionStore};
+pub use sink::ReplySink;

@@ -1,0 +1,125 @@
+//! Where a turn's replies go: stamps trace id and `seq`, splits long text
+//! under the payload limit, and guarantees that nothing follows the
+//! terminal reply.
+
+use tracing::{debug, warn};
+
+use crate::bus::Publisher;
+use crate::protocol::reply::split_utf8;
+use crate::protocol::{Reply, ReplyBody};
+
+/// Room left in a payload for the JSON envelope and headers around the text.
+const ENVELOPE_ROOM: usize = 1024;
+
+pub struct ReplySink {
+    publisher: Publisher,
+    subject: String,
+    trace_id: String,
+    conversation: Option<String>,
+    session_id: Option<String>,
+    seq: u64,
+    terminated: bool,
+    max_content: usize,
+}
+
+impl ReplySink {
+    pub fn new(
+        publisher: Publisher,
+        subject: String,
+        trace_id: String,
+        conversation: Option<String>,
+        max_reply_bytes: usize,
+    ) -> Self {
+        let limit = max_reply_bytes.min(publisher.max_payload().max(4096));
+        // JSON escaping can grow text up to 6x (`\u0000`); keep the worst
+        // case under the limit.
+        let max_content = (limit.saturating_sub(ENVELOPE_ROOM) / 6).max(64);
+        ReplySink {
+            publisher,
+            subject,
+            trace_id,
+            conversation,
+            session_id: None,
+            seq: 0,
+            terminated: false,
+            max_content,
+        }
+    }
+
+    pub fn set_session(&mut self, session_id: &str) {
+        self.session_id = Some(session_id.to_string());
+    }
+
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    pub fn trace_id(&self) -> &str {
+        &self.trace_id
+    }
+
+    pub fn is_terminated(&self) -> bool {
+        self.terminated
+    }
+
+    /// Replies published so far.
+    pub fn count(&self) -> u64 {
+        self.seq
+    }
+
+    /// Publishes one reply (several, if its text must be split).
+    pub async fn send(&mut self, body: ReplyBody) {
+        if self.terminated {
+            warn!(trace_id = %self.trace_id, kind = body.kind(), "reply after the terminal reply suppressed");
+            return;
+        }
+        match &body {
+            ReplyBody::Delta { content, part_id } | ReplyBody::Reasoning { content, part_id }
+                if content.len() > self.max_content =>
+            {
+                let is_delta = matches!(body, ReplyBody::Delta { .. });
+                for piece in split_utf8(content, self.max_content) {
+                    let piece = piece.to_string();
+                    let b = if is_delta {
+                        ReplyBody::Delta {
+                            content: piece,
+                            part_id: part_id.clone(),
+                        }
+                    } else {
+                        ReplyBody::Reasoning {
+                            content: piece,
+                            part_id: part_id.clone(),
+                        }
+                    };
+                    self.publish(&b).await;
+                }
+            }
+            _ => self.publish(&body).await,
+        }
+    }
+
+    pub async fn send_all(&mut self, bodies: &mut Vec<ReplyBody>) {
+        for b in bodies.drain(..) {
+            self.send(b).await;
+        }
+    }
+
+    async fn publish(&mut self, body: &ReplyBody) {
+        let reply = Reply {
+            trace_id: &self.trace_id,
+            seq: self.seq,
+            conversation: self.conversation.as_deref(),
+            session_id: self.session_id.as_deref(),
+            body,
+        };
+        if let Err(e) = self.publisher.publish(&self.subject, &reply).await {
+            warn!(trace_id = %self.trace_id, seq = self.seq, error = %e, "publishing a reply failed");
+        } else {
+            debug!(trace_id = %self.trace_id, seq = self.seq, kind = body.kind(), "reply published");
+        }
+        self.seq += 1;
+        if body.is_terminal() {
+            self.terminated = true;
+        }
+    }
+}

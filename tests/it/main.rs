@@ -1,0 +1,7 @@
+//! The integration tests: one binary (`cargo test --test it`).
+
+mod support;
+
+mod nats_harness;
+mod real_opencode_smoke;
+mod record_fixtures;
