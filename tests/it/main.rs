@@ -2,6 +2,7 @@
 
 mod support;
 
+mod e2e_real_opencode;
 mod nats_harness;
 mod real_opencode_smoke;
 mod record_fixtures;

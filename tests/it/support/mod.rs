@@ -1,6 +1,7 @@
 //! Test support shared by the integration tests of this binary.
 #![allow(dead_code)]
 
+pub mod bridge;
 pub mod fake_llm;
 pub mod http;
 pub mod nats;

@@ -1,0 +1,124 @@
+//! End to end: NATS -> the bridge -> the real OpenCode (pinned npm
+//! package) -> the scripted fake LLM, and back.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::bridge::{
+    assert_well_formed, delta_text, request, terminal, test_config, Bridge,
+};
+use crate::support::fake_llm::{self, FakeLlm};
+use crate::support::nats::{client, NatsServer};
+use crate::support::real_opencode::RealOpenCode;
+
+const TURN: Duration = Duration::from_secs(60);
+
+struct Stack {
+    _nats: NatsServer,
+    _llm: FakeLlm,
+    opencode: RealOpenCode,
+    bridge: Bridge,
+    client: async_nats::Client,
+}
+
+async fn stack() -> Stack {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let opencode = RealOpenCode::start(&llm.base_url()).await;
+    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+    let bridge = Bridge::start(cfg).await;
+    let client = client(&nats.url()).await;
+    Stack {
+        _nats: nats,
+        _llm: llm,
+        opencode,
+        bridge,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_turn() {
+    let s = stack().await;
+    let replies = request(&s.client, "opencode.prompt", "Say hello over NATS", TURN).await;
+    assert_well_formed(&replies);
+    let fin = terminal(&replies);
+    assert_eq!(fin["kind"], "final", "{replies:#?}");
+    assert_eq!(fin["content"], fake_llm::text_reply("Say hello over NATS"));
+    assert_eq!(fin["model"], "fake/m1");
+    assert!(fin["usage"]["input"].as_u64().unwrap() > 0, "{fin}");
+    assert!(fin["usage"]["output"].as_u64().unwrap() > 0, "{fin}");
+    assert!(replies.iter().filter(|(_, v)| v["kind"] == "delta").count() > 1);
+    assert!(fin["session_id"].as_str().unwrap().starts_with("ses"));
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_call_really_runs() {
+    let s = stack().await;
+    let marker = format!("e2e-tool-{}", std::process::id());
+    let prompt =
+        json!({"text": format!("[tool:bash echo {marker}] run it"), "conversation": "e2e.tool"})
+            .to_string();
+    let replies = request(&s.client, "opencode.prompt", &prompt, TURN).await;
+    assert_well_formed(&replies);
+    let call = replies
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_call")
+        .expect("a tool_call");
+    assert_eq!(call.1["tool"], "bash");
+    assert_eq!(call.1["args"]["command"], format!("echo {marker}"));
+    let result = replies
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("a tool_result");
+    assert_eq!(result.1["call_id"], call.1["call_id"]);
+    assert_eq!(result.1["success"], true);
+    // The output comes from a shell that really ran.
+    assert!(
+        result.1["result"].as_str().unwrap().contains(&marker),
+        "{result:?}"
+    );
+    let fin = terminal(&replies);
+    assert_eq!(fin["kind"], "final");
+    assert!(fin["content"].as_str().unwrap().contains(&marker), "{fin}");
+    assert_eq!(fin["conversation"], "e2e.tool");
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_turn_sees_the_first() {
+    let s = stack().await;
+    let first = "Remember the word kumquat-e2e";
+    let r1 = request(&s.client, "opencode.prompt.chat.e2e", first, TURN).await;
+    assert_well_formed(&r1);
+    assert_eq!(terminal(&r1)["kind"], "final", "{r1:#?}");
+    let r2 = request(
+        &s.client,
+        "opencode.prompt.chat.e2e",
+        "[recall] what did I say first?",
+        TURN,
+    )
+    .await;
+    assert_well_formed(&r2);
+    let fin = terminal(&r2);
+    assert_eq!(fin["kind"], "final", "{r2:#?}");
+    assert_eq!(fin["content"], fake_llm::recall_reply(first));
+    assert_eq!(delta_text(&r2), fin["content"].as_str().unwrap());
+    // Same conversation, same OpenCode session.
+    assert_eq!(terminal(&r1)["session_id"], fin["session_id"]);
+    assert_eq!(fin["conversation"], "chat.e2e");
+    // And the session carries the conversation in its title.
+    let sessions = s.opencode.get_json("/session").await;
+    let sid = fin["session_id"].as_str().unwrap();
+    let title = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == sid)
+        .map(|x| x["title"].clone());
+    assert_eq!(title, Some(json!("nats:chat.e2e")));
+    s.bridge.stop().await.unwrap();
+}
