@@ -2,6 +2,7 @@
 
 mod support;
 
+mod daemon_binary;
 mod e2e_real_opencode;
 mod nats_harness;
 mod real_opencode_smoke;

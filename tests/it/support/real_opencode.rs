@@ -86,6 +86,78 @@ pub struct RealOpenCode {
     tmp: Option<tempfile::TempDir>,
 }
 
+/// A hermetic environment for `opencode serve`: temp HOME and XDG dirs, the
+/// OPENCODE_DISABLE_* switches, the pre-made plugin folder (no background
+/// `npm install`), and `config` as OPENCODE_CONFIG_CONTENT. Used for the
+/// server the tests start and for the daemon's own embedded server.
+pub struct IsolatedEnv {
+    pub tmp: tempfile::TempDir,
+    pub vars: Vec<(String, std::ffi::OsString)>,
+    pub work_dir: PathBuf,
+}
+
+pub fn isolated_env(config: &Value) -> IsolatedEnv {
+    let tmp = tempfile::Builder::new()
+        .prefix("opencode-it-")
+        .tempdir()
+        .expect("temp dir");
+    let root = tmp.path().to_path_buf();
+    let dir = |name: &str| {
+        let p = root.join(name);
+        std::fs::create_dir_all(&p).expect("create temp subdir");
+        p
+    };
+    let home = dir("home");
+    let config_home = dir("config");
+    let data_home = dir("data");
+    let cache_home = dir("cache");
+    let state_home = dir("state");
+    let work_dir = dir("work");
+    // Skip the background `npm install @opencode-ai/plugin`.
+    let plugin_dir = config_home.join("opencode");
+    std::fs::create_dir_all(plugin_dir.join("node_modules")).expect("plugin dir");
+    std::fs::write(
+        plugin_dir.join("package-lock.json"),
+        r#"{"packages":{"":{"dependencies":{"@opencode-ai/plugin":"*"}}}}"#,
+    )
+    .expect("package-lock.json");
+    let shell = if Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    let mut vars: Vec<(String, std::ffi::OsString)> = vec![
+        ("PATH".into(), std::env::var_os("PATH").unwrap_or_default()),
+        ("SHELL".into(), shell.into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOME".into(), home.clone().into()),
+        ("USERPROFILE".into(), home.into()),
+        ("TMPDIR".into(), std::env::temp_dir().into()),
+        ("XDG_CONFIG_HOME".into(), config_home.into()),
+        ("XDG_DATA_HOME".into(), data_home.into()),
+        ("XDG_CACHE_HOME".into(), cache_home.into()),
+        ("XDG_STATE_HOME".into(), state_home.into()),
+        ("OPENCODE_CONFIG_CONTENT".into(), config.to_string().into()),
+    ];
+    for k in [
+        "OPENCODE_DISABLE_AUTOUPDATE",
+        "OPENCODE_DISABLE_MODELS_FETCH",
+        "OPENCODE_DISABLE_LSP_DOWNLOAD",
+        "OPENCODE_DISABLE_DEFAULT_PLUGINS",
+        "OPENCODE_DISABLE_SHARE",
+        "OPENCODE_DISABLE_EXTERNAL_SKILLS",
+        "OPENCODE_DISABLE_CLAUDE_CODE",
+        "OPENCODE_PURE",
+    ] {
+        vars.push((k.into(), "1".into()));
+    }
+    IsolatedEnv {
+        tmp,
+        vars,
+        work_dir,
+    }
+}
+
 impl RealOpenCode {
     /// Starts it against an OpenAI-compatible LLM at `llm_url` with [`default_config`].
     pub async fn start(llm_url: &str) -> RealOpenCode {
@@ -109,30 +181,10 @@ impl RealOpenCode {
 
     /// `Err((fatal, message))`: not fatal means the process exited early.
     async fn try_start(config: &Value) -> Result<RealOpenCode, (bool, String)> {
-        let tmp = tempfile::Builder::new()
-            .prefix("opencode-it-")
-            .tempdir()
-            .expect("temp dir");
-        let root = tmp.path().to_path_buf();
-        let dir = |name: &str| {
-            let p = root.join(name);
-            std::fs::create_dir_all(&p).expect("create temp subdir");
-            p
-        };
-        let home = dir("home");
-        let config_home = dir("config");
-        let data_home = dir("data");
-        let cache_home = dir("cache");
-        let state_home = dir("state");
-        let work_dir = dir("work");
-        // Skip the background `npm install @opencode-ai/plugin`.
-        let plugin_dir = config_home.join("opencode");
-        std::fs::create_dir_all(plugin_dir.join("node_modules")).expect("plugin dir");
-        std::fs::write(
-            plugin_dir.join("package-lock.json"),
-            r#"{"packages":{"":{"dependencies":{"@opencode-ai/plugin":"*"}}}}"#,
-        )
-        .expect("package-lock.json");
+        let env = isolated_env(config);
+        let root = env.tmp.path().to_path_buf();
+        let work_dir = env.work_dir.clone();
+        let tmp = env.tmp;
 
         let log_path = root.join("opencode.log");
         let log = std::fs::File::create(&log_path).expect("log file");
@@ -147,32 +199,7 @@ impl RealOpenCode {
             .args(["--print-logs", "--log-level", "INFO"])
             .current_dir(&work_dir)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env(
-                "SHELL",
-                if Path::new("/bin/bash").exists() {
-                    "/bin/bash"
-                } else {
-                    "/bin/sh"
-                },
-            )
-            .env("LANG", "C.UTF-8")
-            .env("HOME", &home)
-            .env("USERPROFILE", &home)
-            .env("TMPDIR", std::env::temp_dir())
-            .env("XDG_CONFIG_HOME", &config_home)
-            .env("XDG_DATA_HOME", &data_home)
-            .env("XDG_CACHE_HOME", &cache_home)
-            .env("XDG_STATE_HOME", &state_home)
-            .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
-            .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
-            .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
-            .env("OPENCODE_DISABLE_DEFAULT_PLUGINS", "1")
-            .env("OPENCODE_DISABLE_SHARE", "1")
-            .env("OPENCODE_DISABLE_EXTERNAL_SKILLS", "1")
-            .env("OPENCODE_DISABLE_CLAUDE_CODE", "1")
-            .env("OPENCODE_PURE", "1")
-            .env("OPENCODE_CONFIG_CONTENT", config.to_string())
+            .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_os_str())))
             .env("OPENCODE_SERVER_PASSWORD", &password)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))

@@ -1,0 +1,234 @@
+//! The real binary: `check-config` exit codes, and `run` on the embedded
+//! default (the daemon starts `opencode serve` itself), stopped by SIGTERM.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::bridge::{assert_well_formed, request, terminal};
+use crate::support::fake_llm::{self, FakeLlm};
+use crate::support::nats::{client, NatsServer};
+use crate::support::real_opencode::{default_config, isolated_env, opencode_bin, IsolatedEnv};
+
+const BIN: &str = env!("CARGO_BIN_EXE_opencode-nats-bridge");
+
+#[test]
+fn check_config_accepts_the_example_and_names_what_is_wrong() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let ok = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&example)
+        .env_remove("OPENCODE_BRIDGE__NATS__URL")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[turn]\nidle_timout = \"5s\"\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("idle_timout"));
+
+    // The environment layer is checked too.
+    let out = std::process::Command::new(BIN)
+        .args(["check-config"])
+        .env("OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    // `run` refuses a bad config with the same status, before connecting.
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+struct Daemon {
+    child: Child,
+    env: IsolatedEnv,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// Starts the binary on the embedded default: no OpenCode URL, the
+/// daemon spawns `opencode serve` (hermetic env, fake LLM) itself.
+async fn start_daemon(nats_url: &str, llm_url: &str, grace: &str) -> Daemon {
+    let env = isolated_env(&default_config(llm_url));
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .env_clear()
+        .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_os_str())))
+        .env("OPENCODE_BRIDGE__NATS__URL", nats_url)
+        .env("OPENCODE_BRIDGE__OPENCODE__BINARY", opencode_bin())
+        .env("OPENCODE_BRIDGE__OPENCODE__DIRECTORY", &env.work_dir)
+        .env("OPENCODE_BRIDGE__SHUTDOWN__GRACE", grace)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the daemon");
+    let (tx, mut log) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = Vec::new();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = log.recv().await {
+            let done = l.contains("opencode-nats-bridge is serving");
+            seen.push(l);
+            if done {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(ready, Ok(true)),
+        "daemon not ready; log:\n{}",
+        seen.join("\n")
+    );
+    Daemon { child, env, log }
+}
+
+/// Processes whose working directory is `dir` (the embedded OpenCode).
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).ok().as_deref() == Some(dir) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+async fn sigterm_and_wait(d: &mut Daemon) -> std::process::ExitStatus {
+    kill(Pid::from_raw(d.child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), d.child.wait())
+        .await
+        .expect("the daemon exits after SIGTERM")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_serves_then_drains_on_sigterm() {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let mut d = start_daemon(&nats.url(), &llm.base_url(), "30s").await;
+    let work_dir = d.env.work_dir.canonicalize().unwrap();
+    assert!(
+        !processes_in(&work_dir).is_empty(),
+        "the embedded opencode runs in the work dir"
+    );
+    let c = client(&nats.url()).await;
+
+    let r = request(
+        &c,
+        "opencode.prompt",
+        "hello embedded",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_well_formed(&r);
+    assert_eq!(
+        terminal(&r)["content"],
+        fake_llm::text_reply("hello embedded")
+    );
+
+    // A slow turn in flight when SIGTERM arrives finishes within the grace.
+    let inbox = c.new_inbox();
+    let mut sub = crate::support::nats::subscribe_ready(&c, inbox.clone()).await;
+    c.publish_with_reply("opencode.prompt", inbox, "[slow] count".into())
+        .await
+        .unwrap();
+    // Wait for its first delta, then SIGTERM.
+    let first = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("a first reply")
+        .unwrap();
+    let mut replies = vec![(
+        first.headers.clone(),
+        serde_json::from_slice(&first.payload).unwrap(),
+    )];
+    let status = sigterm_and_wait(&mut d).await;
+    replies.extend(
+        crate::support::nats::collect_until_terminal(&mut sub, Duration::from_secs(30)).await,
+    );
+    assert!(status.success(), "exit status {status}");
+    assert_well_formed(&replies);
+    assert_eq!(terminal(&replies)["kind"], "final", "{replies:#?}");
+    assert_eq!(terminal(&replies)["content"], fake_llm::slow_reply());
+    // The embedded OpenCode was stopped with the daemon.
+    let mut left = processes_in(&work_dir);
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = processes_in(&work_dir);
+    }
+    assert!(left.is_empty(), "opencode processes left behind: {left:?}");
+    let mut log = Vec::new();
+    while let Ok(l) = d.log.try_recv() {
+        log.push(l);
+    }
+    let log = log.join("\n");
+    assert!(log.contains("draining prompt subscriptions"), "{log}");
+    // Secrets are never logged.
+    assert!(!log.to_lowercase().contains("password="), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_past_the_grace_end_with_shutting_down() {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let mut d = start_daemon(&nats.url(), &llm.base_url(), "500ms").await;
+    let c = client(&nats.url()).await;
+    let inbox = c.new_inbox();
+    let mut sub = crate::support::nats::subscribe_ready(&c, inbox.clone()).await;
+    c.publish_with_reply("opencode.prompt.grace", inbox, "[slow] count".into())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("a first reply")
+        .unwrap();
+    let mut replies = vec![(
+        first.headers.clone(),
+        serde_json::from_slice(&first.payload).unwrap(),
+    )];
+    let status = sigterm_and_wait(&mut d).await;
+    replies.extend(
+        crate::support::nats::collect_until_terminal(&mut sub, Duration::from_secs(30)).await,
+    );
+    assert!(status.success(), "exit status {status}");
+    assert_well_formed(&replies);
+    let t = terminal(&replies);
+    assert_eq!(t["kind"], "error", "{replies:#?}");
+    assert_eq!(t["code"], "shutting_down");
+    assert_eq!(t["retryable"], true);
+}
