@@ -235,12 +235,13 @@ impl OpenCodeClient {
     }
 
     /// `GET /global/health`.
-    pub async fn health(&self) -> Result<Health, OpenCodeError> {
-        self.json(
-            "health check",
-            self.request(&self.http, Method::GET, "/global/health"),
-        )
-        .await
+    /// Bounded by `timeout` (a server still starting can accept the
+    /// connection and not answer).
+    pub async fn health(&self, timeout: Duration) -> Result<Health, OpenCodeError> {
+        let rb = self
+            .request(&self.http, Method::GET, "/global/health")
+            .timeout(timeout);
+        self.json("health check", rb).await
     }
 
     /// `POST /session` with a title.

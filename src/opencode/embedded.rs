@@ -84,7 +84,9 @@ impl EmbeddedServer {
             if let Some(status) = child.try_wait().ok().flatten() {
                 return Err(EmbeddedError::Exited(status));
             }
-            match client.health().await {
+            // A server still starting can accept the connection and not answer:
+            // keep each probe short.
+            match client.health(Duration::from_secs(1)).await {
                 Ok(h) if h.healthy => {
                     info!(version = %h.version, "embedded OpenCode is healthy");
                     break;

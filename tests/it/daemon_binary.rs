@@ -95,6 +95,9 @@ async fn start_daemon(nats_url: &str, llm_url: &str, grace: &str) -> Daemon {
     let mut seen = Vec::new();
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(l) = log.recv().await {
+            if std::env::var_os("SHOW_DAEMON_LOG").is_some() {
+                eprintln!("{l}");
+            }
             let done = l.contains("opencode-nats-bridge is serving");
             seen.push(l);
             if done {
@@ -197,6 +200,9 @@ async fn embedded_default_serves_then_drains_on_sigterm() {
         log.push(l);
     }
     let log = log.join("\n");
+    if std::env::var_os("SHOW_DAEMON_LOG").is_some() {
+        eprintln!("{log}");
+    }
     assert!(log.contains("draining prompt subscriptions"), "{log}");
     // Secrets are never logged.
     assert!(!log.to_lowercase().contains("password="), "{log}");

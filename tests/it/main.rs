@@ -2,6 +2,7 @@
 
 mod support;
 
+mod bridge_fake;
 mod daemon_binary;
 mod e2e_real_opencode;
 mod nats_harness;

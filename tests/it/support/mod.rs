@@ -3,6 +3,7 @@
 
 pub mod bridge;
 pub mod fake_llm;
+pub mod fake_opencode;
 pub mod http;
 pub mod nats;
 pub mod real_opencode;
