@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bus::{self, BusError, Incoming, PromptSubscription, Publisher};
+use crate::bus::{self, BusError, ControlSubscription, Incoming, PromptSubscription, Publisher};
 use crate::config::Config;
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
 use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
+use crate::protocol::control::parse_abort;
 use crate::protocol::{
     parse_prompt, reply_subject, validate_subject, ErrorCode, PromptLimits, ReplyBody,
 };
@@ -117,6 +118,23 @@ pub async fn run(
     let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
     let in_flight = Arc::new(Semaphore::new(config.turn.max_in_flight));
 
+    let mut aborts = ControlSubscription::subscribe(&nats, &config.subjects.abort).await?;
+    let abort_task = {
+        let dispatcher = dispatcher.clone();
+        let publisher = publisher.clone();
+        let cancel = stream_cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    m = aborts.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                handle_abort(&dispatcher, &publisher, msg).await;
+            }
+        })
+    };
     let mut prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
@@ -166,6 +184,7 @@ pub async fn run(
     publisher.flush().await;
     stream_cancel.cancel();
     let _ = reader.await;
+    let _ = abort_task.await;
     if let Some(server) = embedded {
         server.stop(Duration::from_secs(5)).await;
     }
@@ -174,6 +193,29 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Handles one abort request; answers request-style ones.
+async fn handle_abort(dispatcher: &Arc<Dispatcher>, publisher: &Publisher, msg: Incoming) {
+    let answer = match parse_abort(&msg.payload) {
+        Ok(req) => {
+            let a = dispatcher.abort(&req);
+            info!(target_turn = ?req.target, aborted = a.aborted, dropped = a.dropped, "abort request");
+            serde_json::json!({"aborted": a.aborted, "reason": a.reason, "dropped": a.dropped})
+        }
+        Err(reason) => {
+            warn!(%reason, "bad abort request");
+            serde_json::json!({"aborted": false, "reason": reason, "code": "bad_request"})
+        }
+    };
+    if let Some(reply) = msg.reply.as_deref().filter(|r| validate_subject(r).is_ok()) {
+        if let Err(e) = publisher
+            .publish_raw(reply, answer.to_string().into_bytes())
+            .await
+        {
+            warn!(error = %e, "answering an abort request failed");
+        }
+    }
 }
 
 /// Parses and routes one prompt: a `bad_request` or `session_busy` reply

@@ -97,6 +97,9 @@ pub struct SubjectsConfig {
     /// Replies go to `<reply_prefix>.<trace_id>` when the prompt names no
     /// reply subject.
     pub reply_prefix: String,
+    /// Abort requests (`{"trace_id"}` or `{"conversation"}`); every daemon
+    /// listens (no queue group), the one running the turn acts.
+    pub abort: String,
 }
 
 impl Default for SubjectsConfig {
@@ -105,6 +108,7 @@ impl Default for SubjectsConfig {
             prompt: "opencode.prompt".into(),
             queue_group: "opencode-bridge".into(),
             reply_prefix: "opencode.reply".into(),
+            abort: "opencode.abort".into(),
         }
     }
 }
@@ -346,6 +350,7 @@ impl Config {
             ("subjects.prompt", &self.subjects.prompt),
             ("subjects.reply_prefix", &self.subjects.reply_prefix),
             ("subjects.queue_group", &self.subjects.queue_group),
+            ("subjects.abort", &self.subjects.abort),
         ] {
             if let Err(e) = validate_subject(s) {
                 return invalid(key, format!("{s:?} {e}"));

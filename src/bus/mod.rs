@@ -182,6 +182,29 @@ impl PromptSubscription {
     }
 }
 
+/// A plain subscription to a control subject (every daemon listens).
+pub struct ControlSubscription {
+    sub: async_nats::Subscriber,
+}
+
+impl ControlSubscription {
+    pub async fn subscribe(client: &async_nats::Client, subject: &str) -> Result<Self, BusError> {
+        let sub = client
+            .subscribe(subject.to_string())
+            .await
+            .map_err(|e| BusError::Subscribe {
+                subject: subject.to_string(),
+                detail: e.to_string(),
+            })?;
+        barrier(client).await?;
+        Ok(ControlSubscription { sub })
+    }
+
+    pub async fn next(&mut self) -> Option<Incoming> {
+        self.sub.next().await.map(Incoming::from)
+    }
+}
+
 /// Proves the server has registered our subscriptions: a round trip through
 /// a fresh inbox on the same connection (`flush()` alone only writes bytes).
 pub async fn barrier(client: &async_nats::Client) -> Result<(), BusError> {

@@ -3,6 +3,7 @@
 //! Nothing here does I/O; `bus/` moves these values over NATS. The contract is
 //! written up for users in `docs/PROTOCOL.md`; the two must agree.
 
+pub mod control;
 pub mod prompt;
 pub mod reply;
 pub mod subject;

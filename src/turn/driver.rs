@@ -113,12 +113,14 @@ impl From<OpenCodeError> for TurnError {
 }
 
 /// Runs one turn and publishes its replies, ending with exactly one
-/// terminal reply. `cancel` ends the turn with `shutting_down`.
+/// terminal reply. `cancel` ends the turn with `shutting_down`, `abort` with
+/// `aborted`.
 pub async fn run_turn(
     ctx: &TurnContext,
     prompt: Prompt,
     mut sink: ReplySink,
     cancel: CancellationToken,
+    abort: CancellationToken,
 ) {
     let span = info_span!("turn", trace_id = %prompt.trace_id, conversation = prompt.conversation.as_deref().unwrap_or(""));
     async move {
@@ -130,7 +132,7 @@ pub async fn run_turn(
                 "the bridge is shutting down; the prompt was not started",
             ))
         } else {
-            drive(ctx, &prompt, &mut sink, &cancel).await
+            drive(ctx, &prompt, &mut sink, &cancel, &abort).await
         };
         let elapsed = started.elapsed();
         match outcome {
@@ -221,6 +223,7 @@ async fn drive(
     prompt: &Prompt,
     sink: &mut ReplySink,
     cancel: &CancellationToken,
+    abort: &CancellationToken,
 ) -> Result<FinalReply, TurnError> {
     let cfg = &ctx.config.turn;
     let turn_deadline = Instant::now() + cfg.turn_timeout;
@@ -306,6 +309,9 @@ async fn drive(
             _ = cancel.cancelled() => {
                 abort_quietly(ctx, &session_id).await;
                 return Err(TurnError::new(ErrorCode::ShuttingDown, "the bridge is shutting down; the turn was aborted"));
+            }
+            _ = abort.cancelled() => {
+                return Err(abort_turn(ctx, &mut mapper, &mut sub, &session_id, sink, &mut out).await);
             }
             ev = sub.recv() => {
                 let Some(ev) = ev else {
@@ -510,6 +516,50 @@ async fn resync(
         sink.send_all(out).await;
     }
     Ok(c)
+}
+
+/// Aborts the session on request and waits (bounded) for OpenCode to
+/// confirm it from the events: `session.error` (MessageAbortedError) or the
+/// session going idle. Text streamed before the abort stays published.
+async fn abort_turn(
+    ctx: &TurnContext,
+    mapper: &mut TurnMapper,
+    sub: &mut Subscription,
+    session_id: &str,
+    sink: &mut ReplySink,
+    out: &mut Vec<ReplyBody>,
+) -> TurnError {
+    let bound = ctx.config.turn.abort_timeout;
+    info!(%session_id, "aborting the turn on request");
+    if let Err(e) = ctx.client.abort(session_id, bound).await {
+        warn!(%session_id, error = %e, "the abort call failed");
+        return TurnError::new(
+            ErrorCode::Aborted,
+            format!("aborted on request; OpenCode could not be told: {e}"),
+        );
+    }
+    let confirmed = tokio::time::timeout(bound, async {
+        while let Some(ev) = sub.recv().await {
+            match mapper.on_event(&ev, out) {
+                Signal::Error(_) | Signal::Idle => return true,
+                _ => {}
+            }
+            sink.send_all(out).await;
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    sink.send_all(out).await;
+    let message = if confirmed {
+        "aborted on request".to_string()
+    } else {
+        format!(
+            "aborted on request; OpenCode did not confirm within {}",
+            humantime::format_duration(bound)
+        )
+    };
+    TurnError::new(ErrorCode::Aborted, message)
 }
 
 async fn abort_quietly(ctx: &TurnContext, session_id: &str) {

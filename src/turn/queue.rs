@@ -12,7 +12,8 @@ use tokio_util::task::TaskTracker;
 
 use super::driver::{run_turn, TurnContext};
 use super::sink::ReplySink;
-use crate::protocol::Prompt;
+use crate::protocol::control::{AbortAnswer, AbortRequest, AbortTarget};
+use crate::protocol::{ErrorCode, Prompt, ReplyBody};
 
 /// One accepted prompt, waiting for its turn.
 pub struct Job {
@@ -22,9 +23,16 @@ pub struct Job {
     pub permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A turn that is running now, for aborts.
+struct Running {
+    key: Option<String>,
+    abort: CancellationToken,
+}
+
 pub struct Dispatcher {
     ctx: Arc<TurnContext>,
     queues: Mutex<HashMap<String, VecDeque<Job>>>,
+    running: Mutex<HashMap<String, Running>>,
     capacity: usize,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -42,6 +50,7 @@ impl Dispatcher {
         Arc::new(Dispatcher {
             ctx,
             queues: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
             capacity,
             tracker,
             cancel,
@@ -58,15 +67,8 @@ impl Dispatcher {
         let Some(key) = job.prompt.queue_key() else {
             // A one-off prompt has its own session: nothing to wait for.
             let me = self.clone();
-            self.tracker.spawn(async move {
-                let Job {
-                    prompt,
-                    sink,
-                    permit,
-                } = job;
-                run_turn(&me.ctx, prompt, sink, me.cancel.child_token()).await;
-                drop(permit);
-            });
+            self.tracker
+                .spawn(async move { me.run_job(None, job).await });
             return Ok(());
         };
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,13 +92,7 @@ impl Dispatcher {
     async fn work(self: Arc<Self>, key: String, first: Job) {
         let mut next = Some(first);
         while let Some(job) = next {
-            let Job {
-                prompt,
-                sink,
-                permit,
-            } = job;
-            run_turn(&self.ctx, prompt, sink, self.cancel.child_token()).await;
-            drop(permit);
+            self.run_job(Some(&key), job).await;
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             next = match queues.get_mut(&key) {
                 Some(q) => q.pop_front(),
@@ -105,6 +101,104 @@ impl Dispatcher {
             if next.is_none() {
                 queues.remove(&key);
             }
+        }
+    }
+
+    async fn run_job(&self, key: Option<&str>, job: Job) {
+        let Job {
+            prompt,
+            sink,
+            permit,
+        } = job;
+        let trace_id = prompt.trace_id.clone();
+        let abort = CancellationToken::new();
+        self.lock_running().insert(
+            trace_id.clone(),
+            Running {
+                key: key.map(str::to_string),
+                abort: abort.clone(),
+            },
+        );
+        run_turn(&self.ctx, prompt, sink, self.cancel.child_token(), abort).await;
+        self.lock_running().remove(&trace_id);
+        drop(permit);
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Aborts the running turn named by `req` (and, if asked, drops the
+    /// prompts queued behind it; a trace id that names a queued prompt drops
+    /// that prompt). Dropped prompts get `error` `aborted`.
+    pub fn abort(self: &Arc<Self>, req: &AbortRequest) -> AbortAnswer {
+        let key_of_conv = |c: &str| format!("c:{c}");
+        let (aborted, key) = {
+            let running = self.lock_running();
+            let found = match &req.target {
+                AbortTarget::Trace(t) => running.get(t).map(|r| (r, r.key.clone())),
+                AbortTarget::Conversation(c) => {
+                    let k = key_of_conv(c);
+                    running
+                        .values()
+                        .find(|r| r.key.as_deref() == Some(k.as_str()))
+                        .map(|r| (r, r.key.clone()))
+                }
+            };
+            match found {
+                Some((r, key)) => {
+                    r.abort.cancel();
+                    (true, key)
+                }
+                None => (
+                    false,
+                    match &req.target {
+                        AbortTarget::Conversation(c) => Some(key_of_conv(c)),
+                        AbortTarget::Trace(_) => None,
+                    },
+                ),
+            }
+        };
+        let mut dropped = Vec::new();
+        {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            if req.drop_queued {
+                if let Some(q) = key.as_ref().and_then(|k| queues.get_mut(k)) {
+                    dropped.extend(q.drain(..));
+                }
+            }
+            if let (false, AbortTarget::Trace(t)) = (aborted, &req.target) {
+                for q in queues.values_mut() {
+                    if let Some(i) = q.iter().position(|j| &j.prompt.trace_id == t) {
+                        dropped.extend(q.remove(i));
+                    }
+                }
+            }
+        }
+        let n = dropped.len();
+        for job in dropped {
+            self.tracker.spawn(async move {
+                let Job {
+                    mut sink, permit, ..
+                } = job;
+                sink.send(ReplyBody::error(
+                    ErrorCode::Aborted,
+                    "dropped from the conversation's queue by an abort request",
+                ))
+                .await;
+                drop(permit);
+            });
+        }
+        let reason = match (aborted, n) {
+            (true, 0) => "the running turn is being aborted".to_string(),
+            (true, n) => format!("the running turn is being aborted; {n} queued prompt(s) dropped"),
+            (false, 0) => "no such turn is running on this bridge".to_string(),
+            (false, n) => format!("no turn was running; {n} queued prompt(s) dropped"),
+        };
+        AbortAnswer {
+            aborted,
+            reason,
+            dropped: n,
         }
     }
 

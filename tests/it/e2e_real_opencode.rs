@@ -122,3 +122,72 @@ async fn second_turn_sees_the_first() {
     assert_eq!(title, Some(json!("nats:chat.e2e")));
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_stops_the_running_turn_and_keeps_the_queue() {
+    use futures::StreamExt;
+    let s = stack().await;
+    let c = &s.client;
+    // A slow turn, and a second prompt queued behind it.
+    let inbox1 = c.new_inbox();
+    let mut sub1 = crate::support::nats::subscribe_ready(c, inbox1.clone()).await;
+    let slow = json!({"text": "[slow] count", "trace_id": "abort-me", "conversation": "e2e.abort"});
+    c.publish_with_reply("opencode.prompt", inbox1, slow.to_string().into())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(TURN, sub1.next())
+        .await
+        .expect("first reply")
+        .unwrap();
+    let mut r1 = vec![(
+        first.headers.clone(),
+        serde_json::from_slice(&first.payload).unwrap(),
+    )];
+    let inbox2 = c.new_inbox();
+    let mut sub2 = crate::support::nats::subscribe_ready(c, inbox2.clone()).await;
+    let queued = json!({"text": "after the abort", "conversation": "e2e.abort"});
+    c.publish_with_reply("opencode.prompt", inbox2, queued.to_string().into())
+        .await
+        .unwrap();
+    c.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.request("opencode.abort", r#"{"trace_id":"abort-me"}"#.into()),
+    )
+    .await
+    .expect("abort answered")
+    .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer["aborted"], true, "{answer}");
+
+    r1.extend(crate::support::nats::collect_until_terminal(&mut sub1, TURN).await);
+    assert_well_formed(&r1);
+    let t = terminal(&r1);
+    assert_eq!(t["kind"], "error", "{r1:#?}");
+    assert_eq!(t["code"], "aborted");
+    // OpenCode really stopped: the slow answer was cut short.
+    assert!(
+        delta_text(&r1).len() < fake_llm::slow_reply().len(),
+        "{}",
+        delta_text(&r1)
+    );
+
+    // The queued prompt was not dropped: it runs on the same session.
+    let r2 = crate::support::nats::collect_until_terminal(&mut sub2, TURN).await;
+    assert_well_formed(&r2);
+    let fin = terminal(&r2);
+    assert_eq!(fin["kind"], "final", "{r2:#?}");
+    assert_eq!(fin["content"], fake_llm::text_reply("after the abort"));
+    assert_eq!(fin["session_id"], t["session_id"]);
+
+    // Nothing is running now: an abort says so.
+    let answer = c
+        .request("opencode.abort", r#"{"conversation":"e2e.abort"}"#.into())
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer["aborted"], false, "{answer}");
+    s.bridge.stop().await.unwrap();
+}
