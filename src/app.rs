@@ -75,6 +75,10 @@ pub async fn run(
     };
 
     let stream_cancel = CancellationToken::new();
+    let embedded_restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let supervisor = embedded.map(|server| {
+        tokio::spawn(server.supervise(stream_cancel.clone(), embedded_restarts.clone()))
+    });
     let hub = EventHub::new(config.turn.event_buffer);
     let reader = tokio::spawn(hub.clone().run(
         client.clone(),
@@ -185,8 +189,8 @@ pub async fn run(
     stream_cancel.cancel();
     let _ = reader.await;
     let _ = abort_task.await;
-    if let Some(server) = embedded {
-        server.stop(Duration::from_secs(5)).await;
+    if let Some(s) = supervisor {
+        let _ = s.await;
     }
     if let Err(e) = nats.drain().await {
         warn!(error = %e, "NATS drain failed");

@@ -87,10 +87,9 @@ pub enum Conclusion {
 #[derive(Debug)]
 pub struct TurnMapper {
     session_id: String,
-    /// The newest message id known before this turn started: anything at or
-    /// below it belongs to earlier turns (OpenCode ids ascend).
-    floor: Option<String>,
-    user_message_id: Option<String>,
+    /// This turn's user message: the bridge chose its id (`messageID` of
+    /// `prompt_async`), so attribution never guesses.
+    user_message_id: String,
     /// This turn's assistant messages, by id.
     assistant: HashMap<String, MessageInfo>,
     parts: HashMap<String, PartTrack>,
@@ -99,13 +98,11 @@ pub struct TurnMapper {
 }
 
 impl TurnMapper {
-    /// `floor`: the newest message id of the session before this turn (from
-    /// the previous turn's message list), if known.
-    pub fn new(session_id: impl Into<String>, floor: Option<String>) -> Self {
+    /// `user_message_id`: the id the bridge gave this turn's user message.
+    pub fn new(session_id: impl Into<String>, user_message_id: impl Into<String>) -> Self {
         TurnMapper {
             session_id: session_id.into(),
-            floor,
-            user_message_id: None,
+            user_message_id: user_message_id.into(),
             assistant: HashMap::new(),
             parts: HashMap::new(),
             tools: HashMap::new(),
@@ -117,18 +114,14 @@ impl TurnMapper {
         &self.session_id
     }
 
-    /// This turn's user message id, once seen.
-    pub fn user_message_id(&self) -> Option<&str> {
-        self.user_message_id.as_deref()
+    /// This turn's user message id.
+    pub fn user_message_id(&self) -> &str {
+        &self.user_message_id
     }
 
     /// The error OpenCode reported for this session during the turn, if any.
     pub fn error(&self) -> Option<&MessageError> {
         self.error.as_ref()
-    }
-
-    fn above_floor(&self, id: &str) -> bool {
-        self.floor.as_deref().is_none_or(|f| id > f)
     }
 
     fn is_ours(&self, message_id: &str) -> bool {
@@ -198,26 +191,12 @@ impl TurnMapper {
     }
 
     fn on_message(&mut self, info: &MessageInfo) {
-        match info.role {
-            Role::User => {
-                if self.user_message_id.is_none() && self.above_floor(&info.id) {
-                    self.user_message_id = Some(info.id.clone());
-                }
-            }
-            Role::Assistant => {
-                let Some(parent) = info.parent_id.as_deref() else {
-                    return;
-                };
-                if self.user_message_id.is_none() && self.above_floor(parent) {
-                    // The user message's own event was missed: its answer
-                    // names it.
-                    self.user_message_id = Some(parent.to_string());
-                }
-                if self.user_message_id.as_deref() == Some(parent) {
-                    self.assistant.insert(info.id.clone(), info.clone());
-                }
-            }
-            Role::Other => {}
+        // Only assistant messages answering this turn's user message count;
+        // user messages (ours reappears mid-turn) carry nothing to relay.
+        if info.role == Role::Assistant
+            && info.parent_id.as_deref() == Some(self.user_message_id.as_str())
+        {
+            self.assistant.insert(info.id.clone(), info.clone());
         }
     }
 
@@ -298,19 +277,13 @@ impl TurnMapper {
     }
 
     /// The slice of `messages` that is this turn: its user message and what
-    /// follows. Learns the user message id if the events did not show it.
-    fn turn_slice<'m>(&mut self, messages: &'m [MessageWithParts]) -> &'m [MessageWithParts] {
-        let start = match &self.user_message_id {
-            Some(id) => messages.iter().position(|m| &m.info.id == id),
-            None => messages
-                .iter()
-                .position(|m| m.info.role == Role::User && self.above_floor(&m.info.id)),
-        };
-        match start {
-            Some(i) => {
-                self.user_message_id = Some(messages[i].info.id.clone());
-                &messages[i..]
-            }
+    /// follows (empty if the list does not hold it yet).
+    fn turn_slice<'m>(&self, messages: &'m [MessageWithParts]) -> &'m [MessageWithParts] {
+        match messages
+            .iter()
+            .position(|m| m.info.id == self.user_message_id)
+        {
+            Some(i) => &messages[i..],
             None => &[],
         }
     }
@@ -337,9 +310,7 @@ impl TurnMapper {
         out: &mut Vec<ReplyBody>,
     ) -> bool {
         let slice = self.turn_slice(messages);
-        let Some(user_id) = self.user_message_id.clone() else {
-            return false;
-        };
+        let user_id = self.user_message_id.clone();
         let mut last_done = None;
         for m in slice.iter().skip(1) {
             if m.info.role != Role::Assistant || m.info.parent_id.as_deref() != Some(&user_id) {
@@ -383,7 +354,7 @@ impl TurnMapper {
     /// emits before the final, so the deltas add up to the final text.
     pub fn conclude(&mut self, messages: &[MessageWithParts]) -> Option<Conclusion> {
         let slice = self.turn_slice(messages);
-        let user_id = self.user_message_id.clone()?;
+        let user_id = self.user_message_id.clone();
         let answers: Vec<&MessageWithParts> = slice
             .iter()
             .skip(1)
@@ -392,8 +363,13 @@ impl TurnMapper {
             })
             .collect();
         let Some(last) = answers.last() else {
-            // No answer at all: only an error reported on the stream ends it.
-            return self.error.as_ref().map(classify);
+            // No answer at all: only an error reported on the stream ends it
+            // (and only once OpenCode has the user message).
+            return if slice.is_empty() {
+                None
+            } else {
+                self.error.as_ref().map(classify)
+            };
         };
         if !last.info.is_done() {
             return None;

@@ -66,10 +66,10 @@ fn simulate(name: &str, turns: usize, skip: &[usize]) -> Vec<Turn> {
     let evs = events(name);
     let msgs = messages(name);
     let mut out = Vec::new();
-    let mut floor: Option<String> = None;
     let mut i = 0;
-    for _ in 0..turns {
-        let mut mapper = TurnMapper::new(&session, floor.clone());
+    for k in 0..turns {
+        let user = m["messageIDs"][k].as_str().unwrap().to_string();
+        let mut mapper = TurnMapper::new(&session, &user);
         let mut replies = Vec::new();
         let conclusion = loop {
             let Some(ev) = evs.get(i) else {
@@ -84,14 +84,7 @@ fn simulate(name: &str, turns: usize, skip: &[usize]) -> Vec<Turn> {
             if signal == Signal::Idle {
                 // The message list as it was at this idle: only messages up
                 // to this turn (later turns' messages are not there yet).
-                let user = mapper.user_message_id().map(str::to_string);
-                let Some(pos) = msgs.iter().position(|m| match &user {
-                    Some(u) => &m.info.id == u,
-                    None => {
-                        m.info.role == Role::User
-                            && floor.as_deref().is_none_or(|f| m.info.id.as_str() > f)
-                    }
-                }) else {
+                let Some(pos) = msgs.iter().position(|m| m.info.id == user) else {
                     continue;
                 };
                 let mut end = pos + 1;
@@ -101,7 +94,6 @@ fn simulate(name: &str, turns: usize, skip: &[usize]) -> Vec<Turn> {
                 let upto = msgs[..end].to_vec();
                 if let Some(c) = mapper.conclude(&upto) {
                     mapper.reconcile(&upto, true, &mut replies);
-                    floor = upto.last().map(|m| m.info.id.clone());
                     break c;
                 }
             }
@@ -375,7 +367,7 @@ fn user_text_and_other_sessions_never_leak() {
         }
     }
     // A mapper for another session sees nothing.
-    let mut other = TurnMapper::new("ses_other", None);
+    let mut other = TurnMapper::new("ses_other", "msg_x");
     let mut out = Vec::new();
     for ev in events("text") {
         assert!(matches!(other.on_event(&ev, &mut out), Signal::Nothing));
@@ -400,8 +392,7 @@ fn a_late_idle_does_not_end_the_next_turn() {
         .unwrap()
         + first_user
         + 1;
-    let floor = msgs[second_user - 1].info.id.clone();
-    let mut mapper = TurnMapper::new(&session, Some(floor));
+    let mut mapper = TurnMapper::new(&session, msgs[second_user].info.id.clone());
     // At the moment of the stale idle, the list holds the new user message
     // and an assistant message still running.
     let mut upto = msgs[..=second_user + 1].to_vec();
@@ -415,7 +406,7 @@ fn a_late_idle_does_not_end_the_next_turn() {
 #[test]
 fn synthetic_snapshot_reconciliation() {
     // A finished part whose deltas were partly lost is completed once.
-    let mut m = TurnMapper::new("ses_1", None);
+    let mut m = TurnMapper::new("ses_1", "msg_2");
     let mut out = Vec::new();
     let ev = |v: Value| parse_event(&v.to_string()).unwrap();
     m.on_event(&ev(json!({"type":"message.updated","properties":{"info":{"id":"msg_2","sessionID":"ses_1","role":"user","time":{"created":1}}}})), &mut out);

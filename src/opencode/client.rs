@@ -76,8 +76,11 @@ pub struct Health {
 }
 
 /// The body of `POST /session/{id}/prompt_async`.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PromptBody {
+    /// The id of the user message OpenCode creates for this prompt.
+    #[serde(rename = "messageID")]
+    pub message_id: String,
     pub parts: Vec<TextPart>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelBody>,

@@ -5,9 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tracing::{debug, info, warn};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
 
 use super::client::{OpenCodeClient, OpenCodeError};
 use crate::config::OpenCodeConfig;
@@ -33,9 +37,63 @@ pub enum EmbeddedError {
 /// A running `opencode serve` child.
 pub struct EmbeddedServer {
     child: Child,
+    port: u16,
     pub base_url: String,
-    pub password: String,
+    password: String,
     pub directory: PathBuf,
+    cfg: OpenCodeConfig,
+    client: OpenCodeClient,
+}
+
+/// Spawns `opencode serve` on `port` and waits until it is healthy.
+async fn spawn_healthy(
+    cfg: &OpenCodeConfig,
+    port: u16,
+    password: &str,
+    directory: &Path,
+    client: &OpenCodeClient,
+) -> Result<Child, EmbeddedError> {
+    let mut cmd = Command::new(&cfg.binary);
+    cmd.arg("serve")
+        .arg("--hostname")
+        .arg("127.0.0.1")
+        .arg("--port")
+        .arg(port.to_string())
+        .current_dir(directory)
+        .env("OPENCODE_SERVER_PASSWORD", password)
+        .env("OPENCODE_SERVER_USERNAME", &cfg.username)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| EmbeddedError::Spawn {
+        binary: cfg.binary.clone(),
+        source,
+    })?;
+    forward_output(&mut child);
+    info!(binary = %cfg.binary.display(), base_url = client.base_url(), directory = %directory.display(), "started embedded `opencode serve`");
+    let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
+    let mut last;
+    loop {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Err(EmbeddedError::Exited(status));
+        }
+        // A server still starting can accept the connection and not answer:
+        // keep each probe short.
+        match client.health(Duration::from_secs(1)).await {
+            Ok(h) if h.healthy => {
+                info!(version = %h.version, "embedded OpenCode is healthy");
+                return Ok(child);
+            }
+            Ok(_) => last = "reported unhealthy".to_string(),
+            Err(e) => last = e.to_string(),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.start_kill();
+            return Err(EmbeddedError::NotHealthy(cfg.startup_timeout, last));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 impl EmbeddedServer {
@@ -52,60 +110,23 @@ impl EmbeddedServer {
         };
         let port = free_port().map_err(EmbeddedError::Port)?;
         let password = uuid::Uuid::new_v4().simple().to_string();
-        let mut cmd = Command::new(&cfg.binary);
-        cmd.arg("serve")
-            .arg("--hostname")
-            .arg("127.0.0.1")
-            .arg("--port")
-            .arg(port.to_string())
-            .current_dir(&directory)
-            .env("OPENCODE_SERVER_PASSWORD", &password)
-            .env("OPENCODE_SERVER_USERNAME", &cfg.username)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|source| EmbeddedError::Spawn {
-            binary: cfg.binary.clone(),
-            source,
-        })?;
-        forward_output(&mut child);
         let base_url = format!("http://127.0.0.1:{port}");
-        info!(binary = %cfg.binary.display(), %base_url, directory = %directory.display(), "started embedded `opencode serve`");
         let client = OpenCodeClient::new(
             &base_url,
             Some(password.clone()),
             Some(directory.display().to_string()),
             cfg,
         )?;
-        let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
-        let mut last;
-        loop {
-            if let Some(status) = child.try_wait().ok().flatten() {
-                return Err(EmbeddedError::Exited(status));
-            }
-            // A server still starting can accept the connection and not answer:
-            // keep each probe short.
-            match client.health(Duration::from_secs(1)).await {
-                Ok(h) if h.healthy => {
-                    info!(version = %h.version, "embedded OpenCode is healthy");
-                    break;
-                }
-                Ok(_) => last = "reported unhealthy".into(),
-                Err(e) => last = e.to_string(),
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = child.start_kill();
-                return Err(EmbeddedError::NotHealthy(cfg.startup_timeout, last));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let child = spawn_healthy(cfg, port, &password, &directory, &client).await?;
         Ok((
             EmbeddedServer {
                 child,
+                port,
                 base_url,
                 password,
                 directory,
+                cfg: cfg.clone(),
+                client: client.clone(),
             },
             client,
         ))
@@ -115,9 +136,51 @@ impl EmbeddedServer {
         &self.directory
     }
 
-    /// Resolves when the child exits (for supervision).
-    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.child.wait().await
+    /// Keeps the server running until `cancel`, then stops it. When it
+    /// exits or crashes it is started again on the same port with the same
+    /// password (so every client stays valid), with capped, jittered
+    /// backoff. Turns in flight see the event stream drop and end with
+    /// `opencode_unavailable`.
+    pub async fn supervise(mut self, cancel: CancellationToken, restarts: Arc<AtomicU64>) {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let status = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                s = self.child.wait() => s,
+            };
+            error!(status = ?status, "embedded `opencode serve` exited; restarting it");
+            loop {
+                let pause = delay.mul_f64(rand::random_range(0.5..1.0));
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                match spawn_healthy(
+                    &self.cfg,
+                    self.port,
+                    &self.password,
+                    &self.directory,
+                    &self.client,
+                )
+                .await
+                {
+                    Ok(child) => {
+                        self.child = child;
+                        restarts.fetch_add(1, Ordering::Relaxed);
+                        info!(base_url = %self.base_url, "embedded OpenCode restarted");
+                        delay = Duration::from_millis(500);
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?delay, "restarting embedded OpenCode failed");
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+        self.stop(Duration::from_secs(5)).await;
     }
 
     /// SIGTERM, then SIGKILL after `grace`.

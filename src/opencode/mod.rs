@@ -8,6 +8,7 @@
 pub mod client;
 pub mod embedded;
 pub mod events;
+pub mod ids;
 pub mod sse;
 pub mod stream;
 

@@ -192,9 +192,17 @@ impl EventHub {
     }
 
     async fn read_once(&self, client: &OpenCodeClient, opts: &StreamOptions) -> ReadOutcome {
-        let resp = match client.open_events().await {
-            Ok(r) => r,
-            Err(e) => return ReadOutcome::Failed(e.to_string()),
+        // A server that is starting can accept the connection and answer
+        // nothing: bound the wait for the response headers too.
+        let resp = match tokio::time::timeout(opts.stall_timeout, client.open_events()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return ReadOutcome::Failed(e.to_string()),
+            Err(_) => {
+                return ReadOutcome::Failed(format!(
+                    "no answer to GET /event within {:?}",
+                    opts.stall_timeout
+                ))
+            }
         };
         let mut body = resp.bytes_stream();
         let mut decoder = SseDecoder::new(opts.max_event_bytes);

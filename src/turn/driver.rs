@@ -8,8 +8,7 @@
 //! happens (it is the only place that sends one, and the sink refuses
 //! anything after it).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{sleep_until, Instant};
@@ -22,7 +21,6 @@ use crate::bus::Publisher;
 use crate::config::Config;
 use crate::mapper::{Conclusion, Signal, TurnMapper};
 use crate::opencode::client::{ModelBody, PromptBody, TextPart};
-use crate::opencode::events::MessageWithParts;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError, Subscription};
 use crate::protocol::reply::FinalReply;
 use crate::protocol::{ErrorCode, Prompt, ReplyBody};
@@ -34,8 +32,6 @@ pub struct TurnContext {
     pub publisher: Publisher,
     pub sessions: Arc<dyn SessionStore>,
     pub config: Arc<Config>,
-    /// The newest message id per session, known from the last turn.
-    floors: Mutex<HashMap<String, String>>,
 }
 
 impl TurnContext {
@@ -52,23 +48,6 @@ impl TurnContext {
             publisher,
             sessions,
             config,
-            floors: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn floor(&self, session_id: &str) -> Option<String> {
-        self.floors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(session_id)
-            .cloned()
-    }
-
-    fn set_floor(&self, session_id: &str, id: String) {
-        let mut f = self.floors.lock().unwrap_or_else(|p| p.into_inner());
-        let e = f.entry(session_id.to_string()).or_default();
-        if id > *e {
-            *e = id;
         }
     }
 
@@ -161,10 +140,10 @@ pub async fn run_turn(
 }
 
 /// The session this prompt drives, created on first use of a conversation.
-async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<(String, bool), TurnError> {
+async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<String, TurnError> {
     if let Some(id) = &prompt.session_id {
         return match ctx.client.get_session(id).await {
-            Ok(s) => Ok((s.id, false)),
+            Ok(s) => Ok(s.id),
             Err(OpenCodeError::NotFound { .. }) => Err(TurnError::new(
                 ErrorCode::BadRequest,
                 format!("OpenCode has no session {id}"),
@@ -174,7 +153,7 @@ async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<(String, 
     }
     if let Some(conv) = &prompt.conversation {
         if let Some(id) = ctx.sessions.get(conv).await {
-            return Ok((id, false));
+            return Ok(id);
         }
     }
     let title = match &prompt.conversation {
@@ -189,11 +168,12 @@ async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<(String, 
     if let Some(conv) = &prompt.conversation {
         ctx.sessions.put(conv, &s.id).await;
     }
-    Ok((s.id, true))
+    Ok(s.id)
 }
 
 fn prompt_body(prompt: &Prompt) -> PromptBody {
     PromptBody {
+        message_id: crate::opencode::ids::ascending("msg"),
         parts: vec![TextPart {
             kind: "text",
             text: prompt.text.clone(),
@@ -227,14 +207,14 @@ async fn drive(
 ) -> Result<FinalReply, TurnError> {
     let cfg = &ctx.config.turn;
     let turn_deadline = Instant::now() + cfg.turn_timeout;
-    let (mut session_id, mut created) = resolve_session(ctx, prompt).await?;
+    let mut session_id = resolve_session(ctx, prompt).await?;
     let mut recreated = false;
 
     // Follow the session before prompting, so no event is missed.
     let mut sub = subscribe(ctx, &session_id)?;
     if !ctx
         .hub
-        .wait_connected(ctx.config.opencode.request_timeout)
+        .wait_connected(ctx.config.opencode.connect_timeout)
         .await
     {
         return Err(TurnError::new(
@@ -249,20 +229,6 @@ async fn drive(
     let body = prompt_body(prompt);
     loop {
         sink.set_session(&session_id);
-        if !created && ctx.floor(&session_id).is_none() {
-            // A session we have not driven yet: learn where its history
-            // ends, so an old message is never taken for this turn's.
-            let msgs = ctx.client.messages(&session_id).await;
-            match msgs {
-                Ok(m) => {
-                    if let Some(last) = m.last() {
-                        ctx.set_floor(&session_id, last.info.id.clone());
-                    }
-                }
-                Err(OpenCodeError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
         match ctx.client.prompt_async(&session_id, &body).await {
             Ok(()) => break,
             Err(OpenCodeError::NotFound { .. }) if prompt.session_id.is_none() && !recreated => {
@@ -273,9 +239,7 @@ async fn drive(
                     ctx.sessions.remove(conv).await;
                 }
                 drop(sub);
-                let (id, c) = resolve_session(ctx, prompt).await?;
-                session_id = id;
-                created = c;
+                session_id = resolve_session(ctx, prompt).await?;
                 recreated = true;
                 sub = subscribe(ctx, &session_id)?;
             }
@@ -290,7 +254,7 @@ async fn drive(
     }
     debug!(%session_id, "prompt accepted by OpenCode");
 
-    let mut mapper = TurnMapper::new(&session_id, ctx.floor(&session_id));
+    let mut mapper = TurnMapper::new(&session_id, &body.message_id);
     let mut out = Vec::new();
     let mut notes = Vec::new();
     let mut stream_state = ctx.hub.state();
@@ -377,6 +341,17 @@ async fn drive(
                     return Err(TurnError::new(ErrorCode::Internal, "the event stream reader stopped"));
                 }
                 let s = *stream_state.borrow_and_update();
+                if !s.connected {
+                    // The stream dropped: is OpenCode itself gone?
+                    if let Err(e) = ctx.client.health(ctx.config.opencode.connect_timeout).await {
+                        if matches!(e, OpenCodeError::Unavailable { .. }) {
+                            return Err(TurnError::new(
+                                ErrorCode::OpencodeUnavailable,
+                                format!("OpenCode went away during the turn: {e}"),
+                            ));
+                        }
+                    }
+                }
                 if s.connected && s.epoch != seen_epoch {
                     seen_epoch = s.epoch;
                     info!("event stream reconnected; resyncing the turn over HTTP");
@@ -407,7 +382,6 @@ async fn drive(
         }
         if check_end {
             let messages = ctx.client.messages(&session_id).await?;
-            remember_floor(ctx, &session_id, &messages);
             match mapper.conclude(&messages) {
                 Some(c) => {
                     mapper.reconcile(&messages, true, &mut out);
@@ -483,12 +457,6 @@ fn next_deadline(
     best
 }
 
-fn remember_floor(ctx: &TurnContext, session_id: &str, messages: &[MessageWithParts]) {
-    if let Some(last) = messages.last() {
-        ctx.set_floor(session_id, last.info.id.clone());
-    }
-}
-
 /// After lost events: catch up from the message list; conclude if OpenCode
 /// says the session is idle and the turn's answer is complete.
 async fn resync(
@@ -500,15 +468,30 @@ async fn resync(
 ) -> Result<Option<Conclusion>, TurnError> {
     mapper.mark_gap();
     let messages = ctx.client.messages(session_id).await?;
-    remember_floor(ctx, session_id, &messages);
-    let done = mapper.reconcile(&messages, false, out);
+    let mut done = mapper.reconcile(&messages, false, out);
     sink.send_all(out).await;
-    if !done {
-        return Ok(None);
-    }
-    let busy = ctx.client.session_status().await?.contains_key(session_id);
+    let mut busy = ctx.client.session_status().await?.contains_key(session_id);
     if busy {
         return Ok(None);
+    }
+    let mut messages = messages;
+    if !done {
+        // Idle with no complete answer: OpenCode may be a moment from
+        // writing it, or it lost the turn (restarted mid-turn). Look again.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        messages = ctx.client.messages(session_id).await?;
+        done = mapper.reconcile(&messages, false, out);
+        sink.send_all(out).await;
+        busy = ctx.client.session_status().await?.contains_key(session_id);
+        if busy {
+            return Ok(None);
+        }
+        if !done {
+            return Err(TurnError::new(
+                ErrorCode::OpencodeUnavailable,
+                "OpenCode lost the turn: the session is idle without a complete answer (restarted mid-turn?)",
+            ));
+        }
     }
     let c = mapper.conclude(&messages);
     if c.is_some() {

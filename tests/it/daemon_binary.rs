@@ -77,6 +77,8 @@ async fn start_daemon(nats_url: &str, llm_url: &str, grace: &str) -> Daemon {
         .env("OPENCODE_BRIDGE__OPENCODE__BINARY", opencode_bin())
         .env("OPENCODE_BRIDGE__OPENCODE__DIRECTORY", &env.work_dir)
         .env("OPENCODE_BRIDGE__SHUTDOWN__GRACE", grace)
+        .env("OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT", "20s")
+        .env("OPENCODE_BRIDGE__OPENCODE__STREAM_STALL_TIMEOUT", "15s")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -88,16 +90,17 @@ async fn start_daemon(nats_url: &str, llm_url: &str, grace: &str) -> Daemon {
     let stderr = child.stderr.take().unwrap();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
+        let show = std::env::var_os("SHOW_DAEMON_LOG").is_some();
         while let Ok(Some(l)) = lines.next_line().await {
+            if show {
+                eprintln!("daemon: {l}");
+            }
             let _ = tx.send(l);
         }
     });
     let mut seen = Vec::new();
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(l) = log.recv().await {
-            if std::env::var_os("SHOW_DAEMON_LOG").is_some() {
-                eprintln!("{l}");
-            }
             let done = l.contains("opencode-nats-bridge is serving");
             seen.push(l);
             if done {
@@ -237,4 +240,78 @@ async fn turns_past_the_grace_end_with_shutting_down() {
     assert_eq!(t["kind"], "error", "{replies:#?}");
     assert_eq!(t["code"], "shutting_down");
     assert_eq!(t["retryable"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_opencode_crash_is_survived() {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let mut d = start_daemon(&nats.url(), &llm.base_url(), "5s").await;
+    let work_dir = d.env.work_dir.canonicalize().unwrap();
+    let c = client(&nats.url()).await;
+    let r = request(
+        &c,
+        "opencode.prompt.crash",
+        "Remember the word quince-crash",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+
+    // Kill OpenCode in the middle of a slow turn.
+    let inbox = c.new_inbox();
+    let mut sub = crate::support::nats::subscribe_ready(&c, inbox.clone()).await;
+    c.publish_with_reply("opencode.prompt.crash", inbox, "[slow] count".into())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("a first reply")
+        .unwrap();
+    let mut replies = vec![(
+        first.headers.clone(),
+        serde_json::from_slice(&first.payload).unwrap(),
+    )];
+    let pids = processes_in(&work_dir);
+    assert!(!pids.is_empty());
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    replies.extend(
+        crate::support::nats::collect_until_terminal(&mut sub, Duration::from_secs(30)).await,
+    );
+    assert_well_formed(&replies);
+    let t = terminal(&replies);
+    assert_eq!(t["kind"], "error", "{replies:#?}");
+    assert_eq!(t["code"], "opencode_unavailable");
+    assert_eq!(t["retryable"], true);
+
+    // The daemon restarts OpenCode; the conversation goes on where it was.
+    let mut last = Vec::new();
+    for _ in 0..30 {
+        last = request(
+            &c,
+            "opencode.prompt.crash",
+            "[recall] what was the first thing?",
+            Duration::from_secs(60),
+        )
+        .await;
+        if terminal(&last)["kind"] == "final" {
+            break;
+        }
+        assert_eq!(terminal(&last)["code"], "opencode_unavailable", "{last:#?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_well_formed(&last);
+    assert_eq!(terminal(&last)["kind"], "final", "{last:#?}");
+    assert_eq!(
+        terminal(&last)["content"],
+        fake_llm::recall_reply("Remember the word quince-crash")
+    );
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon kept running"
+    );
+    let status = sigterm_and_wait(&mut d).await;
+    assert!(status.success());
 }
