@@ -191,3 +191,89 @@ async fn abort_stops_the_running_turn_and_keeps_the_queue() {
     assert_eq!(answer["aborted"], false, "{answer}");
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_turn_still_delivers_the_terminal_reply() {
+    use futures::StreamExt;
+    let mut nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let opencode = RealOpenCode::start(&llm.base_url()).await;
+    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+    let bridge = Bridge::start(cfg).await;
+    let c = client(&nats.url()).await;
+    let inbox = c.new_inbox();
+    let mut sub = crate::support::nats::subscribe_ready(&c, inbox.clone()).await;
+    c.publish_with_reply("opencode.prompt", inbox, "[slow] count".into())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(TURN, sub.next())
+        .await
+        .expect("first reply")
+        .unwrap();
+    let mut replies = vec![(
+        first.headers.clone(),
+        serde_json::from_slice(&first.payload).unwrap(),
+    )];
+
+    // The server dies mid-turn and comes back on the same port.
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nats.restart();
+
+    replies.extend(crate::support::nats::collect_until_terminal(&mut sub, TURN).await);
+    let t = terminal(&replies);
+    assert_eq!(t["kind"], "final", "{replies:#?}");
+    // The answer is whole in the final (read from OpenCode), whatever core
+    // NATS lost at the instant of the kill; seq is strictly increasing, so a
+    // receiver can see any gap.
+    assert_eq!(t["content"], fake_llm::slow_reply());
+    let seqs: Vec<u64> = replies
+        .iter()
+        .map(|(_, v)| v["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(
+        replies.iter().filter(|(_, v)| v["kind"] == "final").count(),
+        1
+    );
+
+    // The prompt subscriptions came back: a new turn works.
+    let r = request(&c, "opencode.prompt", "after the restart", TURN).await;
+    assert_well_formed(&r);
+    assert_eq!(
+        terminal(&r)["content"],
+        fake_llm::text_reply("after the restart")
+    );
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_restart_keeps_the_conversation() {
+    let s = stack().await;
+    let first = "Remember the word medlar-restart";
+    let r1 = request(&s.client, "opencode.prompt.keep.me", first, TURN).await;
+    assert_eq!(terminal(&r1)["kind"], "final", "{r1:#?}");
+    s.bridge.stop().await.unwrap();
+
+    // A new daemon rebuilds the conversation map from the session titles.
+    let mut cfg = test_config(
+        &s._nats.url(),
+        s.opencode.base_url(),
+        Some(s.opencode.password()),
+    );
+    cfg.opencode.directory = Some(s.opencode.directory().to_path_buf());
+    let bridge = Bridge::start(cfg).await;
+    let r2 = request(
+        &s.client,
+        "opencode.prompt.keep.me",
+        "[recall] and first?",
+        TURN,
+    )
+    .await;
+    assert_well_formed(&r2);
+    let fin = terminal(&r2);
+    assert_eq!(fin["content"], fake_llm::recall_reply(first), "{r2:#?}");
+    assert_eq!(fin["session_id"], terminal(&r1)["session_id"]);
+    bridge.stop().await.unwrap();
+}
