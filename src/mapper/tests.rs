@@ -431,3 +431,89 @@ fn synthetic_snapshot_reconciliation() {
     m.on_event(&ev(json!({"type":"message.part.delta","properties":{"sessionID":"ses_1","messageID":"msg_2","partID":"prt_u","field":"text","delta":"question"}})), &mut out2);
     assert!(out2.is_empty(), "{out2:?}");
 }
+
+mod fuzz {
+    //! Property tests standing in for a fuzzer in CI: arbitrary event data
+    //! and arbitrary mixes of real events never panic the parser or the
+    //! mapper, and the mapper's output keeps its invariants.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn real_events() -> Vec<String> {
+        let mut out = Vec::new();
+        for name in [
+            "text",
+            "reasoning",
+            "tool",
+            "error401",
+            "abort",
+            "two_turns",
+        ] {
+            let bytes = std::fs::read(dir().join(format!("{name}.sse"))).unwrap();
+            let mut dec = SseDecoder::new(1 << 20);
+            let mut items = Vec::new();
+            dec.feed(&bytes, &mut items);
+            for i in items {
+                if let SseItem::Event(e) = i {
+                    out.push(e.data);
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn parse_event_never_panics(data in ".*") {
+            let _ = parse_event(&data);
+        }
+
+        #[test]
+        fn mutated_real_events_never_panic(idx in 0usize..2000, cut in 0usize..400, junk in "[{}\\[\\]\":,a-z0-9]{0,8}") {
+            let evs = real_events();
+            let e = &evs[idx % evs.len()];
+            let mut cut = cut.min(e.len());
+            while !e.is_char_boundary(cut) { cut -= 1; }
+            let mutated = format!("{}{}{}", &e[..cut], junk, &e[cut..]);
+            let _ = parse_event(&mutated);
+        }
+
+        #[test]
+        fn any_mix_of_real_events_never_panics(picks in proptest::collection::vec(0usize..2000, 0..300)) {
+            // Arbitrary order and repetition: no panic, no terminal reply,
+            // at most one tool_call and one tool_result per call id.
+            let evs: Vec<Event> = real_events().iter().filter_map(|d| parse_event(d).ok()).collect();
+            let m = manifest("tool");
+            let mut mapper = TurnMapper::new(m["sessionID"].as_str().unwrap(), m["messageIDs"][0].as_str().unwrap());
+            let mut out = Vec::new();
+            for p in picks {
+                if p % 17 == 0 { mapper.mark_gap(); }
+                mapper.on_event(&evs[p % evs.len()], &mut out);
+            }
+            let msgs = messages("tool");
+            mapper.reconcile(&msgs, false, &mut out);
+            let concluded = mapper.conclude(&msgs);
+            mapper.reconcile(&msgs, true, &mut out);
+            prop_assert!(concluded.is_some());
+            let turn = Turn { replies: out, conclusion: Conclusion::Failed { code: ErrorCode::Internal, error: String::new(), retryable: false } };
+            check_invariants("mix", &turn);
+        }
+
+        #[test]
+        fn any_losses_in_order_keep_the_text_exact(name_idx in 0usize..3, drops in proptest::collection::btree_set(0usize..120, 0..40)) {
+            // The real order with any events lost (each loss flagged as a
+            // gap, as the router does): deltas still add up to the final.
+            let name = ["text", "reasoning", "tool"][name_idx];
+            let m = manifest(name);
+            let session = m["sessionID"].as_str().unwrap().to_string();
+            let evs = events(name);
+            let last_idle = evs.iter().rposition(|e| matches!(e, Event::SessionIdle{session_id} if *session_id == session)).unwrap();
+            let skip: Vec<usize> = drops.into_iter().filter(|d| *d < last_idle).collect();
+            let turns = simulate(name, 1, &skip);
+            check_invariants(name, &turns[0]);
+        }
+    }
+}

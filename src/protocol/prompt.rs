@@ -544,3 +544,43 @@ mod tests {
         assert_eq!(r.trace_id, "hdr");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_bytes_parse_or_reject_cleanly(payload in proptest::collection::vec(any::<u8>(), 0..300),
+                                             tail in proptest::option::of("[a-z.*> $]{0,12}"),
+                                             trace in proptest::option::of("[a-z.*> $]{0,12}")) {
+            let h = PromptHeaders { trace_id: trace, ..Default::default() };
+            match parse_prompt(&payload, &h, tail.as_deref(), PromptLimits { max_prompt_bytes: 200 }) {
+                Ok(p) => {
+                    prop_assert!(!p.text.trim().is_empty());
+                    prop_assert!(validate_subject(&p.trace_id).is_ok());
+                    if let Some(c) = &p.conversation { prop_assert!(validate_subject(c).is_ok()); }
+                    if let Some(r) = &p.reply_to { prop_assert!(validate_subject(r).is_ok()); }
+                }
+                Err(r) => {
+                    prop_assert!(!r.reason.is_empty());
+                    prop_assert!(validate_subject(&r.trace_id).is_ok());
+                    if let Some(r) = &r.reply_to { prop_assert!(validate_subject(r).is_ok()); }
+                }
+            }
+        }
+
+        #[test]
+        fn json_shaped_prompts(text in proptest::option::of(".{0,20}"), conv in proptest::option::of("[a-zA-Z0-9.*> ]{0,10}"), model in proptest::option::of("[a-z/]{0,8}")) {
+            let mut m = serde_json::Map::new();
+            if let Some(t) = text { m.insert("text".into(), t.into()); }
+            if let Some(c) = conv { m.insert("conversation".into(), c.into()); }
+            if let Some(x) = model { m.insert("model".into(), x.into()); }
+            let payload = serde_json::Value::Object(m).to_string();
+            let _ = parse_prompt(payload.as_bytes(), &PromptHeaders::default(), None, PromptLimits { max_prompt_bytes: 1000 });
+        }
+    }
+}
