@@ -122,7 +122,18 @@ pub async fn run(
     let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
     let in_flight = Arc::new(Semaphore::new(config.turn.max_in_flight));
 
-    let mut aborts = ControlSubscription::subscribe(&nats, &config.subjects.abort).await?;
+    let subjects = &config.subjects;
+    let mut aborts = ControlSubscription::subscribe(
+        &nats,
+        &[
+            subjects.abort.clone(),
+            subjects.permission_reply.clone(),
+            format!("{}.>", subjects.permission_reply),
+            subjects.question_reply.clone(),
+            format!("{}.>", subjects.question_reply),
+        ],
+    )
+    .await?;
     let abort_task = {
         let dispatcher = dispatcher.clone();
         let publisher = publisher.clone();
@@ -135,7 +146,7 @@ pub async fn run(
                     m = aborts.next() => m,
                 };
                 let Some(msg) = msg else { break };
-                handle_abort(&dispatcher, &publisher, msg).await;
+                handle_control(&dispatcher, &publisher, msg).await;
             }
         })
     };
@@ -197,6 +208,54 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Routes one control message: an abort, or an answer to a permission or
+/// question reply.
+async fn handle_control(dispatcher: &Arc<Dispatcher>, publisher: &Publisher, msg: Incoming) {
+    let subjects = &dispatcher.context().config.subjects;
+    let answer_base = [&subjects.permission_reply, &subjects.question_reply]
+        .into_iter()
+        .find(|b| msg.subject == **b || msg.subject.starts_with(&format!("{b}.")));
+    let Some(base) = answer_base else {
+        return handle_abort(dispatcher, publisher, msg).await;
+    };
+    let request_id = msg
+        .subject
+        .strip_prefix(base.as_str())
+        .and_then(|t| t.strip_prefix('.'))
+        .map(str::to_string)
+        .or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v.get("request_id")?.as_str().map(str::to_string))
+        });
+    let reply = msg.reply.clone().filter(|r| validate_subject(r).is_ok());
+    let Some(id) = request_id else {
+        warn!(subject = %msg.subject, "an answer without a request id");
+        if let Some(r) = reply {
+            let body = serde_json::json!({"ok": false, "reason": "no request id: answer on <subject>.<request_id> or put `request_id` in the payload"});
+            let _ = publisher
+                .publish_raw(&r, body.to_string().into_bytes())
+                .await;
+        }
+        return;
+    };
+    let answer = crate::turn::interactive::AnswerMsg {
+        payload: msg.payload,
+        reply,
+    };
+    if let Err(answer) = dispatcher.context().answers.deliver(&id, answer) {
+        // Every daemon hears answers; the one whose turn waits acts. Only a
+        // request-style answer to an unknown id gets a refusal.
+        info!(request_id = %id, "an answer for a request this bridge is not waiting for");
+        if let Some(r) = answer.reply {
+            let body = serde_json::json!({"ok": false, "reason": format!("no turn on this bridge waits for request {id}")});
+            let _ = publisher
+                .publish_raw(&r, body.to_string().into_bytes())
+                .await;
+        }
+    }
 }
 
 /// Handles one abort request; answers request-style ones.

@@ -23,6 +23,37 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub permissions: PermissionsConfig,
+}
+
+/// What the bridge answers when OpenCode asks for a permission
+/// (`permission.asked`) in a turn.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PermissionsConfig {
+    /// Rules by permission type and pattern (glob), first match wins:
+    /// `allow` (answer once), `deny` (reject), `ask` (ask the caller over
+    /// NATS if the prompt is `interactive`, else reject). Anything not
+    /// matched is denied, so a headless turn never hangs.
+    pub rules: Vec<crate::protocol::interactive::Rule>,
+    /// How long a caller has to answer a permission or a question; then
+    /// it is rejected (noted in the final).
+    #[serde(with = "humantime_serde")]
+    pub ask_timeout: Duration,
+    /// OpenCode applies an `always` answer to every session on its server
+    /// until it restarts; by default the bridge turns `always` into `once`
+    /// so one chat user cannot grant a tool to every conversation.
+    pub allow_server_wide_always: bool,
+}
+
+impl Default for PermissionsConfig {
+    fn default() -> Self {
+        PermissionsConfig {
+            rules: Vec::new(),
+            ask_timeout: Duration::from_secs(300),
+            allow_server_wide_always: false,
+        }
+    }
 }
 
 /// How to reach NATS.
@@ -100,6 +131,11 @@ pub struct SubjectsConfig {
     /// Abort requests (`{"trace_id"}` or `{"conversation"}`); every daemon
     /// listens (no queue group), the one running the turn acts.
     pub abort: String,
+    /// Answers to `permission` replies: `<permission_reply>.<request_id>`,
+    /// or this subject with `request_id` in the payload.
+    pub permission_reply: String,
+    /// Answers to `question` replies, likewise.
+    pub question_reply: String,
 }
 
 impl Default for SubjectsConfig {
@@ -109,6 +145,8 @@ impl Default for SubjectsConfig {
             queue_group: "opencode-bridge".into(),
             reply_prefix: "opencode.reply".into(),
             abort: "opencode.abort".into(),
+            permission_reply: "opencode.permission.reply".into(),
+            question_reply: "opencode.question.reply".into(),
         }
     }
 }
@@ -225,6 +263,9 @@ pub struct LimitsConfig {
     pub max_prompt_bytes: usize,
     /// An SSE event from OpenCode above this is skipped (logged).
     pub max_event_bytes: usize,
+    /// A tool result above this is cut on a UTF-8 boundary and marked
+    /// `truncated: true`.
+    pub max_tool_result_bytes: usize,
     /// Reply payloads are kept under this (and under the server's
     /// `max_payload`); longer deltas are split.
     pub max_reply_bytes: usize,
@@ -235,6 +276,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_prompt_bytes: 1024 * 1024,
             max_event_bytes: 16 * 1024 * 1024,
+            max_tool_result_bytes: 64 * 1024,
             max_reply_bytes: 512 * 1024,
         }
     }
@@ -351,6 +393,8 @@ impl Config {
             ("subjects.reply_prefix", &self.subjects.reply_prefix),
             ("subjects.queue_group", &self.subjects.queue_group),
             ("subjects.abort", &self.subjects.abort),
+            ("subjects.permission_reply", &self.subjects.permission_reply),
+            ("subjects.question_reply", &self.subjects.question_reply),
         ] {
             if let Err(e) = validate_subject(s) {
                 return invalid(key, format!("{s:?} {e}"));

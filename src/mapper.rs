@@ -95,6 +95,8 @@ pub struct TurnMapper {
     parts: HashMap<String, PartTrack>,
     tools: HashMap<String, ToolTrack>,
     error: Option<MessageError>,
+    /// Tool results above this many bytes are cut (`truncated: true`).
+    max_tool_result: usize,
 }
 
 impl TurnMapper {
@@ -107,7 +109,14 @@ impl TurnMapper {
             parts: HashMap::new(),
             tools: HashMap::new(),
             error: None,
+            max_tool_result: usize::MAX,
         }
+    }
+
+    /// Cuts tool results above `bytes` (on a UTF-8 boundary).
+    pub fn with_tool_result_limit(mut self, bytes: usize) -> Self {
+        self.max_tool_result = bytes;
+        self
     }
 
     pub fn session_id(&self) -> &str {
@@ -259,16 +268,25 @@ impl TurnMapper {
                 if !track.result_emitted {
                     track.result_emitted = true;
                     let success = state.status == "completed";
-                    let result = if success {
+                    let mut result = if success {
                         state.output.clone().unwrap_or_default()
                     } else {
                         state.error.clone().unwrap_or_else(|| "tool failed".into())
                     };
+                    let truncated = result.len() > self.max_tool_result;
+                    if truncated {
+                        let mut cut = self.max_tool_result;
+                        while !result.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        result.truncate(cut);
+                    }
                     out.push(ReplyBody::ToolResult {
                         call_id: call_id.clone(),
                         tool: tool.clone(),
                         success,
                         result,
+                        truncated,
                     });
                 }
             }

@@ -184,24 +184,33 @@ impl PromptSubscription {
 
 /// A plain subscription to a control subject (every daemon listens).
 pub struct ControlSubscription {
-    sub: async_nats::Subscriber,
+    subs: SelectAll<async_nats::Subscriber>,
 }
 
 impl ControlSubscription {
-    pub async fn subscribe(client: &async_nats::Client, subject: &str) -> Result<Self, BusError> {
-        let sub = client
-            .subscribe(subject.to_string())
-            .await
-            .map_err(|e| BusError::Subscribe {
-                subject: subject.to_string(),
-                detail: e.to_string(),
-            })?;
+    pub async fn subscribe(
+        client: &async_nats::Client,
+        subjects: &[String],
+    ) -> Result<Self, BusError> {
+        let mut subs = Vec::new();
+        for subject in subjects {
+            let sub = client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| BusError::Subscribe {
+                    subject: subject.clone(),
+                    detail: e.to_string(),
+                })?;
+            subs.push(sub);
+        }
         barrier(client).await?;
-        Ok(ControlSubscription { sub })
+        Ok(ControlSubscription {
+            subs: futures::stream::select_all(subs),
+        })
     }
 
     pub async fn next(&mut self) -> Option<Incoming> {
-        self.sub.next().await.map(Incoming::from)
+        self.subs.next().await.map(Incoming::from)
     }
 }
 

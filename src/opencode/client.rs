@@ -317,11 +317,14 @@ impl OpenCodeClient {
         session_id: &str,
         request_id: &str,
         reply: &str,
+        message: Option<&str>,
     ) -> Result<(), OpenCodeError> {
         let path = format!("/permission/{request_id}/reply");
-        let rb = self
-            .request(&self.http, Method::POST, &path)
-            .json(&serde_json::json!({ "reply": reply }));
+        let mut body = serde_json::json!({ "reply": reply });
+        if let Some(m) = message {
+            body["message"] = m.into();
+        }
+        let rb = self.request(&self.http, Method::POST, &path).json(&body);
         match self.send("answering a permission request", rb).await {
             Ok(_) => Ok(()),
             Err(OpenCodeError::NotFound { .. }) => {
@@ -335,6 +338,50 @@ impl OpenCodeClient {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Answers a question: `POST /question/{id}/reply` with one list of
+    /// chosen labels per question.
+    pub async fn reply_question(
+        &self,
+        request_id: &str,
+        answers: &[Vec<String>],
+    ) -> Result<(), OpenCodeError> {
+        let path = format!("/question/{request_id}/reply");
+        let rb = self
+            .request(&self.http, Method::POST, &path)
+            .json(&serde_json::json!({ "answers": answers }));
+        self.send("answering a question", rb).await.map(drop)
+    }
+
+    /// `GET /config/providers`: provider id -> its model ids.
+    pub async fn providers(
+        &self,
+    ) -> Result<HashMap<String, std::collections::HashSet<String>>, OpenCodeError> {
+        let v: Value = self
+            .json(
+                "listing providers",
+                self.request(&self.http, Method::GET, "/config/providers"),
+            )
+            .await?;
+        let mut out = HashMap::new();
+        for p in v
+            .get("providers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let Some(id) = p.get("id").and_then(Value::as_str) else {
+                continue;
+            };
+            let models = p
+                .get("models")
+                .and_then(Value::as_object)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            out.insert(id.to_string(), models);
+        }
+        Ok(out)
     }
 
     /// Rejects a question: `POST /question/{id}/reject`.

@@ -4,6 +4,7 @@
 //! written up for users in `docs/PROTOCOL.md`; the two must agree.
 
 pub mod control;
+pub mod interactive;
 pub mod prompt;
 pub mod reply;
 pub mod subject;

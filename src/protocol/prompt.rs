@@ -25,6 +25,9 @@ pub struct Prompt {
     pub tools: Option<BTreeMap<String, bool>>,
     /// Where replies go when the message has no NATS reply subject.
     pub reply_to: Option<String>,
+    /// The caller answers permission requests and questions over NATS
+    /// (`permission` / `question` replies); else the policy decides alone.
+    pub interactive: bool,
 }
 
 impl Prompt {
@@ -103,6 +106,7 @@ struct JsonPrompt {
     system: Option<Value>,
     tools: Option<Value>,
     reply_to: Option<Value>,
+    interactive: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -174,6 +178,7 @@ struct Fields {
     system: Option<String>,
     tools: Option<BTreeMap<String, bool>>,
     reply_to: Option<String>,
+    interactive: bool,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -230,6 +235,16 @@ impl Fields {
         }
         self.system = string_field("system", j.system)?;
         self.reply_to = string_field("reply_to", j.reply_to)?;
+        self.interactive = match j.interactive {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(other) => {
+                return Err(format!(
+                    "`interactive` must be a boolean, got {}",
+                    json_type(&other)
+                ))
+            }
+        };
         self.tools = match j.tools {
             None | Some(Value::Null) => None,
             Some(Value::Object(map)) => {
@@ -305,6 +320,7 @@ impl Fields {
             system: self.system,
             tools: self.tools,
             reply_to: self.reply_to,
+            interactive: self.interactive,
         })
     }
 }
@@ -374,6 +390,7 @@ impl Salvage {
             system: None,
             tools: None,
             reply_to: get("reply_to"),
+            interactive: None,
         });
     }
 

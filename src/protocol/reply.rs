@@ -24,6 +24,31 @@ pub enum ReplyBody {
         tool: String,
         success: bool,
         result: String,
+        /// The result was cut at `limits.max_tool_result_bytes`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
+    /// Extension kind, only for `interactive` prompts: OpenCode asks for a
+    /// permission; answer on `reply_subject`.
+    Permission {
+        request_id: String,
+        permission: String,
+        patterns: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        call_id: Option<String>,
+        description: String,
+        reply_subject: String,
+    },
+    /// Extension kind, only for `interactive` prompts: the agent asks the
+    /// user questions; answer on `reply_subject`.
+    Question {
+        request_id: String,
+        questions: Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        call_id: Option<String>,
+        reply_subject: String,
     },
     /// The authoritative end of a successful turn.
     Final(Box<FinalReply>),
@@ -43,6 +68,8 @@ impl ReplyBody {
             ReplyBody::Reasoning { .. } => "reasoning",
             ReplyBody::ToolCall { .. } => "tool_call",
             ReplyBody::ToolResult { .. } => "tool_result",
+            ReplyBody::Permission { .. } => "permission",
+            ReplyBody::Question { .. } => "question",
             ReplyBody::Final(_) => "final",
             ReplyBody::Error { .. } => "error",
         }

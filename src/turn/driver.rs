@@ -15,6 +15,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::interactive::{AnswerRegistry, Interactive};
 use super::sessions::SessionStore;
 use super::sink::ReplySink;
 use crate::bus::Publisher;
@@ -32,6 +33,8 @@ pub struct TurnContext {
     pub publisher: Publisher,
     pub sessions: Arc<dyn SessionStore>,
     pub config: Arc<Config>,
+    /// Answers to permission / question replies, by request id.
+    pub answers: Arc<AnswerRegistry>,
 }
 
 impl TurnContext {
@@ -48,6 +51,7 @@ impl TurnContext {
             publisher,
             sessions,
             config,
+            answers: Arc::new(AnswerRegistry::default()),
         }
     }
 
@@ -111,7 +115,17 @@ pub async fn run_turn(
                 "the bridge is shutting down; the prompt was not started",
             ))
         } else {
-            drive(ctx, &prompt, &mut sink, &cancel, &abort).await
+            let mut inter = Interactive::new(
+                ctx.answers.clone(),
+                ctx.client.clone(),
+                ctx.publisher.clone(),
+                &ctx.config,
+                prompt.interactive,
+            );
+            let r = drive(ctx, &prompt, &mut sink, &cancel, &abort, &mut inter).await;
+            // Nothing may stay pending at OpenCode once the turn is over.
+            inter.reject_all().await;
+            r
         };
         let elapsed = started.elapsed();
         match outcome {
@@ -204,9 +218,10 @@ async fn drive(
     sink: &mut ReplySink,
     cancel: &CancellationToken,
     abort: &CancellationToken,
+    inter: &mut Interactive,
 ) -> Result<FinalReply, TurnError> {
     let cfg = &ctx.config.turn;
-    let turn_deadline = Instant::now() + cfg.turn_timeout;
+    let mut turn_deadline = Instant::now() + cfg.turn_timeout;
     let mut session_id = resolve_session(ctx, prompt).await?;
     let mut recreated = false;
 
@@ -226,6 +241,9 @@ async fn drive(
         ));
     }
 
+    if let Some(m) = &prompt.model {
+        check_model(ctx, m).await?;
+    }
     let body = prompt_body(prompt);
     loop {
         sink.set_session(&session_id);
@@ -254,9 +272,9 @@ async fn drive(
     }
     debug!(%session_id, "prompt accepted by OpenCode");
 
-    let mut mapper = TurnMapper::new(&session_id, &body.message_id);
+    let mut mapper = TurnMapper::new(&session_id, &body.message_id)
+        .with_tool_result_limit(ctx.config.limits.max_tool_result_bytes);
     let mut out = Vec::new();
-    let mut notes = Vec::new();
     let mut stream_state = ctx.hub.state();
     let mut seen_epoch = stream_state.borrow().epoch;
     let mut got_first = false;
@@ -266,7 +284,14 @@ async fn drive(
     let mut rechecks = 0;
 
     let conclusion = loop {
-        let (deadline, which) = next_deadline(turn_deadline, idle_deadline, recheck_at, got_first);
+        let waiting_since = inter.waiting_since();
+        let (deadline, which) = next_deadline(
+            turn_deadline,
+            idle_deadline,
+            recheck_at,
+            got_first,
+            inter.is_waiting(),
+        );
         let check_end: bool;
         tokio::select! {
             biased;
@@ -312,29 +337,27 @@ async fn drive(
                     Signal::Permission(p) => {
                         got_first = true;
                         idle_deadline = Instant::now() + cfg.idle_timeout;
-                        let note = format!(
-                            "permission `{}` ({}) rejected: no policy allows it",
-                            p.permission,
-                            p.patterns.join(", ")
-                        );
-                        warn!(request_id = %p.id, permission = %p.permission, "rejecting a permission request (headless default)");
-                        if let Err(e) = ctx.client.reply_permission(&session_id, &p.id, "reject").await {
-                            warn!(error = %e, "rejecting a permission request failed");
-                        }
-                        notes.push(note);
+                        inter.on_permission(p, sink).await;
                         check_end = false;
                     }
                     Signal::Question(q) => {
                         got_first = true;
                         idle_deadline = Instant::now() + cfg.idle_timeout;
-                        warn!(request_id = %q.id, "rejecting a question (headless default)");
-                        if let Err(e) = ctx.client.reject_question(&q.id).await {
-                            warn!(error = %e, "rejecting a question failed");
-                        }
-                        notes.push("a question from the agent was rejected: nobody to answer it".into());
+                        inter.on_question(q, sink).await;
                         check_end = false;
                     }
                 }
+            }
+            _ = inter.next(), if inter.is_waiting() => {
+                if !inter.is_waiting() {
+                    // The caller answered (or time ran out): the deadlines
+                    // resume, the whole-turn one moved by the wait.
+                    if let Some(since) = waiting_since {
+                        turn_deadline += since.elapsed();
+                    }
+                    idle_deadline = Instant::now() + cfg.idle_timeout;
+                }
+                check_end = false;
             }
             changed = stream_state.changed() => {
                 if changed.is_err() {
@@ -410,7 +433,7 @@ async fn drive(
 
     match conclusion {
         Conclusion::Final(mut fin) => {
-            fin.notes = notes;
+            fin.notes = std::mem::take(&mut inter.notes);
             fin.session_recreated = recreated;
             Ok(fin)
         }
@@ -437,7 +460,16 @@ fn next_deadline(
     idle: Instant,
     recheck_at: Option<Instant>,
     got_first: bool,
+    waiting_for_caller: bool,
 ) -> (Instant, Deadline) {
+    // While a caller is asked, the turn and idle deadlines are suspended
+    // (the ask has its own timeout).
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let (turn, idle) = if waiting_for_caller {
+        (far, far)
+    } else {
+        (turn, idle)
+    };
     let mut best = (turn, Deadline::Turn);
     if idle < best.0 {
         best = (
@@ -455,6 +487,33 @@ fn next_deadline(
         }
     }
     best
+}
+
+/// OpenCode accepts an unknown model with 204, fails later, and leaves the
+/// session pinned to it: check it first.
+async fn check_model(ctx: &TurnContext, m: &crate::protocol::ModelRef) -> Result<(), TurnError> {
+    let providers = ctx.client.providers().await?;
+    match providers.get(&m.provider) {
+        None => {
+            let mut known: Vec<&String> = providers.keys().collect();
+            known.sort();
+            Err(TurnError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "unknown model {m}: OpenCode has no provider {:?} (it has {known:?})",
+                    m.provider
+                ),
+            ))
+        }
+        Some(models) if !models.contains(&m.model) => Err(TurnError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "unknown model {m}: provider {:?} has no model {:?}",
+                m.provider, m.model
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// After lost events: catch up from the message list; conclude if OpenCode

@@ -2,6 +2,7 @@
 //! queue, and the conversation -> session map.
 
 pub mod driver;
+pub mod interactive;
 pub mod queue;
 pub mod sessions;
 pub mod sink;

@@ -69,6 +69,8 @@ pub fn default_config(llm_url: &str) -> Value {
             "npm": "@ai-sdk/openai-compatible", "name": "Fake",
             "options": {"baseURL": base, "apiKey": "x"},
             "models": {"m1": {"name": "M1", "tool_call": true, "reasoning": true,
+                              "limit": {"context": 128000, "output": 8192}},
+                       "m2": {"name": "M2", "tool_call": true, "reasoning": true,
                               "limit": {"context": 128000, "output": 8192}}}
         }}
     })

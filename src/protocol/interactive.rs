@@ -1,0 +1,263 @@
+//! [pure] Interactive turns: the permission policy, and the answers a caller
+//! sends to a `permission` or `question` reply.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What the policy says about one permission request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+    Ask,
+}
+
+/// One policy rule: a permission type (`bash`, `edit`, `*`) and a glob over
+/// the request's patterns (`*` any run, `?` one character).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub permission: String,
+    #[serde(default = "star")]
+    pub pattern: String,
+    pub action: Action,
+}
+
+fn star() -> String {
+    "*".to_string()
+}
+
+/// First matching rule wins; a rule matches when its permission matches and
+/// its pattern matches every pattern of the request. Nothing matches: deny,
+/// so a headless turn never waits on a question nobody will answer.
+pub fn decide(rules: &[Rule], permission: &str, patterns: &[String]) -> Action {
+    for r in rules {
+        if !glob(&r.permission, permission) {
+            continue;
+        }
+        let all = if patterns.is_empty() {
+            r.pattern == "*"
+        } else {
+            patterns.iter().all(|p| glob(&r.pattern, p))
+        };
+        if all {
+            return r.action;
+        }
+    }
+    Action::Deny
+}
+
+/// `*` matches any run of characters, `?` exactly one.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// A caller's answer to a `permission` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionAnswer {
+    /// `once`, `always` or `reject`.
+    pub reply: String,
+    pub message: Option<String>,
+    /// Given when answering on the shared subject.
+    pub request_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawPermission {
+    reply: String,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+/// Parses `{"reply": "once"|"always"|"reject", "message"?, "request_id"?}`
+/// or the bare word.
+pub fn parse_permission_answer(payload: &[u8]) -> Result<PermissionAnswer, String> {
+    let text = std::str::from_utf8(payload).map_err(|_| "answer is not UTF-8".to_string())?;
+    let t = text.trim();
+    let a = if t.starts_with('{') {
+        let r: RawPermission =
+            serde_json::from_str(t).map_err(|e| format!("answer is not valid JSON: {e}"))?;
+        PermissionAnswer {
+            reply: r.reply,
+            message: r.message.filter(|m| !m.is_empty()),
+            request_id: r.request_id,
+        }
+    } else {
+        PermissionAnswer {
+            reply: t.to_ascii_lowercase(),
+            message: None,
+            request_id: None,
+        }
+    };
+    match a.reply.as_str() {
+        "once" | "always" | "reject" => Ok(a),
+        other => Err(format!(
+            "`reply` must be \"once\", \"always\" or \"reject\", got {other:?}"
+        )),
+    }
+}
+
+/// A caller's answer to a `question` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuestionAnswer {
+    /// One list of chosen labels per question.
+    Answers {
+        answers: Vec<Vec<String>>,
+        request_id: Option<String>,
+    },
+    Reject {
+        request_id: Option<String>,
+    },
+}
+
+impl QuestionAnswer {
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            QuestionAnswer::Answers { request_id, .. } | QuestionAnswer::Reject { request_id } => {
+                request_id.as_deref()
+            }
+        }
+    }
+}
+
+impl PermissionAnswer {
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+}
+
+/// Parses `{"answers": [["label", ...], ...]}` or `{"reject": true}`.
+pub fn parse_question_answer(payload: &[u8]) -> Result<QuestionAnswer, String> {
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("answer is not valid JSON: {e}"))?;
+    let request_id = v
+        .get("request_id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    if v.get("reject").and_then(Value::as_bool) == Some(true) {
+        return Ok(QuestionAnswer::Reject { request_id });
+    }
+    let answers = v
+        .get("answers")
+        .and_then(Value::as_array)
+        .ok_or("answer needs `answers` (a list of label lists) or `reject: true`")?;
+    let mut out = Vec::new();
+    for a in answers {
+        let labels = a
+            .as_array()
+            .ok_or("each answer is a list of labels")?
+            .iter()
+            .map(|l| l.as_str().map(str::to_string).ok_or("labels are strings"))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(labels);
+    }
+    Ok(QuestionAnswer::Answers {
+        answers: out,
+        request_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(p: &str, pat: &str, a: Action) -> Rule {
+        Rule {
+            permission: p.into(),
+            pattern: pat.into(),
+            action: a,
+        }
+    }
+
+    #[test]
+    fn globbing() {
+        assert!(glob("*", "anything at all"));
+        assert!(glob("echo *", "echo hi"));
+        assert!(!glob("echo *", "rm -rf /"));
+        assert!(glob("a?c", "abc"));
+        assert!(!glob("a?c", "abbc"));
+        assert!(glob("*.rs", "src/main.rs"));
+        assert!(glob("", ""));
+        assert!(!glob("", "x"));
+    }
+
+    #[test]
+    fn first_match_wins_and_the_default_is_deny() {
+        let rules = vec![
+            rule("bash", "echo *", Action::Allow),
+            rule("bash", "*", Action::Ask),
+            rule("read", "*", Action::Allow),
+        ];
+        let p = |s: &str| vec![s.to_string()];
+        assert_eq!(decide(&rules, "bash", &p("echo hi")), Action::Allow);
+        assert_eq!(decide(&rules, "bash", &p("rm x")), Action::Ask);
+        // Every pattern must match.
+        assert_eq!(
+            decide(&rules, "bash", &["echo a".into(), "rm b".into()]),
+            Action::Ask
+        );
+        assert_eq!(decide(&rules, "read", &p("/etc/passwd")), Action::Allow);
+        assert_eq!(decide(&rules, "edit", &p("x")), Action::Deny);
+        assert_eq!(decide(&[], "bash", &p("echo hi")), Action::Deny);
+    }
+
+    #[test]
+    fn permission_answers() {
+        assert_eq!(parse_permission_answer(b" once\n").unwrap().reply, "once");
+        assert_eq!(parse_permission_answer(b"REJECT").unwrap().reply, "reject");
+        let a =
+            parse_permission_answer(br#"{"reply":"always","message":"ok","request_id":"per_1"}"#)
+                .unwrap();
+        assert_eq!(a.reply, "always");
+        assert_eq!(a.message.as_deref(), Some("ok"));
+        assert_eq!(a.request_id(), Some("per_1"));
+        assert!(parse_permission_answer(b"maybe").is_err());
+        assert!(parse_permission_answer(b"{").is_err());
+        assert!(parse_permission_answer(b"\xff").is_err());
+    }
+
+    #[test]
+    fn question_answers() {
+        assert_eq!(
+            parse_question_answer(br#"{"answers":[["a","b"],["c"]]}"#).unwrap(),
+            QuestionAnswer::Answers {
+                answers: vec![vec!["a".into(), "b".into()], vec!["c".into()]],
+                request_id: None
+            }
+        );
+        assert_eq!(
+            parse_question_answer(br#"{"reject":true,"request_id":"que_1"}"#).unwrap(),
+            QuestionAnswer::Reject {
+                request_id: Some("que_1".into())
+            }
+        );
+        assert!(parse_question_answer(br#"{"answers":"a"}"#).is_err());
+        assert!(parse_question_answer(b"{}").is_err());
+    }
+}

@@ -1,0 +1,359 @@
+//! Interactive turns against the real OpenCode: permission requests
+//! answered over NATS (once, reject, never), the policy alone, a model
+//! switch, an unknown model, and usage equal to what the fake LLM reported.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
+use crate::support::fake_llm::{self, FakeLlm};
+use crate::support::nats::{client, subscribe_ready, NatsServer, Reply};
+use crate::support::real_opencode::{default_config, RealOpenCode};
+use opencode_nats_bridge::protocol::interactive::{Action, Rule};
+
+const TURN: Duration = Duration::from_secs(60);
+
+struct Stack {
+    _nats: NatsServer,
+    _llm: FakeLlm,
+    _opencode: RealOpenCode,
+    bridge: Bridge,
+    client: async_nats::Client,
+}
+
+/// OpenCode asks before every bash call; the bridge's policy is `rules`.
+async fn stack(rules: Vec<Rule>, ask_timeout: Duration) -> Stack {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let mut oc_cfg = default_config(&llm.base_url());
+    oc_cfg["permission"]["bash"] = json!("ask");
+    let opencode = RealOpenCode::start_with_config(oc_cfg).await;
+    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+    cfg.permissions.rules = rules;
+    cfg.permissions.ask_timeout = ask_timeout;
+    let bridge = Bridge::start(cfg).await;
+    let client = client(&nats.url()).await;
+    Stack {
+        _nats: nats,
+        _llm: llm,
+        _opencode: opencode,
+        bridge,
+        client,
+    }
+}
+
+fn ask_bash() -> Vec<Rule> {
+    vec![Rule {
+        permission: "bash".into(),
+        pattern: "*".into(),
+        action: Action::Ask,
+    }]
+}
+
+/// Sends an interactive prompt; when the `permission` reply comes, answers
+/// it with `answer` (if any) and returns every reply plus the answer's ack.
+async fn interactive_turn(
+    c: &async_nats::Client,
+    text: &str,
+    answer: Option<&str>,
+) -> (Vec<Reply>, Option<Value>) {
+    let inbox = c.new_inbox();
+    let mut sub = subscribe_ready(c, inbox.clone()).await;
+    let prompt = json!({"text": text, "interactive": true, "conversation": "ask.me"});
+    c.publish_with_reply("opencode.prompt", inbox, prompt.to_string().into())
+        .await
+        .unwrap();
+    let mut replies: Vec<Reply> = Vec::new();
+    let mut ack = None;
+    loop {
+        let m = tokio::time::timeout(TURN, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("no terminal reply: {replies:#?}"))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        let kind = v["kind"].as_str().unwrap_or("").to_string();
+        replies.push((m.headers.clone(), v.clone()));
+        if kind == "permission" {
+            if let Some(a) = answer {
+                let subject = v["reply_subject"].as_str().unwrap().to_string();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    c.request(subject, a.to_string().into()),
+                )
+                .await
+                .expect("answer acknowledged")
+                .unwrap();
+                ack = Some(serde_json::from_slice(&r.payload).unwrap());
+            }
+        }
+        if kind == "final" || kind == "error" {
+            break;
+        }
+    }
+    replies.extend(collect_after(&mut sub).await);
+    (replies, ack)
+}
+
+async fn collect_after(sub: &mut async_nats::Subscriber) -> Vec<Reply> {
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        out.push((
+            m.headers.clone(),
+            serde_json::from_slice(&m.payload).unwrap(),
+        ));
+    }
+    out
+}
+
+fn kinds(r: &[Reply]) -> Vec<String> {
+    r.iter()
+        .map(|(_, v)| v["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_answered_once_over_nats() {
+    let s = stack(ask_bash(), Duration::from_secs(30)).await;
+    let (r, ack) =
+        interactive_turn(&s.client, "[tool:bash echo granted-once] go", Some("once")).await;
+    assert_well_formed_with_extensions(&r);
+    let p = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "permission")
+        .expect("a permission reply");
+    assert_eq!(p.1["permission"], "bash");
+    assert_eq!(p.1["patterns"], json!(["echo granted-once"]));
+    assert!(p.1["request_id"].as_str().unwrap().starts_with("per"));
+    assert_eq!(ack.unwrap()["applied"], "once");
+    let res = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("tool_result");
+    assert_eq!(res.1["success"], true);
+    assert!(res.1["result"].as_str().unwrap().contains("granted-once"));
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert!(
+        fin["notes"].to_string().contains("answered `once`"),
+        "{fin}"
+    );
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_is_applied_as_once_and_reject_stops_the_tool() {
+    let s = stack(ask_bash(), Duration::from_secs(30)).await;
+    let (r, ack) = interactive_turn(
+        &s.client,
+        "[tool:bash echo granted-always] go",
+        Some(r#"{"reply":"always"}"#),
+    )
+    .await;
+    assert_well_formed_with_extensions(&r);
+    let ack = ack.unwrap();
+    assert_eq!(ack["applied"], "once", "{ack}");
+    assert!(ack["note"].as_str().unwrap().contains("once"));
+    assert_eq!(terminal(&r)["kind"], "final");
+    // `always` was not granted server-wide: the next call is asked again,
+    // and rejected this time.
+    let (r, _) =
+        interactive_turn(&s.client, "[tool:bash echo not-allowed] go", Some("reject")).await;
+    assert_well_formed_with_extensions(&r);
+    assert!(
+        kinds(&r).contains(&"permission".to_string()),
+        "asked again: {r:#?}"
+    );
+    let res = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("tool_result");
+    assert_eq!(res.1["success"], false, "{res:?}");
+    assert!(!res.1["result"].as_str().unwrap().contains("not-allowed\n"));
+    assert_eq!(
+        r.iter()
+            .filter(|(_, v)| v["kind"] == "final" || v["kind"] == "error")
+            .count(),
+        1
+    );
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_permission_times_out_and_the_turn_ends() {
+    let s = stack(ask_bash(), Duration::from_secs(2)).await;
+    let (r, _) = interactive_turn(&s.client, "[tool:bash echo never-answered] go", None).await;
+    assert_well_formed_with_extensions(&r);
+    assert!(kinds(&r).contains(&"permission".to_string()));
+    let res = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("tool_result");
+    assert_eq!(res.1["success"], false);
+    let t = terminal(&r);
+    if t["kind"] == "final" {
+        assert!(
+            t["notes"].to_string().contains("not answered within 2s"),
+            "{t}"
+        );
+    }
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_policy_allows_or_denies_without_asking() {
+    // Not interactive and no rule: denied, and the turn still ends.
+    let s = stack(vec![], Duration::from_secs(30)).await;
+    let r = request(
+        &s.client,
+        "opencode.prompt",
+        "[tool:bash echo headless-denied] go",
+        TURN,
+    )
+    .await;
+    assert_well_formed(&r);
+    assert!(!kinds(&r).contains(&"permission".to_string()));
+    let res = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("tool_result");
+    assert_eq!(res.1["success"], false);
+    s.bridge.stop().await.unwrap();
+
+    let allow = vec![Rule {
+        permission: "bash".into(),
+        pattern: "echo *".into(),
+        action: Action::Allow,
+    }];
+    let s = stack(allow, Duration::from_secs(30)).await;
+    let r = request(
+        &s.client,
+        "opencode.prompt",
+        "[tool:bash echo policy-allowed] go",
+        TURN,
+    )
+    .await;
+    assert_well_formed(&r);
+    let res = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("tool_result");
+    assert_eq!(res.1["success"], true);
+    assert!(res.1["result"].as_str().unwrap().contains("policy-allowed"));
+    assert!(terminal(&r)["notes"]
+        .to_string()
+        .contains("allowed by policy"));
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_usage_and_cost() {
+    let s = stack(vec![], Duration::from_secs(30)).await;
+    let c = &s.client;
+    // An unknown model is refused before anything reaches OpenCode.
+    let r = request(
+        c,
+        "opencode.prompt",
+        r#"{"text":"hi","model":"fake/nope","conversation":"models"}"#,
+        TURN,
+    )
+    .await;
+    assert_well_formed(&r);
+    assert_eq!(terminal(&r)["code"], "bad_request", "{r:#?}");
+    assert!(terminal(&r)["error"].as_str().unwrap().contains("nope"));
+    let r = request(
+        c,
+        "opencode.prompt",
+        r#"{"text":"hi","model":"nobody/m1","conversation":"models"}"#,
+        TURN,
+    )
+    .await;
+    assert_eq!(terminal(&r)["code"], "bad_request");
+
+    let r1 = request(
+        c,
+        "opencode.prompt",
+        r#"{"text":"first","conversation":"models"}"#,
+        TURN,
+    )
+    .await;
+    assert_eq!(terminal(&r1)["model"], "fake/m1");
+    let r2 = request(
+        c,
+        "opencode.prompt",
+        r#"{"text":"second","model":"fake/m2","conversation":"models"}"#,
+        TURN,
+    )
+    .await;
+    let fin = terminal(&r2);
+    assert_eq!(fin["kind"], "final", "{r2:#?}");
+    assert_eq!(fin["model"], "fake/m2");
+    assert_eq!(fin["agent"], "build");
+    // OpenCode's accounting of the fake LLM's usage chunk: input excludes
+    // cached tokens, output excludes reasoning tokens.
+    let u = &fin["usage"];
+    assert_eq!(
+        u["input"],
+        fake_llm::USAGE_PROMPT_TOKENS - fake_llm::USAGE_CACHED_TOKENS
+    );
+    assert_eq!(
+        u["output"],
+        fake_llm::USAGE_COMPLETION_TOKENS - fake_llm::USAGE_REASONING_TOKENS
+    );
+    assert_eq!(u["reasoning"], fake_llm::USAGE_REASONING_TOKENS);
+    assert_eq!(u["cache_read"], fake_llm::USAGE_CACHED_TOKENS);
+    assert_eq!(fin["cost"], 0.0);
+    // A tool turn has two LLM calls: usage is summed over both.
+    s.bridge.stop().await.unwrap();
+    let allow = vec![Rule {
+        permission: "bash".into(),
+        pattern: "*".into(),
+        action: Action::Allow,
+    }];
+    let s = stack(allow, Duration::from_secs(30)).await;
+    let r = request(
+        &s.client,
+        "opencode.prompt",
+        "[tool:bash echo two-calls] go",
+        TURN,
+    )
+    .await;
+    let u = &terminal(&r)["usage"];
+    assert_eq!(
+        u["input"],
+        2 * (fake_llm::USAGE_PROMPT_TOKENS - fake_llm::USAGE_CACHED_TOKENS),
+        "{r:#?}"
+    );
+    assert_eq!(u["cache_read"], 2 * fake_llm::USAGE_CACHED_TOKENS);
+    s.bridge.stop().await.unwrap();
+}
+
+/// `assert_well_formed` for turns that may carry the extension kinds.
+fn assert_well_formed_with_extensions(replies: &[Reply]) {
+    let core = replies;
+    for (i, (_, v)) in core.iter().enumerate() {
+        assert_eq!(v["seq"], i as u64, "seq gap at {i}: {replies:#?}");
+    }
+    let terminals: Vec<usize> = core
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, v))| v["kind"] == "final" || v["kind"] == "error")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        terminals,
+        vec![core.len() - 1],
+        "exactly one terminal, last: {replies:#?}"
+    );
+    let last = terminal(replies);
+    if last["kind"] == "final" {
+        let deltas: String = core
+            .iter()
+            .filter(|(_, v)| v["kind"] == "delta")
+            .map(|(_, v)| v["content"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(deltas, last["content"].as_str().unwrap());
+    }
+}
