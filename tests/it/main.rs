@@ -4,6 +4,7 @@ mod support;
 
 mod bridge_fake;
 mod daemon_binary;
+mod e2e_interactive;
 mod e2e_real_opencode;
 mod nats_harness;
 mod real_opencode_smoke;
