@@ -357,3 +357,74 @@ fn assert_well_formed_with_extensions(replies: &[Reply]) {
         assert_eq!(deltas, last["content"].as_str().unwrap());
     }
 }
+
+/// Sends an interactive prompt; answers the `question` reply with `answer`.
+async fn question_turn(c: &async_nats::Client, answer: &str) -> (Vec<Reply>, Option<Value>) {
+    let inbox = c.new_inbox();
+    let mut sub = subscribe_ready(c, inbox.clone()).await;
+    let prompt = json!({"text": "[question] ask me", "interactive": true});
+    c.publish_with_reply("opencode.prompt", inbox, prompt.to_string().into())
+        .await
+        .unwrap();
+    let mut replies: Vec<Reply> = Vec::new();
+    let mut ack = None;
+    loop {
+        let m = tokio::time::timeout(TURN, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("no terminal reply: {replies:#?}"))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        replies.push((m.headers.clone(), v.clone()));
+        if v["kind"] == "question" {
+            let subject = v["reply_subject"].as_str().unwrap().to_string();
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.request(subject, answer.to_string().into()),
+            )
+            .await
+            .expect("answer acknowledged")
+            .unwrap();
+            ack = Some(serde_json::from_slice(&r.payload).unwrap());
+        }
+        if v["kind"] == "final" || v["kind"] == "error" {
+            break;
+        }
+    }
+    replies.extend(collect_after(&mut sub).await);
+    (replies, ack)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_answered_and_rejected_over_nats() {
+    let s = stack(vec![], Duration::from_secs(30)).await;
+    let (r, ack) = question_turn(&s.client, r#"{"answers": [["pear"]]}"#).await;
+    assert_well_formed_with_extensions(&r);
+    let q = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "question")
+        .expect("a question reply");
+    assert_eq!(q.1["questions"][0]["question"], "Which fruit?");
+    assert!(q.1["request_id"].as_str().unwrap().starts_with("que"));
+    assert_eq!(ack.unwrap()["applied"], "answers");
+    let res = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("tool_result");
+    assert_eq!(res.1["tool"], "question");
+    assert_eq!(res.1["success"], true, "{res:?}");
+    assert!(
+        res.1["result"].as_str().unwrap().contains("pear"),
+        "{res:?}"
+    );
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+
+    let (r, ack) = question_turn(&s.client, r#"{"reject": true}"#).await;
+    assert_well_formed_with_extensions(&r);
+    assert_eq!(ack.unwrap()["applied"], "reject");
+    let res = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .expect("tool_result");
+    assert_eq!(res.1["success"], false, "{res:?}");
+    s.bridge.stop().await.unwrap();
+}

@@ -98,6 +98,20 @@ pub enum Scenario {
     Error401,
     Slow,
     Recall,
+    /// Call OpenCode's `question` tool with [`question_args`].
+    Question,
+}
+
+/// The arguments of the `[question]` scenario's `question` tool call.
+pub fn question_args() -> Value {
+    json!({"questions": [{
+        "question": "Which fruit?",
+        "header": "Fruit",
+        "options": [
+            {"label": "apple", "description": "red"},
+            {"label": "pear", "description": "green"}
+        ]
+    }]})
 }
 
 /// A recorded request.
@@ -206,6 +220,9 @@ pub fn scenario_for(body: &Value) -> Scenario {
         let cmd = rest.split_once(']').map_or(rest, |(c, _)| c);
         return Scenario::ToolCall(cmd.trim().to_string());
     }
+    if last_user.contains("[question]") {
+        return Scenario::Question;
+    }
     if last_user.contains("[error401]") {
         Scenario::Error401
     } else if last_user.contains("[reasoning]") {
@@ -291,8 +308,14 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
         Scenario::ToolCall(cmd) => {
             finish = "tool_calls";
             let call_id = format!("call_fake_{n}");
-            steps.push(Step::ToolStart(call_id));
+            steps.push(Step::ToolStart(call_id, "bash"));
             let args = json!({"command": cmd, "description": TOOL_DESCRIPTION}).to_string();
+            steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
+        }
+        Scenario::Question => {
+            finish = "tool_calls";
+            steps.push(Step::ToolStart(format!("call_fake_{n}"), "question"));
+            let args = question_args().to_string();
             steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
         }
         Scenario::Error401 => unreachable!(),
@@ -318,7 +341,7 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
 enum Step {
     Content(String),
     Reasoning(String),
-    ToolStart(String),
+    ToolStart(String, &'static str),
     ToolArgs(String),
     Sleep(Duration),
 }
@@ -378,9 +401,9 @@ async fn write_stream(tx: mpsc::Sender<Bytes>, id: String, steps: Vec<Step>, fin
             }
             Step::Content(t) => json!({"content": t}),
             Step::Reasoning(t) => json!({"reasoning_content": t}),
-            Step::ToolStart(call_id) => json!({"tool_calls": [{
+            Step::ToolStart(call_id, name) => json!({"tool_calls": [{
                 "index": 0, "id": call_id, "type": "function",
-                "function": {"name": "bash", "arguments": ""}}]}),
+                "function": {"name": name, "arguments": ""}}]}),
             Step::ToolArgs(a) => {
                 json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]})
             }
