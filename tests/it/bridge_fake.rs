@@ -18,7 +18,9 @@ use crate::support::fake_opencode::{
     self as fake, api_error, ev, FakeOpenCode, FakeOptions, Step, TurnBuilder, TurnInput,
     TurnScript,
 };
-use crate::support::nats::{client, collect_until_terminal, subscribe_ready, NatsServer, Reply};
+use crate::support::nats::{
+    barrier, client, collect_until_terminal, subscribe_ready, NatsServer, Reply,
+};
 
 /// Bound on one turn's replies.
 const TURN: Duration = Duration::from_secs(10);
@@ -125,25 +127,6 @@ async fn publish(client: &Client, subject: &str, headers: HeaderMap, payload: im
     client.flush().await.expect("flush");
 }
 
-/// Collects one turn with the arrival time of each reply.
-async fn collect_timed(sub: &mut Subscriber, timeout: Duration) -> Vec<(Instant, Value)> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut got = Vec::new();
-    loop {
-        match tokio::time::timeout_at(deadline, sub.next()).await {
-            Ok(Some(m)) => {
-                let v: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
-                let done = matches!(v["kind"].as_str(), Some("final" | "error"));
-                got.push((Instant::now(), v));
-                if done {
-                    return got;
-                }
-            }
-            other => panic!("no terminal reply within {timeout:?} ({other:?}); got {got:#?}"),
-        }
-    }
-}
-
 fn owned(words: &[String]) -> Vec<&str> {
     words.iter().map(String::as_str).collect()
 }
@@ -152,7 +135,15 @@ fn owned(words: &[String]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_turn_deltas_add_up_to_the_final() {
-    let deltas = ["Hello ", "from ", "the ", "fake ", "OpenCode, ", "héllo ✓ ", "done."];
+    let deltas = [
+        "Hello ",
+        "from ",
+        "the ",
+        "fake ",
+        "OpenCode, ",
+        "héllo ✓ ",
+        "done.",
+    ];
     let rig = Rig::start(
         move |input| {
             let mut t = TurnBuilder::new(input);
@@ -174,7 +165,11 @@ async fn text_turn_deltas_add_up_to_the_final() {
     let full = deltas.concat();
     assert_eq!(fin["content"], full.as_str());
     assert_eq!(delta_text(&replies), full);
-    assert_eq!(of_kind(&replies, "delta").len(), deltas.len(), "one reply per delta");
+    assert_eq!(
+        of_kind(&replies, "delta").len(),
+        deltas.len(),
+        "one reply per delta"
+    );
     assert_eq!(fin["model"], "fake/m1");
     assert_eq!(fin["agent"], "build");
     assert_eq!(fin["finish"], "stop");
@@ -184,7 +179,10 @@ async fn text_turn_deltas_add_up_to_the_final() {
                "reasoning": fake::TOKENS_REASONING, "cache_read": fake::TOKENS_CACHE_READ,
                "cache_write": 0})
     );
-    assert!((fin["cost"].as_f64().unwrap() - 0.0125).abs() < 1e-9, "{fin}");
+    assert!(
+        (fin["cost"].as_f64().unwrap() - 0.0125).abs() < 1e-9,
+        "{fin}"
+    );
     // The script sleeps 15 ms per delta.
     assert!(fin["duration_ms"].as_u64().unwrap() >= 90, "{fin}");
     assert!(fin["session_id"].as_str().unwrap().starts_with("ses_"));
@@ -192,7 +190,10 @@ async fn text_turn_deltas_add_up_to_the_final() {
     // Headers on every reply (checked in detail by assert_well_formed).
     for (h, v) in &replies {
         let h = h.as_ref().expect("headers");
-        assert_eq!(h.get("Reply-Kind").unwrap().as_str(), v["kind"].as_str().unwrap());
+        assert_eq!(
+            h.get("Reply-Kind").unwrap().as_str(),
+            v["kind"].as_str().unwrap()
+        );
     }
     // What the fake saw: one session titled for a one-off, one prompt with
     // the text, every call in the configured directory.
@@ -288,8 +289,18 @@ async fn tool_calls_and_results_once_per_call() {
     assert_eq!(calls.len(), 2, "{replies:#?}");
     assert_eq!(results.len(), 2, "{replies:#?}");
     let expect = [
-        ("call_a", "bash", json!({"command": "echo one", "description": "first"}), "one\n"),
-        ("call_b", "read", json!({"filePath": "/etc/hostname"}), "fakehost\n"),
+        (
+            "call_a",
+            "bash",
+            json!({"command": "echo one", "description": "first"}),
+            "one\n",
+        ),
+        (
+            "call_b",
+            "read",
+            json!({"filePath": "/etc/hostname"}),
+            "fakehost\n",
+        ),
     ];
     for (call_id, tool, args, output) in expect {
         let pos = |kind: &str| {
@@ -316,10 +327,7 @@ async fn provider_errors_map_to_provider_error() {
     let rig = Rig::start(
         |input| {
             if input.text.contains("401") {
-                fake::error_turn(
-                    input,
-                    api_error(401, "Incorrect API key provided", false),
-                )
+                fake::error_turn(input, api_error(401, "Incorrect API key provided", false))
             } else {
                 fake::error_turn(input, api_error(503, "Upstream overloaded", true))
             }
@@ -421,6 +429,8 @@ async fn busy_conversation_queues_in_fifo_and_refuses_beyond() {
             let mut t = TurnBuilder::new(input);
             t.gap_ms(60);
             t.begin();
+            // Room for the later prompts to arrive while this one runs.
+            t.sleep_ms(300);
             let a = t.assistant();
             t.text(&a, &owned(&w));
             t.finish(&a, "stop");
@@ -430,38 +440,69 @@ async fn busy_conversation_queues_in_fifo_and_refuses_beyond() {
         |c| c.turn.conversation_queue = 1,
     )
     .await;
-    let subject = "opencode.prompt.fifo";
-    let mut s1 = send_request(&rig.client, subject, HeaderMap::new(), "first").await;
-    let mut s2 = send_request(&rig.client, subject, HeaderMap::new(), "second").await;
-    let mut s3 = send_request(&rig.client, subject, HeaderMap::new(), "third").await;
-
-    // The third finds one running and one queued: refused at once.
-    let r3 = collect_timed(&mut s3, TURN).await;
-    assert_eq!(r3.len(), 1, "{r3:#?}");
-    assert_eq!(r3[0].1["kind"], "error");
-    assert_eq!(r3[0].1["code"], "session_busy");
-    assert_eq!(r3[0].1["retryable"], true);
-    assert_eq!(r3[0].1["conversation"], "fifo");
+    // Every reply of the three prompts on one subscription: its order is
+    // the order the bridge published in.
+    let mut all = subscribe_ready(&rig.client, "fifo.>").await;
+    for name in ["first", "second", "third"] {
+        let payload = json!({"text": name, "trace_id": format!("fifo-{name}"),
+                             "reply_to": format!("fifo.{name}")});
+        publish(
+            &rig.client,
+            "opencode.prompt.fifo",
+            HeaderMap::new(),
+            payload.to_string(),
+        )
+        .await;
+    }
+    let mut got: Vec<(String, Reply)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + TURN;
+    while got
+        .iter()
+        .filter(|(_, (_, v))| v["kind"] == "final" || v["kind"] == "error")
+        .count()
+        < 3
+    {
+        let m = tokio::time::timeout_at(deadline, all.next())
+            .await
+            .unwrap_or_else(|_| panic!("three terminal replies within {TURN:?}: {got:#?}"))
+            .expect("subscription open");
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        got.push((m.subject.to_string(), (m.headers.clone(), v)));
+    }
+    let of = |name: &str| -> Vec<Reply> {
+        got.iter()
+            .filter(|(s, _)| s == &format!("fifo.{name}"))
+            .map(|(_, r)| r.clone())
+            .collect()
+    };
+    let pos = |name: &str, kind: &str| {
+        got.iter()
+            .position(|(s, (_, v))| s == &format!("fifo.{name}") && v["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} for {name}: {got:#?}"))
+    };
+    let (r1, r2, r3) = (of("first"), of("second"), of("third"));
+    for r in [&r1, &r2, &r3] {
+        assert_well_formed(r);
+        assert!(r.iter().all(|(_, v)| v["conversation"] == "fifo"));
+    }
+    // The third found one running and one queued: refused at once, before
+    // the first turn published anything.
+    assert_eq!(kinds(&r3), ["error"], "{r3:#?}");
+    assert_eq!(terminal(&r3)["code"], "session_busy");
+    assert_eq!(terminal(&r3)["retryable"], true);
+    assert_eq!(pos("third", "error"), 0, "{got:#?}");
+    // The second ran after the first, in order.
+    let (f1, f2) = (terminal(&r1), terminal(&r2));
+    assert_eq!(f1["kind"], "final", "{r1:#?}");
+    assert_eq!(f2["kind"], "final", "{r2:#?}");
+    assert!(f1["content"].as_str().unwrap().starts_with("first-1 "));
+    assert!(f2["content"].as_str().unwrap().starts_with("second-1 "));
+    let first_of_second = got.iter().position(|(s, _)| s == "fifo.second").unwrap();
     assert!(
-        rig.fake
-            .turns()
-            .iter()
-            .all(|t| t.input.text == "first" && t.last_emitted("session.idle").is_none()),
-        "at most the first reached OpenCode, and it is still running"
+        pos("first", "final") < first_of_second,
+        "the second turn's first reply follows the first's final: {got:#?}"
     );
-
-    let (r1, r2) = tokio::join!(collect_timed(&mut s1, TURN), collect_timed(&mut s2, TURN));
-    let (f1, f2) = (r1.last().unwrap(), r2.last().unwrap());
-    assert_eq!(f1.1["kind"], "final", "{r1:#?}");
-    assert_eq!(f2.1["kind"], "final", "{r2:#?}");
-    assert!(f1.1["content"].as_str().unwrap().starts_with("first-1 "));
-    assert!(f2.1["content"].as_str().unwrap().starts_with("second-1 "));
-    assert!(
-        f1.0 <= r2[0].0,
-        "the second turn's first reply follows the first's final"
-    );
-    assert!(r3[0].0 < r1[0].0, "the refusal came before the first's first reply");
-    assert_eq!(f1.1["session_id"], f2.1["session_id"]);
+    assert_eq!(f1["session_id"], f2["session_id"]);
     // OpenCode never had two prompts at once for the session.
     let turns = rig.fake.turns();
     assert_eq!(turns.len(), 2, "the refused prompt never reached OpenCode");
@@ -472,7 +513,6 @@ async fn busy_conversation_queues_in_fifo_and_refuses_beyond() {
         turns[1].received_at > first_done,
         "the second prompt_async came after the first turn was over"
     );
-    drop(s3);
     rig.stop().await;
 }
 
@@ -615,8 +655,14 @@ async fn replies_are_routed_as_documented() {
     assert!(r.iter().all(|(_, v)| v["conversation"] == "matrix.room9"));
 
     let titles: Vec<String> = rig.fake.sessions().into_iter().map(|s| s.title).collect();
-    assert!(titles.contains(&"nats:slack.C042".to_string()), "{titles:?}");
-    assert!(titles.contains(&"nats:matrix.room9".to_string()), "{titles:?}");
+    assert!(
+        titles.contains(&"nats:slack.C042".to_string()),
+        "{titles:?}"
+    );
+    assert!(
+        titles.contains(&"nats:matrix.room9".to_string()),
+        "{titles:?}"
+    );
     rig.stop().await;
 }
 
@@ -627,8 +673,11 @@ async fn subject_injection_is_refused_and_never_published() {
     let rig = Rig::start(fake::default_script, |_| {}).await;
     let spy_conn = client(&rig.nats.url()).await;
     let mut spy = subscribe_ready(&spy_conn, ">").await;
-    let bad = ["x.*", "x.>", ">", "a b", "a..b", "$SYS.evil", "*"];
-    let mut expected_errors = 0;
+    let bad = ["x.*", "x.>", ">", "*", "a b", "a..b", "$SYS.evil"];
+    // (reply subject or None, field, value): each prompt once request style
+    // (its own reply subject `inj.in.<n>`) and once with no reply subject
+    // (the error then goes to opencode.reply.<a valid trace id>).
+    let mut sent = Vec::new();
     for field in ["trace_id", "conversation", "reply_to"] {
         for value in bad {
             // A valid trace id beside the bad field (unless it is the bad one).
@@ -638,49 +687,35 @@ async fn subject_injection_is_refused_and_never_published() {
                 json!({"text": "hi", field: value, "trace_id": "inj-ok"})
             }
             .to_string();
-            // Request style: the error comes back on the inbox.
-            let mut sub = send_request(
-                &rig.client,
-                "opencode.prompt",
-                HeaderMap::new(),
-                payload.clone(),
-            )
-            .await;
-            let r = collect_until_terminal(&mut sub, TURN).await;
-            assert_eq!(kinds(&r), ["error"], "{field}={value:?}: {r:#?}");
-            assert_well_formed(&r);
-            assert_eq!(terminal(&r)["code"], "bad_request");
-            assert!(
-                terminal(&r)["error"].as_str().unwrap().contains(field),
-                "{field}={value:?}: {r:#?}"
-            );
-            if field != "trace_id" {
-                assert_eq!(terminal(&r)["trace_id"], "inj-ok");
-            }
-            expected_errors += 1;
-            drop(sub);
-            // No inbox: the error goes to <reply_prefix>.<a valid trace id>.
+            let inbox = format!("inj.in.{}", sent.len());
+            rig.client
+                .publish_with_reply("opencode.prompt", inbox.clone(), payload.clone().into())
+                .await
+                .unwrap();
+            sent.push((Some(inbox), field, value));
             publish(&rig.client, "opencode.prompt", HeaderMap::new(), payload).await;
-            expected_errors += 1;
+            sent.push((None, field, value));
         }
     }
     // Headers too.
     for (name, value) in [("Trace-Id", "h.*"), ("Conversation", "c.>")] {
         let mut h = HeaderMap::new();
         h.insert(name, value);
-        let r = request_with_headers(&rig.client, "opencode.prompt", h, "hi", TURN).await;
-        assert_eq!(kinds(&r), ["error"], "{name}={value}: {r:#?}");
-        assert_eq!(terminal(&r)["code"], "bad_request");
-        expected_errors += 1;
+        let inbox = format!("inj.in.{}", sent.len());
+        rig.client
+            .publish_with_reply_and_headers("opencode.prompt", inbox.clone(), h, "hi".into())
+            .await
+            .unwrap();
+        sent.push((Some(inbox), "header", value));
     }
+    rig.client.flush().await.unwrap();
     // A good prompt, as a marker that everything before it was handled.
     let r = rig.ask("opencode.prompt", "after the attack").await;
     assert_eq!(terminal(&r)["kind"], "final");
 
-    // Everything the spy saw: prompts, inbox replies, and errors on
+    // Everything the spy saw: prompts, replies on inboxes, errors on
     // opencode.reply.<valid id>; never a subject made of the bad text.
-    let seen = drain_subjects(&mut spy, Duration::from_millis(500)).await;
-    let mut errors = 0;
+    let seen = drain_subjects(&mut spy, Duration::from_millis(300)).await;
     for (subject, body) in &seen {
         for value in bad {
             if value.len() > 1 {
@@ -691,22 +726,51 @@ async fn subject_injection_is_refused_and_never_published() {
             }
         }
         assert!(
-            !subject.contains(['*', '>', ' ']) && !subject.contains("..") && !subject.starts_with('$'),
+            !subject.contains(['*', '>', ' '])
+                && !subject.contains("..")
+                && !subject.starts_with('$'),
             "{subject:?}"
         );
         if body["kind"] == "error" {
             assert_eq!(body["code"], "bad_request", "{subject}: {body}");
-            errors += 1;
-            if subject.starts_with("opencode.reply.") {
-                let trace = body["trace_id"].as_str().unwrap();
-                assert_eq!(subject, &format!("opencode.reply.{trace}"));
+            assert_eq!(body["retryable"], false, "{subject}: {body}");
+            if let Some(trace) = subject.strip_prefix("opencode.reply.") {
+                assert_eq!(body["trace_id"], trace, "{body}");
             } else {
-                assert!(subject.starts_with("_INBOX."), "{subject}: {body}");
+                assert!(
+                    subject.starts_with("inj.in.") || subject.starts_with("_INBOX."),
+                    "{subject}: {body}"
+                );
             }
         }
     }
-    assert_eq!(errors, expected_errors, "one error per bad prompt: {seen:#?}");
-    assert!(rig.fake.prompts().len() == 1, "only the good prompt reached OpenCode");
+    let errors: Vec<&(String, Value)> = seen.iter().filter(|(_, b)| b["kind"] == "error").collect();
+    assert_eq!(
+        errors.len(),
+        sent.len(),
+        "one error per bad prompt: {seen:#?}"
+    );
+    for (inbox, field, value) in &sent {
+        let Some(inbox) = inbox else { continue };
+        let mine: Vec<_> = errors.iter().filter(|(s, _)| s == inbox).collect();
+        assert_eq!(mine.len(), 1, "{field}={value:?}: {seen:#?}");
+        let body = &mine[0].1;
+        assert_eq!(body["seq"], 0);
+        if *field != "header" {
+            assert!(
+                body["error"].as_str().unwrap().contains(field),
+                "{field}={value:?}: {body}"
+            );
+        }
+        if *field == "conversation" || *field == "reply_to" {
+            assert_eq!(body["trace_id"], "inj-ok", "{body}");
+        }
+    }
+    assert_eq!(
+        rig.fake.prompts().len(),
+        1,
+        "only the good prompt reached OpenCode"
+    );
     rig.stop().await;
 }
 
@@ -760,13 +824,7 @@ async fn duplicated_updates_do_not_duplicate_text() {
             t.begin();
             let a = t.assistant();
             t.reasoning(&a, &["Hmm, ", "let me see."]);
-            t.tool(
-                &a,
-                "call_dup",
-                "bash",
-                &json!({"command": "true"}),
-                Ok(""),
-            );
+            t.tool(&a, "call_dup", "bash", &json!({"command": "true"}), Ok(""));
             t.text(&a, &["Twice ", "sent, ", "once ", "shown."]);
             t.finish(&a, "stop");
             t.end();
@@ -960,7 +1018,11 @@ async fn a_cut_stream_mid_turn_loses_and_duplicates_nothing() {
             for d in after {
                 t.delta(&a, &p, d);
             }
-            t.part_end(&a, &p, &[before.concat(), lost.concat(), after.concat()].concat());
+            t.part_end(
+                &a,
+                &p,
+                &[before.concat(), lost.concat(), after.concat()].concat(),
+            );
             t.finish(&a, "stop");
             t.end();
             t.build()
@@ -996,7 +1058,13 @@ async fn opencode_unreachable_is_a_retryable_error() {
     let bridge = Bridge::start(cfg).await;
     let c = client(&nats.url()).await;
     let started = Instant::now();
-    let r = request(&c, "opencode.prompt", "anyone there?", Duration::from_secs(35)).await;
+    let r = request(
+        &c,
+        "opencode.prompt",
+        "anyone there?",
+        Duration::from_secs(35),
+    )
+    .await;
     assert_well_formed(&r);
     assert_eq!(kinds(&r), ["error"], "{r:#?}");
     let e = terminal(&r);
@@ -1005,7 +1073,13 @@ async fn opencode_unreachable_is_a_retryable_error() {
     assert!(started.elapsed() < Duration::from_secs(35));
     // Also for a conversation (the session map is empty: OpenCode was down
     // at start).
-    let r = request(&c, "opencode.prompt.conv.x", "and now?", Duration::from_secs(35)).await;
+    let r = request(
+        &c,
+        "opencode.prompt.conv.x",
+        "and now?",
+        Duration::from_secs(35),
+    )
+    .await;
     assert_eq!(terminal(&r)["code"], "opencode_unavailable", "{r:#?}");
     bridge.stop().await.unwrap();
 }
@@ -1034,7 +1108,9 @@ async fn the_idle_deadline_aborts_a_silent_turn() {
     // What was streamed before the silence was published.
     assert_eq!(delta_text(&r), "Starting... ");
     let sid = e["session_id"].as_str().unwrap();
-    let aborts = rig.fake.requests_to("POST", &format!("/session/{sid}/abort"));
+    let aborts = rig
+        .fake
+        .requests_to("POST", &format!("/session/{sid}/abort"));
     assert_eq!(aborts.len(), 1, "the session was aborted");
     rig.stop().await;
 }
@@ -1048,7 +1124,14 @@ async fn graceful_shutdown_ends_a_slow_turn_with_shutting_down() {
         |c| c.shutdown.grace = Duration::from_millis(500),
     )
     .await;
-    let mut sub = send_request(&rig.client, "opencode.prompt", HeaderMap::new(), "slow one").await;
+    let subject = "opencode.prompt.shut";
+    let mut sub = send_request(&rig.client, subject, HeaderMap::new(), "slow one").await;
+    // A second prompt of the conversation waits in its queue.
+    let mut queued = send_request(&rig.client, subject, HeaderMap::new(), "queued one").await;
+    // The server has both prompts (and sent them to the bridge) before the
+    // bridge drains: a prompt reaching the server after the drain's UNSUB
+    // would be lost by core NATS, not by the bridge.
+    barrier(&rig.client).await;
     rig.fake
         .wait_until("the turn started", Duration::from_secs(5), |f| {
             f.turns()
@@ -1067,13 +1150,439 @@ async fn graceful_shutdown_ends_a_slow_turn_with_shutting_down() {
     assert_eq!(e["kind"], "error", "{r:#?}");
     assert_eq!(e["code"], "shutting_down", "{e}");
     assert_eq!(e["retryable"], true);
+    assert_eq!(delta_text(&r), "Starting... ");
+    let q = collect_until_terminal(&mut queued, TURN).await;
+    assert_well_formed(&q);
+    assert_eq!(kinds(&q), ["error"], "{q:#?}");
+    assert_eq!(terminal(&q)["code"], "shutting_down");
     let (res, took) = stopping.await.unwrap();
     res.expect("stop() returns Ok");
     assert!(took < Duration::from_secs(5), "{took:?}");
+    let aborts: Vec<_> = rig
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/abort"))
+        .collect();
+    assert_eq!(aborts.len(), 1, "the running turn was aborted in OpenCode");
     assert_eq!(
-        rig.fake.requests_to("POST", "/session/").iter().filter(|r| r.path.ends_with("/abort")).count(),
+        rig.fake.prompts().len(),
         1,
-        "the turn was aborted in OpenCode"
+        "the queued prompt never started"
     );
     rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_retries_keep_the_turn_alive() {
+    let rig = Rig::start(
+        |input| {
+            let mut t = TurnBuilder::new(input);
+            let sid = t.sid.clone();
+            t.begin();
+            let a = t.assistant();
+            // OpenCode retrying a 5xx: only retry statuses for 2.4 s, longer
+            // than idle_timeout, then the answer.
+            for attempt in 1..=4 {
+                t.sleep_ms(600);
+                t.emit(ev::retry(&sid, attempt, "Upstream overloaded"));
+            }
+            t.text(&a, &["Got ", "there."]);
+            t.finish(&a, "stop");
+            t.end();
+            t.build()
+        },
+        |c| c.turn.idle_timeout = Duration::from_secs(1),
+    )
+    .await;
+    let r = rig.ask("opencode.prompt", "retry please").await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], "Got there.");
+    rig.stop().await;
+}
+
+// More: situations the real OpenCode cannot be made to produce on cue. ------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_turn_ends_while_the_stream_is_down() {
+    let rig = Rig::start(
+        |input| {
+            let mut t = TurnBuilder::new(input);
+            t.begin();
+            let a = t.assistant();
+            let p = t.part_start(&a, "text");
+            t.delta(&a, &p, "Before ");
+            t.sleep_ms(50);
+            t.push(Step::DropStreams);
+            // The rest of the turn, idle included, while nobody listens.
+            t.delta(&a, &p, "the gap, ");
+            t.delta(&a, &p, "and after.");
+            t.part_end(&a, &p, "Before the gap, and after.");
+            t.finish(&a, "stop");
+            t.end();
+            t.build()
+        },
+        |_| {},
+    )
+    .await;
+    let r = rig.ask("opencode.prompt", "end in the dark").await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], "Before the gap, and after.");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_is_replaced_and_the_turn_completes() {
+    let rig = Rig::start(
+        |input| {
+            let mut t = TurnBuilder::new(input);
+            t.begin();
+            let a = t.assistant();
+            let p = t.part_start(&a, "text");
+            t.delta(&a, &p, "Alive, ");
+            t.push(Step::Stall(true));
+            // Held on the stalled connection; the bridge gives up on it
+            // after stream_stall_timeout and connects again.
+            t.delta(&a, &p, "stalled, ");
+            t.sleep_ms(1200);
+            t.delta(&a, &p, "alive again.");
+            t.part_end(&a, &p, "Alive, stalled, alive again.");
+            t.finish(&a, "stop");
+            t.end();
+            t.build()
+        },
+        |c| c.opencode.stream_stall_timeout = Duration::from_millis(500),
+    )
+    .await;
+    let r = rig.ask("opencode.prompt", "stall").await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], "Alive, stalled, alive again.");
+    assert!(rig.fake.streams_opened() >= 2, "the bridge reconnected");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_turn_that_falls_behind_catches_up_over_http() {
+    let w: Vec<String> = (0..400).map(|i| format!("w{i} ")).collect();
+    let full = w.concat();
+    let rig = Rig::start(
+        move |input| fake::text_turn(input, &owned(&w)),
+        |c| c.turn.event_buffer = 4,
+    )
+    .await;
+    let r = rig.ask("opencode.prompt", "a burst").await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], full.as_str());
+    assert_eq!(delta_text(&r), full);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_session_is_recreated() {
+    let rig = Rig::start(fake::default_script, |_| {}).await;
+    let r1 = rig.ask("opencode.prompt.gone", "first").await;
+    let sid1 = terminal(&r1)["session_id"].as_str().unwrap().to_string();
+    assert!(rig.fake.remove_session(&sid1));
+    let r2 = rig.ask("opencode.prompt.gone", "second").await;
+    let fin = terminal(&r2);
+    assert_eq!(fin["kind"], "final", "{r2:#?}");
+    assert_eq!(fin["content"], fake::echo_reply("second").as_str());
+    assert_eq!(fin["session_recreated"], true);
+    assert_ne!(fin["session_id"], sid1.as_str());
+    // And the third turn uses the new session without fuss.
+    let r3 = rig.ask("opencode.prompt.gone", "third").await;
+    assert_eq!(terminal(&r3)["session_id"], fin["session_id"]);
+    assert!(terminal(&r3).get("session_recreated").is_none());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_are_found_again_after_a_restart() {
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start_with(FakeOptions {
+        password: Some(PASSWORD.into()),
+        ..FakeOptions::default()
+    })
+    .await;
+    // Left by an earlier run of the bridge (and one that is not ours).
+    let old = fake.add_session("nats:team.ops");
+    fake.add_session("someone else's session");
+    let bridge = Bridge::start(test_config(&nats.url(), &fake.url(), Some(PASSWORD))).await;
+    let c = client(&nats.url()).await;
+    let r = request(&c, "opencode.prompt.team.ops", "back again", TURN).await;
+    assert_well_formed(&r);
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+    assert_eq!(terminal(&r)["session_id"], old.as_str());
+    assert!(fake
+        .requests_to("POST", "/session")
+        .iter()
+        .all(|r| r.path != "/session"));
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_not_retryable() {
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start_with(FakeOptions {
+        password: Some(PASSWORD.into()),
+        ..FakeOptions::default()
+    })
+    .await;
+    let mut cfg = test_config(&nats.url(), &fake.url(), Some("not-the-password"));
+    cfg.opencode.request_timeout = Duration::from_secs(2);
+    let bridge = Bridge::start(cfg).await;
+    let c = client(&nats.url()).await;
+    let r = request(&c, "opencode.prompt", "let me in", TURN).await;
+    assert_well_formed(&r);
+    let e = terminal(&r);
+    assert_eq!(e["kind"], "error", "{r:#?}");
+    assert_eq!(e["code"], "opencode_error", "{e}");
+    assert_eq!(e["retryable"], false, "{e}");
+    assert!(!e["error"].as_str().unwrap().contains("not-the-password"));
+    assert!(fake.prompts().is_empty());
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_are_rejected() {
+    let rig = Rig::start(
+        |input| {
+            let mut t = TurnBuilder::new(input);
+            let sid = t.sid.clone();
+            t.begin();
+            let a1 = t.assistant();
+            let args = json!({"questions": [{"question": "Which?", "header": "Pick",
+                              "options": [{"label": "A", "description": "a"}], "multiple": false}]});
+            let p = t.tool_start(&a1, "call_q", "question", &args);
+            t.emit(json!({"type": "question.asked", "properties": {
+                "id": "que_fake1", "sessionID": sid, "questions": args["questions"],
+                "tool": {"messageID": a1, "callID": "call_q"}}}));
+            t.push(Step::WaitForRequest {
+                method: "POST".into(),
+                path: "/question/que_fake1/reject".into(),
+                timeout: Duration::from_secs(5),
+            });
+            t.emit(json!({"type": "question.rejected", "properties": {
+                "sessionID": sid, "requestID": "que_fake1"}}));
+            t.tool_end(&a1, &p, "call_q", "question", &args, Err("The user dismissed this question"));
+            t.finish(&a1, "tool-calls");
+            let a2 = t.assistant();
+            t.text(&a2, &["I will ", "pick A."]);
+            t.finish(&a2, "stop");
+            t.end();
+            t.build()
+        },
+        |_| {},
+    )
+    .await;
+    let r = rig.ask("opencode.prompt", "ask me").await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], "I will pick A.");
+    assert!(
+        fin["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("question")),
+        "{fin}"
+    );
+    assert_eq!(
+        rig.fake
+            .requests_to("POST", "/question/que_fake1/reject")
+            .len(),
+        1
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_event_at_all_hits_the_first_event_deadline() {
+    let rig = Rig::start(
+        |_| TurnScript::new().sleep_ms(10_000),
+        |c| c.turn.first_event_timeout = Duration::from_secs(1),
+    )
+    .await;
+    let r = rig.ask("opencode.prompt", "hello?").await;
+    let e = terminal(&r);
+    assert_eq!(kinds(&r), ["error"], "{r:#?}");
+    assert_eq!(e["code"], "timeout");
+    assert!(
+        e["error"].as_str().unwrap().contains("first_event_timeout"),
+        "{e}"
+    );
+    let sid = e["session_id"].as_str().unwrap();
+    assert_eq!(
+        rig.fake
+            .requests_to("POST", &format!("/session/{sid}/abort"))
+            .len(),
+        1
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_session_and_model_are_passed_through() {
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start_with(FakeOptions {
+        password: Some(PASSWORD.into()),
+        providers: vec![
+            ("fake".into(), vec!["m1".into()]),
+            ("other".into(), vec!["m2".into()]),
+        ],
+        ..FakeOptions::default()
+    })
+    .await;
+    let bridge = Bridge::start(test_config(&nats.url(), &fake.url(), Some(PASSWORD))).await;
+    let client = client(&nats.url()).await;
+    let rig = Rig {
+        nats,
+        fake,
+        bridge: Some(bridge),
+        client,
+    };
+    let sid = rig.fake.add_session("made by hand");
+    let payload = json!({"text": "use this one", "session_id": sid, "model": "other/m2",
+                         "agent": "plan", "system": "be brief", "tools": {"bash": false}});
+    let r = rig.ask("opencode.prompt", &payload.to_string()).await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["session_id"], sid.as_str());
+    assert_eq!(fin["model"], "other/m2");
+    let body = rig.fake.prompts()[0].json();
+    assert_eq!(
+        body["model"],
+        json!({"providerID": "other", "modelID": "m2"})
+    );
+    assert_eq!(body["agent"], "plan");
+    assert_eq!(body["system"], "be brief");
+    assert_eq!(body["tools"], json!({"bash": false}));
+    // A model OpenCode does not have is refused before prompting.
+    for model in ["fake/nope", "nobody/m1"] {
+        let payload = json!({"text": "x", "model": model});
+        let r = rig.ask("opencode.prompt", &payload.to_string()).await;
+        assert_eq!(terminal(&r)["code"], "bad_request", "{model}: {r:#?}");
+    }
+    assert_eq!(rig.fake.prompts().len(), 1);
+    // An unknown session is the caller's mistake.
+    let payload = json!({"text": "x", "session_id": "ses_doesnotexist"});
+    let r = rig.ask("opencode.prompt", &payload.to_string()).await;
+    assert_eq!(terminal(&r)["code"], "bad_request", "{r:#?}");
+    rig.stop().await;
+}
+
+/// After a turn times out, the bridge aborts the session and ends the turn
+/// at once; OpenCode's abort events (`session.error MessageAbortedError`,
+/// idles) arrive a moment later, while the conversation's next prompt is
+/// already running. They must not end that next turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: mapper.rs:187-192 keeps any session.error, even a late abort of the previous turn, and conclude() (mapper.rs:389) fails a turn with no answer yet with it"]
+async fn a_late_abort_of_the_previous_turn_does_not_fail_the_next() {
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start_with(FakeOptions {
+        password: Some(PASSWORD.into()),
+        abort_delay: Duration::from_millis(150),
+        ..FakeOptions::default()
+    })
+    .await;
+    fake.set_script(|input| {
+        if input.text.contains("[hang]") {
+            fake::hang_turn(input, Duration::from_millis(200), Duration::from_secs(20))
+        } else {
+            let mut t = TurnBuilder::new(input);
+            t.gap_ms(50);
+            t.begin();
+            // The model takes a moment before the answer message exists:
+            // the abort events of the previous turn land in this window.
+            t.sleep_ms(500);
+            let a = t.assistant();
+            t.text(&a, &["Second ", "turn ", "is ", "fine."]);
+            t.finish(&a, "stop");
+            t.end();
+            t.build()
+        }
+    });
+    let mut cfg = test_config(&nats.url(), &fake.url(), Some(PASSWORD));
+    cfg.turn.idle_timeout = Duration::from_secs(1);
+    let bridge = Bridge::start(cfg).await;
+    let c = client(&nats.url()).await;
+    let mut s1 = send_request(&c, "opencode.prompt.late", HeaderMap::new(), "[hang] one").await;
+    let mut s2 = send_request(&c, "opencode.prompt.late", HeaderMap::new(), "two").await;
+    let r1 = collect_until_terminal(&mut s1, TURN).await;
+    assert_eq!(terminal(&r1)["code"], "timeout", "{r1:#?}");
+    let r2 = collect_until_terminal(&mut s2, TURN).await;
+    assert_well_formed(&r2);
+    let fin = terminal(&r2);
+    assert_eq!(fin["kind"], "final", "{r2:#?}");
+    assert_eq!(fin["content"], "Second turn is fine.");
+    bridge.stop().await.unwrap();
+}
+
+/// The stream drops while `prompt_async` is in flight and OpenCode runs the
+/// whole (short) turn in that gap: the turn must still be read from the
+/// message list once the stream is back, not wait for a deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: driver.rs:278-279 takes the stream epoch after prompt_async; a reconnect before the 204 is never noticed and the turn waits for first_event_timeout"]
+async fn a_turn_lost_in_a_reconnect_around_the_204_is_recovered() {
+    let rig = Rig::start(
+        |input| {
+            let mut t = TurnBuilder::new(input);
+            t.push(Step::DropStreams);
+            t.begin();
+            let a = t.assistant();
+            t.text(&a, &["Done ", "in the gap."]);
+            t.finish(&a, "stop");
+            t.end();
+            // The bridge is connected again before the 204.
+            t.push(Step::WaitForStream(Duration::from_secs(5)));
+            t.sleep_ms(100);
+            t.push(Step::Respond);
+            t.build()
+        },
+        |c| {
+            c.turn.first_event_timeout = Duration::from_secs(4);
+            c.turn.idle_timeout = Duration::from_secs(4);
+        },
+    )
+    .await;
+    let r = rig.ask("opencode.prompt", "blink").await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], "Done in the gap.");
+    rig.stop().await;
+}
+
+/// A final longer than the server's `max_payload` cannot be published as
+/// is; the turn must still end with a terminal reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: sink.rs:97/116-122 publishes final unsplit; above max_payload the publish fails, the sink still marks the turn terminated, and no terminal reply is ever sent"]
+async fn an_answer_longer_than_max_payload_still_ends_the_turn() {
+    let nats = NatsServer::start_with_config("max_payload: 65536\n");
+    let fake = FakeOpenCode::start_with(FakeOptions {
+        password: Some(PASSWORD.into()),
+        ..FakeOptions::default()
+    })
+    .await;
+    let chunk = "0123456789abcdef".repeat(64); // 1 KiB
+    let deltas: Vec<String> = (0..100).map(|_| chunk.clone()).collect();
+    fake.set_script(move |input| fake::text_turn(input, &owned(&deltas)));
+    let bridge = Bridge::start(test_config(&nats.url(), &fake.url(), Some(PASSWORD))).await;
+    let c = client(&nats.url()).await;
+    let r = request(&c, "opencode.prompt", "a long one", TURN).await;
+    // Every delta fits.
+    for (_, v) in &r {
+        assert!(serde_json::to_vec(v).unwrap().len() <= 65536);
+    }
+    let last = terminal(&r);
+    assert!(
+        last["kind"] == "final" || last["kind"] == "error",
+        "a terminal reply: {:?}",
+        kinds(&r)
+    );
+    assert_eq!(delta_text(&r).len(), 100 * 1024);
+    bridge.stop().await.unwrap();
 }

@@ -12,8 +12,9 @@
 //! | `GET /session`, `GET /session/{id}` | the sessions / one; unknown: 404 `{"name":"NotFoundError",...}` |
 //! | `POST /session/{id}/prompt_async` | runs the turn script; **204** (when the script says, see [`Step::Respond`]); unknown session 404; no `parts` 400 |
 //! | `GET /session/{id}/message` | the session's message list (see below) |
+//! | `GET /config/providers` | `{"providers":[{id, models:{...}}], "default":{...}}` from [`FakeOptions::providers`] |
 //! | `GET /session/status` | `{"<sid>":{"type":"busy"}}` for busy sessions |
-//! | `POST /session/{id}/abort` | 200 `true`; cancels the running scripts of the session and, if it was busy, emits what OpenCode emits on abort |
+//! | `POST /session/{id}/abort` | 200 `true`; cancels the running scripts of the session and, if it was busy, emits what OpenCode emits on abort ([`FakeOptions::abort_delay`] later) |
 //! | `POST /permission/{id}/reply`, `POST /session/{sid}/permissions/{id}` | 200 `true` for a permission asked on the stream, else 404 |
 //! | `POST /question/{id}/reject`, `POST /question/{id}/reply` | 200 `true` for a question asked, else 404 |
 //! | `GET /event` | `text/event-stream`, chunked, `server.connected` first; every event of every turn |
@@ -23,8 +24,8 @@
 //! Every request is recorded ([`FakeOpenCode::requests`]).
 //!
 //! # Turns are scripts
-//! Each `prompt_async` builds a [`TurnInput`] (session, text, body, a fresh
-//! user message id) and asks the test's script function
+//! Each `prompt_async` builds a [`TurnInput`] (session, text, body, the user
+//! message id: the body's `messageID` as OpenCode takes it, else a fresh one) and asks the test's script function
 //! ([`FakeOpenCode::set_script`], default [`default_script`]: markers in the
 //! text) for a [`TurnScript`]: a list of [`Step`]s run in order by a task of
 //! its own: emit an event, sleep, answer the `204`, drop the streams, wait for
@@ -34,8 +35,8 @@
 //!
 //! [`TurnBuilder`] writes realistic sequences mirroring the recorded
 //! fixtures of OpenCode 1.18.34 (`tests/fixtures/opencode-1.18.34/`): text,
-//! reasoning, tool calls, provider errors, with the same ids (`msg_` ascending,
-//! `prt_`, `evt_`), field names and order, plus some noise events.
+//! reasoning, tool calls, provider errors, with the same ids ([`next_id`]:
+//! `msg_`, `prt_`, `evt_` ascending, always above a client's `messageID`), field names and order, plus some noise events.
 //!
 //! # The message list follows the events
 //! Like OpenCode, the fake keeps each session's messages by applying the
@@ -60,7 +61,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{handler, HttpServer, Request, Response, ABORT};
-use super::real_opencode::ascending_id;
 
 /// The version the fake claims to be.
 pub const VERSION: &str = "1.18.34";
@@ -88,7 +88,8 @@ pub struct TurnInput {
     pub text: String,
     /// The whole `prompt_async` body.
     pub body: Value,
-    /// The user message id of this turn (ascending, fresh).
+    /// The user message id of this turn: the prompt's `messageID`, else a
+    /// fresh ascending id.
     pub user_id: String,
     /// A fresh assistant message id (after `user_id`), for `{asst}`.
     pub asst_id: String,
@@ -144,9 +145,13 @@ pub enum Step {
     /// Replace the session's message list.
     SetMessages(Vec<Value>),
     /// `server.heartbeat` on every stream every `every`, for `total`.
-    Heartbeats { every: Duration, total: Duration },
-    /// `true`: hold everything sent to the streams (events still apply to
-    /// the message list); `false`: send what was held, and go on.
+    Heartbeats {
+        every: Duration,
+        total: Duration,
+    },
+    /// `true`: hold everything sent to the streams connected now (events
+    /// still apply to the message list; streams connected later get events
+    /// live); `false`: release what they held, and go on.
     Stall(bool),
 }
 
@@ -255,7 +260,10 @@ pub struct TurnRecord {
 
 impl TurnRecord {
     pub fn first_emitted(&self, kind: &str) -> Option<Instant> {
-        self.emitted.iter().find(|(_, k)| k == kind).map(|(t, _)| *t)
+        self.emitted
+            .iter()
+            .find(|(_, k)| k == kind)
+            .map(|(t, _)| *t)
     }
 
     pub fn last_emitted(&self, kind: &str) -> Option<Instant> {
@@ -275,6 +283,10 @@ pub struct FakeOptions {
     /// On abort of a busy session, emit what OpenCode emits (the running
     /// assistant message gets `MessageAbortedError`, `session.error`, idle).
     pub abort_events: bool,
+    /// Those events come this long after the abort was answered.
+    pub abort_delay: Duration,
+    /// `GET /config/providers`: provider id -> model ids.
+    pub providers: Vec<(String, Vec<String>)>,
 }
 
 impl Default for FakeOptions {
@@ -282,6 +294,8 @@ impl Default for FakeOptions {
         FakeOptions {
             password: None,
             abort_events: true,
+            abort_delay: Duration::from_millis(20),
+            providers: vec![(PROVIDER.to_string(), vec![MODEL.to_string()])],
         }
     }
 }
@@ -333,12 +347,18 @@ impl State {
     }
 }
 
+/// One connected `GET /event`.
+struct Slot {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    /// `Some` while stalled: what it will get when released.
+    held: Option<Vec<Bytes>>,
+}
+
 #[derive(Default)]
 struct Wire {
-    streams: Vec<(u64, mpsc::Sender<Bytes>)>,
+    streams: Vec<Slot>,
     next_id: u64,
-    stalled: bool,
-    held: Vec<Bytes>,
 }
 
 struct Shared {
@@ -429,6 +449,14 @@ impl FakeOpenCode {
         lock(&self.shared.state).sessions.clone()
     }
 
+    /// Deletes a session (its messages too), as if a user removed it.
+    pub fn remove_session(&self, id: &str) -> bool {
+        let mut st = lock(&self.shared.state);
+        let before = st.sessions.len();
+        st.sessions.retain(|s| s.id != id);
+        st.sessions.len() != before
+    }
+
     /// A session made outside the bridge (as if left by an earlier run).
     pub fn add_session(&self, title: &str) -> String {
         let s = new_session(title, None);
@@ -446,8 +474,8 @@ impl FakeOpenCode {
     }
 
     /// Streams connected right now.
-    pub fn live_streams(&self) -> usize {
-        self.shared.live.load(Ordering::SeqCst)
+    pub async fn live_streams(&self) -> usize {
+        self.shared.live_count().await
     }
 
     /// `GET /event` connections accepted so far.
@@ -476,7 +504,8 @@ impl FakeOpenCode {
         self.shared.drop_streams().await;
     }
 
-    /// Holds (`true`) or releases (`false`) everything sent to the streams.
+    /// Holds (`true`) everything sent to the streams connected now, or
+    /// releases it (`false`). Streams connected later are not stalled.
     pub async fn stall(&self, on: bool) {
         self.shared.set_stalled(on).await;
     }
@@ -519,7 +548,7 @@ impl Shared {
             if !o.contains_key("id") {
                 // The envelope's `id` comes first, as OpenCode writes it.
                 let mut with_id = serde_json::Map::new();
-                with_id.insert("id".into(), json!(ascending_id("evt")));
+                with_id.insert("id".into(), json!(next_id("evt")));
                 with_id.extend(std::mem::take(o));
                 *o = with_id;
             }
@@ -547,53 +576,75 @@ impl Shared {
     }
 
     async fn send_locked(&self, wire: &mut Wire, bytes: Bytes) {
-        if wire.stalled {
-            wire.held.push(bytes);
-            return;
-        }
         let mut dead = Vec::new();
-        for (id, tx) in &wire.streams {
+        for slot in &mut wire.streams {
+            if let Some(held) = &mut slot.held {
+                held.push(bytes.clone());
+                continue;
+            }
             let ok = matches!(
-                tokio::time::timeout(SEND_TIMEOUT, tx.send(bytes.clone())).await,
+                tokio::time::timeout(SEND_TIMEOUT, slot.tx.send(bytes.clone())).await,
                 Ok(Ok(()))
             );
             if !ok {
-                dead.push(*id);
+                dead.push(slot.id);
             }
         }
-        if !dead.is_empty() {
-            wire.streams.retain(|(id, _)| !dead.contains(id));
-            self.live.store(wire.streams.len(), Ordering::SeqCst);
-        }
+        wire.streams
+            .retain(|s| !dead.contains(&s.id) && !s.tx.is_closed());
+        self.live.store(wire.streams.len(), Ordering::SeqCst);
     }
 
     async fn drop_streams(&self) {
         let mut wire = self.wire.lock().await;
-        for (_, tx) in wire.streams.drain(..) {
-            let _ = tx.try_send(ABORT);
+        for slot in wire.streams.drain(..) {
+            let _ = slot.tx.try_send(ABORT);
         }
         self.live.store(0, Ordering::SeqCst);
     }
 
+    /// Stalls every stream connected now (`true`; later connections are
+    /// not stalled), or releases what they held (`false`).
     async fn set_stalled(&self, on: bool) {
         let mut wire = self.wire.lock().await;
-        wire.stalled = on;
-        if !on {
-            let held = std::mem::take(&mut wire.held);
-            for b in held {
-                self.send_locked(&mut wire, b).await;
+        let mut dead = Vec::new();
+        for slot in &mut wire.streams {
+            if on {
+                slot.held.get_or_insert_with(Vec::new);
+                continue;
+            }
+            for b in slot.held.take().unwrap_or_default() {
+                let ok = matches!(
+                    tokio::time::timeout(SEND_TIMEOUT, slot.tx.send(b)).await,
+                    Ok(Ok(()))
+                );
+                if !ok {
+                    dead.push(slot.id);
+                    break;
+                }
             }
         }
+        wire.streams
+            .retain(|s| !dead.contains(&s.id) && !s.tx.is_closed());
+        self.live.store(wire.streams.len(), Ordering::SeqCst);
+    }
+
+    /// Streams connected now (closed ones pruned).
+    async fn live_count(&self) -> usize {
+        let mut wire = self.wire.lock().await;
+        wire.streams.retain(|s| !s.tx.is_closed());
+        self.live.store(wire.streams.len(), Ordering::SeqCst);
+        wire.streams.len()
     }
 
     async fn open_stream(&self) -> Response {
         let (tx, rx) = mpsc::channel(16 * 1024);
         let mut wire = self.wire.lock().await;
-        let connected = json!({"id": ascending_id("evt"), "type": "server.connected", "properties": {}});
+        let connected = json!({"id": next_id("evt"), "type": "server.connected", "properties": {}});
         let _ = tx.try_send(Bytes::from(format!("data: {connected}\n\n")));
         wire.next_id += 1;
         let id = wire.next_id;
-        wire.streams.push((id, tx));
+        wire.streams.push(Slot { id, tx, held: None });
         self.live.store(wire.streams.len(), Ordering::SeqCst);
         self.opened.fetch_add(1, Ordering::SeqCst);
         Response::Stream {
@@ -677,12 +728,18 @@ fn apply_event(st: &mut State, event: &Value) {
         }
         "session.status" => {
             let busy = props["status"]["type"] != "idle";
-            if let Some(s) = props["sessionID"].as_str().and_then(|id| st.session_mut(id)) {
+            if let Some(s) = props["sessionID"]
+                .as_str()
+                .and_then(|id| st.session_mut(id))
+            {
                 s.busy = busy;
             }
         }
         "session.idle" => {
-            if let Some(s) = props["sessionID"].as_str().and_then(|id| st.session_mut(id)) {
+            if let Some(s) = props["sessionID"]
+                .as_str()
+                .and_then(|id| st.session_mut(id))
+            {
                 s.busy = false;
             }
         }
@@ -752,6 +809,27 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
             Response::json(200, &json!({"healthy": true, "version": VERSION}))
         }
         ("GET", ["event"]) => shared.open_stream().await,
+        ("GET", ["config", "providers"]) => {
+            let providers: Vec<Value> = shared
+                .opts
+                .providers
+                .iter()
+                .map(|(id, models)| {
+                    let models: serde_json::Map<String, Value> = models
+                        .iter()
+                        .map(|m| (m.clone(), json!({"id": m, "name": m, "providerID": id})))
+                        .collect();
+                    json!({"id": id, "name": id, "source": "config", "models": models})
+                })
+                .collect();
+            let default: serde_json::Map<String, Value> = shared
+                .opts
+                .providers
+                .iter()
+                .filter_map(|(id, models)| Some((id.clone(), json!(models.first()?))))
+                .collect();
+            Response::json(200, &json!({"providers": providers, "default": default}))
+        }
         ("POST", ["session"]) => {
             let body: Value = req.json().unwrap_or(Value::Null);
             let title = body["title"]
@@ -843,8 +921,15 @@ async fn prompt_async(shared: Arc<Shared>, sid: String, req: Request) -> Respons
         .filter(|p| p["type"] == "text")
         .filter_map(|p| p["text"].as_str())
         .collect();
-    let user_id = ascending_id("msg");
-    let asst_id = ascending_id("msg");
+    // OpenCode takes the client's `messageID` for the user message.
+    let user_id = match body["messageID"].as_str() {
+        Some(id) if id.starts_with("msg") => {
+            observe_id(id);
+            id.to_string()
+        }
+        _ => next_id("msg"),
+    };
+    let asst_id = next_id("msg");
     let input = TurnInput {
         session_id: sid.clone(),
         text,
@@ -947,7 +1032,7 @@ async fn run_script(
             Step::DropStreams => shared.drop_streams().await,
             Step::WaitForStream(timeout) => {
                 let deadline = Instant::now() + timeout;
-                while shared.live.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+                while shared.live_count().await == 0 && Instant::now() < deadline {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(5)) => {}
@@ -961,9 +1046,10 @@ async fn run_script(
             } => {
                 let deadline = Instant::now() + timeout;
                 loop {
-                    let seen = lock(&shared.state).requests.iter().any(|r| {
-                        r.at >= since && r.method == method && r.path.starts_with(&path)
-                    });
+                    let seen = lock(&shared.state)
+                        .requests
+                        .iter()
+                        .any(|r| r.at >= since && r.method == method && r.path.starts_with(&path));
                     if seen || Instant::now() >= deadline {
                         break;
                     }
@@ -976,10 +1062,7 @@ async fn run_script(
             Step::SetMessages(list) => {
                 let _wire = shared.wire.lock().await;
                 if let Some(s) = lock(&shared.state).session_mut(&input.session_id) {
-                    s.messages = list
-                        .into_iter()
-                        .map(|m| substitute(m, &input))
-                        .collect();
+                    s.messages = list.into_iter().map(|m| substitute(m, &input)).collect();
                 }
             }
             Step::Heartbeats { every, total } => {
@@ -1043,6 +1126,14 @@ async fn abort(shared: Arc<Shared>, sid: String) {
     if !shared.opts.abort_events || !busy {
         return;
     }
+    // OpenCode answers `true` at once; the events follow.
+    tokio::spawn(async move {
+        tokio::time::sleep(shared.opts.abort_delay).await;
+        abort_events(&shared, &sid, open).await;
+    });
+}
+
+async fn abort_events(shared: &Shared, sid: &str, open: Vec<Value>) {
     let aborted = json!({"name": "MessageAbortedError", "data": {"message": "Aborted"}});
     shared
         .emit(
@@ -1052,7 +1143,7 @@ async fn abort(shared: Arc<Shared>, sid: String) {
             None,
         )
         .await;
-    for e in ev::idle(&sid) {
+    for e in ev::idle(sid) {
         shared.emit(e, true, true, None).await;
     }
     for mut info in open {
@@ -1067,7 +1158,7 @@ async fn abort(shared: Arc<Shared>, sid: String) {
             )
             .await;
     }
-    for e in ev::idle(&sid) {
+    for e in ev::idle(sid) {
         shared.emit(e, true, true, None).await;
     }
 }
@@ -1098,14 +1189,52 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The last id value handed out or seen (client-chosen `messageID`s
+/// included), so the fake's ids always sort after them.
+static LAST_ID: AtomicU64 = AtomicU64::new(0);
+
+/// An ascending OpenCode id: `prefix_` + 12 hex digits of
+/// `unix_ms * 0x1000 + counter` + 14 base62 characters, strictly above every
+/// id made or [`observe_id`]d before.
+pub fn next_id(prefix: &str) -> String {
+    let candidate = now_ms().wrapping_mul(0x1000) & 0xffff_ffff_ffff;
+    let mut last = LAST_ID.load(Ordering::SeqCst);
+    let value = loop {
+        let v = candidate.max(last + 1) & 0xffff_ffff_ffff;
+        match LAST_ID.compare_exchange(last, v, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => break v,
+            Err(l) => last = l,
+        }
+    };
+    format!("{prefix}_{value:012x}{}", base62_tail())
+}
+
+/// Raises the id floor to `id` (an id chosen by a client), so later
+/// [`next_id`]s sort after it.
+pub fn observe_id(id: &str) {
+    let hex = id.split_once('_').map(|(_, rest)| rest).unwrap_or("");
+    if let Some(v) = hex.get(..12).and_then(|h| u64::from_str_radix(h, 16).ok()) {
+        LAST_ID.fetch_max(v, Ordering::SeqCst);
+    }
+}
+
+fn base62_tail() -> String {
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    (0..14)
+        .map(|_| BASE62[rand::random_range(0..BASE62.len())] as char)
+        .collect()
+}
+
 /// A descending id, as OpenCode makes session ids (newer sort first).
 pub fn descending_id(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::SeqCst) & 0xfff;
     let value = (now_ms().wrapping_mul(0x1000).wrapping_add(n)) & 0xffff_ffff_ffff;
-    let asc = ascending_id(prefix);
-    let tail = &asc[asc.len() - 14..];
-    format!("{prefix}_{:012x}{tail}", !value & 0xffff_ffff_ffff)
+    format!(
+        "{prefix}_{:012x}{}",
+        !value & 0xffff_ffff_ffff,
+        base62_tail()
+    )
 }
 
 /// An `APIError` as OpenCode reports a provider's HTTP error.
@@ -1242,14 +1371,14 @@ pub mod ev {
     pub fn step_start(sid: &str, asst: &str) -> Value {
         part(
             sid,
-            json!({"id": ascending_id("prt"), "messageID": asst, "sessionID": sid, "type": "step-start"}),
+            json!({"id": next_id("prt"), "messageID": asst, "sessionID": sid, "type": "step-start"}),
         )
     }
 
     pub fn step_finish(sid: &str, asst: &str, reason: &str, cost: f64) -> Value {
         part(
             sid,
-            json!({"id": ascending_id("prt"), "reason": reason, "messageID": asst, "sessionID": sid,
+            json!({"id": next_id("prt"), "reason": reason, "messageID": asst, "sessionID": sid,
                    "type": "step-finish", "tokens": tokens(), "cost": cost}),
         )
     }
@@ -1297,8 +1426,10 @@ pub mod ev {
                        "metadata": {"output": out, "exit": 0, "truncated": false},
                        "title": tool, "time": {"start": start, "end": now_ms()}})
             }
-            _ => json!({"status": "error", "input": input, "error": outcome.unwrap_or("tool failed"),
-                        "time": {"start": start, "end": now_ms()}}),
+            _ => {
+                json!({"status": "error", "input": input, "error": outcome.unwrap_or("tool failed"),
+                        "time": {"start": start, "end": now_ms()}})
+            }
         };
         part(
             sid,
@@ -1406,7 +1537,7 @@ impl TurnBuilder {
         self.emit(ev::user_text(
             &sid,
             &user,
-            &ascending_id("prt"),
+            &next_id("prt"),
             &self.text.clone(),
         ));
         for n in ev::noise(&sid) {
@@ -1417,7 +1548,7 @@ impl TurnBuilder {
 
     /// A new assistant message answering the user message (no parts yet).
     pub fn assistant_bare(&mut self) -> String {
-        let asst = ascending_id("msg");
+        let asst = next_id("msg");
         let created = now_ms();
         self.created.insert(asst.clone(), created);
         let info = ev::assistant_info(
@@ -1451,10 +1582,18 @@ impl TurnBuilder {
 
     /// Opens an empty part of `kind` (`text` / `reasoning`); returns its id.
     pub fn part_start(&mut self, asst: &str, kind: &str) -> String {
-        let id = ascending_id("prt");
+        let id = next_id("prt");
         let start = now_ms();
         self.parts.insert(id.clone(), (kind.to_string(), start));
-        self.emit(ev::text_part(&self.sid.clone(), asst, &id, kind, "", start, None));
+        self.emit(ev::text_part(
+            &self.sid.clone(),
+            asst,
+            &id,
+            kind,
+            "",
+            start,
+            None,
+        ));
         id
     }
 
@@ -1508,7 +1647,7 @@ impl TurnBuilder {
     /// A tool part going `pending` -> `running` (twice, as OpenCode does);
     /// returns the part id. Finish it with [`tool_end`](Self::tool_end).
     pub fn tool_start(&mut self, asst: &str, call_id: &str, tool: &str, args: &Value) -> String {
-        let id = ascending_id("prt");
+        let id = next_id("prt");
         let sid = self.sid.clone();
         let start = now_ms();
         self.parts.insert(id.clone(), ("tool".into(), start));
@@ -1760,11 +1899,7 @@ pub fn default_script(input: &TurnInput) -> TurnScript {
         t.end();
         t.build()
     } else if text.contains("[hang]") {
-        hang_turn(
-            input,
-            Duration::from_millis(200),
-            Duration::from_secs(60),
-        )
+        hang_turn(input, Duration::from_millis(200), Duration::from_secs(60))
     } else {
         let w = words(&echo_reply(text));
         let refs: Vec<&str> = w.iter().map(String::as_str).collect();
