@@ -189,7 +189,12 @@ impl TurnMapper {
                     name: "UnknownError".into(),
                     data: Value::Null,
                 });
-                self.error = Some(error.clone());
+                // An abort on the stream may be a late echo of the previous
+                // turn's abort: an abort of this turn shows on its own
+                // assistant message (or the driver asked for it).
+                if error.name != "MessageAbortedError" {
+                    self.error = Some(error.clone());
+                }
                 Signal::Error(error)
             }
             Event::PermissionAsked(p) => Signal::Permission(p.clone()),

@@ -114,6 +114,9 @@ pub struct FinalReply {
     /// for this prompt (earlier context is lost).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub session_recreated: bool,
+    /// `content` was cut to fit the payload limit (the deltas are whole).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub content_truncated: bool,
 }
 
 /// Token counts summed over the turn's assistant messages.

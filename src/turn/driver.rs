@@ -245,6 +245,10 @@ async fn drive(
         check_model(ctx, m).await?;
     }
     let body = prompt_body(prompt);
+    // Watch the stream from before the prompt: a reconnect while OpenCode
+    // answers the POST must not go unnoticed.
+    let mut stream_state = ctx.hub.state();
+    let mut seen_epoch = stream_state.borrow().epoch;
     loop {
         sink.set_session(&session_id);
         match ctx.client.prompt_async(&session_id, &body).await {
@@ -275,8 +279,11 @@ async fn drive(
     let mut mapper = TurnMapper::new(&session_id, &body.message_id)
         .with_tool_result_limit(ctx.config.limits.max_tool_result_bytes);
     let mut out = Vec::new();
-    let mut stream_state = ctx.hub.state();
-    let mut seen_epoch = stream_state.borrow().epoch;
+    if sub.take_lagged() {
+        if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
+            return finish(c, inter, recreated);
+        }
+    }
     let mut got_first = false;
     let mut idle_deadline = Instant::now() + cfg.first_event_timeout;
     // When to look at the message list again without waiting for an event.
@@ -296,7 +303,7 @@ async fn drive(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                abort_quietly(ctx, &session_id).await;
+                abort_quietly(ctx, &mut sub, &session_id).await;
                 return Err(TurnError::new(ErrorCode::ShuttingDown, "the bridge is shutting down; the turn was aborted"));
             }
             _ = abort.cancelled() => {
@@ -389,7 +396,7 @@ async fn drive(
                 match which {
                     Deadline::Recheck => { check_end = true; recheck_at = None; }
                     _ => {
-                        abort_quietly(ctx, &session_id).await;
+                        abort_quietly(ctx, &mut sub, &session_id).await;
                         let (name, d) = match which {
                             Deadline::FirstEvent => ("first_event_timeout", cfg.first_event_timeout),
                             Deadline::Idle => ("idle_timeout", cfg.idle_timeout),
@@ -431,6 +438,14 @@ async fn drive(
         }
     };
 
+    finish(conclusion, inter, recreated)
+}
+
+fn finish(
+    conclusion: Conclusion,
+    inter: &mut Interactive,
+    recreated: bool,
+) -> Result<FinalReply, TurnError> {
     match conclusion {
         Conclusion::Final(mut fin) => {
             fin.notes = std::mem::take(&mut inter.notes);
@@ -604,12 +619,30 @@ async fn abort_turn(
     TurnError::new(ErrorCode::Aborted, message)
 }
 
-async fn abort_quietly(ctx: &TurnContext, session_id: &str) {
-    if let Err(e) = ctx
-        .client
-        .abort(session_id, ctx.config.turn.abort_timeout)
-        .await
-    {
+/// Aborts the session and waits (bounded) until OpenCode confirms it, so
+/// the abort's late events never reach the conversation's next turn.
+async fn abort_quietly(ctx: &TurnContext, sub: &mut Subscription, session_id: &str) {
+    let bound = ctx.config.turn.abort_timeout;
+    if let Err(e) = ctx.client.abort(session_id, bound).await {
         warn!(%session_id, error = %e, "aborting the OpenCode session failed");
+        return;
+    }
+    let settled = tokio::time::timeout(bound, async {
+        while let Some(ev) = sub.recv().await {
+            if matches!(
+                ev,
+                crate::opencode::events::Event::SessionIdle { .. }
+                    | crate::opencode::events::Event::SessionStatus {
+                        status: crate::opencode::events::SessionStatus::Idle,
+                        ..
+                    }
+            ) {
+                return;
+            }
+        }
+    })
+    .await;
+    if settled.is_err() {
+        warn!(%session_id, "OpenCode did not confirm the abort in time");
     }
 }

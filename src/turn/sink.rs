@@ -6,7 +6,7 @@ use tracing::{debug, warn};
 
 use crate::bus::Publisher;
 use crate::protocol::reply::split_utf8;
-use crate::protocol::{Reply, ReplyBody};
+use crate::protocol::{ErrorCode, Reply, ReplyBody};
 
 /// Room left in a payload for the JSON envelope and headers around the text.
 const ENVELOPE_ROOM: usize = 1024;
@@ -94,6 +94,21 @@ impl ReplySink {
                     self.publish(&b).await;
                 }
             }
+            ReplyBody::Final(fin) if fin.content.len() > self.max_content => {
+                // The deltas carry the whole text; the final keeps a prefix.
+                let mut fin = fin.clone();
+                let mut cut = self.max_content;
+                while !fin.content.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let total = fin.content.len();
+                fin.content.truncate(cut);
+                fin.content_truncated = true;
+                fin.notes.push(format!(
+                    "final.content cut at {cut} of {total} bytes to fit the payload limit; the deltas carry the whole text"
+                ));
+                self.publish(&ReplyBody::Final(fin)).await
+            }
             _ => self.publish(&body).await,
         }
     }
@@ -114,6 +129,22 @@ impl ReplySink {
         };
         if let Err(e) = self.publisher.publish(&self.subject, &reply).await {
             warn!(trace_id = %self.trace_id, seq = self.seq, error = %e, "publishing a reply failed");
+            if body.is_terminal()
+                && !matches!(
+                    body,
+                    ReplyBody::Error {
+                        code: ErrorCode::Internal,
+                        ..
+                    }
+                )
+            {
+                // The turn must still end: a small error in its place, same seq.
+                let fallback = ReplyBody::error(
+                    ErrorCode::Internal,
+                    format!("the {} reply could not be published: {e}", body.kind()),
+                );
+                return Box::pin(self.publish(&fallback)).await;
+            }
         } else {
             debug!(trace_id = %self.trace_id, seq = self.seq, kind = body.kind(), "reply published");
         }

@@ -1480,7 +1480,6 @@ async fn an_explicit_session_and_model_are_passed_through() {
 /// idles) arrive a moment later, while the conversation's next prompt is
 /// already running. They must not end that next turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: mapper.rs:187-192 keeps any session.error, even a late abort of the previous turn, and conclude() (mapper.rs:389) fails a turn with no answer yet with it"]
 async fn a_late_abort_of_the_previous_turn_does_not_fail_the_next() {
     let nats = NatsServer::start();
     let fake = FakeOpenCode::start_with(FakeOptions {
@@ -1526,7 +1525,6 @@ async fn a_late_abort_of_the_previous_turn_does_not_fail_the_next() {
 /// whole (short) turn in that gap: the turn must still be read from the
 /// message list once the stream is back, not wait for a deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: driver.rs:278-279 takes the stream epoch after prompt_async; a reconnect before the 204 is never noticed and the turn waits for first_event_timeout"]
 async fn a_turn_lost_in_a_reconnect_around_the_204_is_recovered() {
     let rig = Rig::start(
         |input| {
@@ -1559,7 +1557,6 @@ async fn a_turn_lost_in_a_reconnect_around_the_204_is_recovered() {
 /// A final longer than the server's `max_payload` cannot be published as
 /// is; the turn must still end with a terminal reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: sink.rs:97/116-122 publishes final unsplit; above max_payload the publish fails, the sink still marks the turn terminated, and no terminal reply is ever sent"]
 async fn an_answer_longer_than_max_payload_still_ends_the_turn() {
     let nats = NatsServer::start_with_config("max_payload: 65536\n");
     let fake = FakeOpenCode::start_with(FakeOptions {
