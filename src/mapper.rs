@@ -97,6 +97,8 @@ pub struct TurnMapper {
     error: Option<MessageError>,
     /// Tool results above this many bytes are cut (`truncated: true`).
     max_tool_result: usize,
+    /// Subagent sessions started by this turn's `task` calls.
+    children: Vec<(String, String)>,
 }
 
 impl TurnMapper {
@@ -110,6 +112,7 @@ impl TurnMapper {
             tools: HashMap::new(),
             error: None,
             max_tool_result: usize::MAX,
+            children: Vec::new(),
         }
     }
 
@@ -139,8 +142,19 @@ impl TurnMapper {
 
     /// Feeds one event; pushes the replies it produces onto `out`.
     pub fn on_event(&mut self, event: &Event, out: &mut Vec<ReplyBody>) -> Signal {
-        if event.session_id() != Some(self.session_id.as_str()) {
+        let Some(sid) = event.session_id() else {
             return Signal::Nothing;
+        };
+        if sid != self.session_id {
+            let Some(parent_call) = self
+                .children
+                .iter()
+                .find(|(c, _)| c == sid)
+                .map(|(_, call)| call.clone())
+            else {
+                return Signal::Nothing;
+            };
+            return self.on_child_event(event, &parent_call, out);
         }
         match event {
             Event::MessageUpdated(info) => {
@@ -204,6 +218,33 @@ impl TurnMapper {
         }
     }
 
+    /// An event of a subagent session this turn started: its tool calls
+    /// are relayed with `parent_call_id`, its permission requests and
+    /// questions handled like the turn's own, and any of its activity keeps
+    /// the turn alive.
+    fn on_child_event(
+        &mut self,
+        event: &Event,
+        parent_call: &str,
+        out: &mut Vec<ReplyBody>,
+    ) -> Signal {
+        match event {
+            Event::PartUpdated(p) if p.kind == "tool" => {
+                tool_replies(
+                    p,
+                    &mut self.tools,
+                    self.max_tool_result,
+                    Some(parent_call),
+                    out,
+                );
+                Signal::Progress
+            }
+            Event::PermissionAsked(p) => Signal::Permission(p.clone()),
+            Event::QuestionAsked(q) => Signal::Question(q.clone()),
+            _ => Signal::Progress,
+        }
+    }
+
     fn on_message(&mut self, info: &MessageInfo) {
         // Only assistant messages answering this turn's user message count;
         // user messages (ours reappears mid-turn) carry nothing to relay.
@@ -244,59 +285,56 @@ impl TurnMapper {
     }
 
     fn on_tool(&mut self, part: &Part, out: &mut Vec<ReplyBody>) {
-        let (Some(call_id), Some(state)) = (&part.call_id, &part.state) else {
-            return;
-        };
-        let tool = part.tool.clone().unwrap_or_default();
-        let track = self.tools.entry(call_id.clone()).or_default();
-        let emit_call = |track: &mut ToolTrack, out: &mut Vec<ReplyBody>| {
-            if !track.call_emitted {
-                track.call_emitted = true;
-                let args = match &state.input {
-                    Value::Object(_) => state.input.clone(),
-                    Value::Null => Value::Object(Default::default()),
-                    other => serde_json::json!({ "input": other }),
-                };
-                out.push(ReplyBody::ToolCall {
-                    call_id: call_id.clone(),
-                    tool: tool.clone(),
-                    args,
-                });
-            }
-        };
-        match state.status.as_str() {
-            // `pending` carries no arguments yet.
-            "pending" => {}
-            "running" => emit_call(track, out),
-            "completed" | "error" => {
-                emit_call(track, out);
-                if !track.result_emitted {
-                    track.result_emitted = true;
-                    let success = state.status == "completed";
-                    let mut result = if success {
-                        state.output.clone().unwrap_or_default()
-                    } else {
-                        state.error.clone().unwrap_or_else(|| "tool failed".into())
-                    };
-                    let truncated = result.len() > self.max_tool_result;
-                    if truncated {
-                        let mut cut = self.max_tool_result;
-                        while !result.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        result.truncate(cut);
-                    }
-                    out.push(ReplyBody::ToolResult {
-                        call_id: call_id.clone(),
-                        tool: tool.clone(),
-                        success,
-                        result,
-                        truncated,
-                    });
+        if let (Some("task"), Some(call_id), Some(state)) =
+            (part.tool.as_deref(), &part.call_id, &part.state)
+        {
+            if let Some(child) = state.metadata.get("sessionId").and_then(Value::as_str) {
+                if !self.children.iter().any(|(c, _)| c == child) {
+                    self.children.push((child.to_string(), call_id.clone()));
                 }
             }
-            _ => {}
         }
+        tool_replies(part, &mut self.tools, self.max_tool_result, None, out);
+    }
+
+    /// The subagent (child) sessions this turn's `task` calls started, as
+    /// seen so far: `(child session id, the parent's call id)`.
+    pub fn child_sessions(&self) -> &[(String, String)] {
+        &self.children
+    }
+
+    /// A child session's work, read from its message list once the turn is
+    /// over: its tool calls and results (with `parent_call_id`) are pushed
+    /// onto `out`, its usage and cost added to `fin`.
+    pub fn child_activity(
+        &mut self,
+        parent_call_id: &str,
+        child: &[MessageWithParts],
+        fin: &mut FinalReply,
+        out: &mut Vec<ReplyBody>,
+    ) {
+        let mut usage = UsageSum::from(fin.usage);
+        for m in child {
+            if m.info.role != Role::Assistant {
+                continue;
+            }
+            if let Some(t) = &m.info.tokens {
+                usage.add(t);
+            }
+            fin.cost += m.info.cost.unwrap_or(0.0);
+            for p in &m.parts {
+                if p.kind == "tool" {
+                    tool_replies(
+                        p,
+                        &mut self.tools,
+                        self.max_tool_result,
+                        Some(parent_call_id),
+                        out,
+                    );
+                }
+            }
+        }
+        fin.usage = usage.into();
     }
 
     /// The slice of `messages` that is this turn: its user message and what
@@ -428,6 +466,73 @@ impl TurnMapper {
     }
 }
 
+/// `tool_call` once a call has its arguments, `tool_result` once it ends;
+/// each at most once per call id.
+fn tool_replies(
+    part: &Part,
+    tools: &mut HashMap<String, ToolTrack>,
+    max_tool_result: usize,
+    parent_call_id: Option<&str>,
+    out: &mut Vec<ReplyBody>,
+) {
+    let (Some(call_id), Some(state)) = (&part.call_id, &part.state) else {
+        return;
+    };
+    let tool = part.tool.clone().unwrap_or_default();
+    let track = tools.entry(call_id.clone()).or_default();
+    let parent = parent_call_id.map(str::to_string);
+    let emit_call = |track: &mut ToolTrack, out: &mut Vec<ReplyBody>| {
+        if !track.call_emitted {
+            track.call_emitted = true;
+            let args = match &state.input {
+                Value::Object(_) => state.input.clone(),
+                Value::Null => Value::Object(Default::default()),
+                other => serde_json::json!({ "input": other }),
+            };
+            out.push(ReplyBody::ToolCall {
+                call_id: call_id.clone(),
+                tool: tool.clone(),
+                args,
+                parent_call_id: parent.clone(),
+            });
+        }
+    };
+    match state.status.as_str() {
+        // `pending` carries no arguments yet.
+        "pending" => {}
+        "running" => emit_call(track, out),
+        "completed" | "error" => {
+            emit_call(track, out);
+            if !track.result_emitted {
+                track.result_emitted = true;
+                let success = state.status == "completed";
+                let mut result = if success {
+                    state.output.clone().unwrap_or_default()
+                } else {
+                    state.error.clone().unwrap_or_else(|| "tool failed".into())
+                };
+                let truncated = result.len() > max_tool_result;
+                if truncated {
+                    let mut cut = max_tool_result;
+                    while !result.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    result.truncate(cut);
+                }
+                out.push(ReplyBody::ToolResult {
+                    call_id: call_id.clone(),
+                    tool: tool.clone(),
+                    success,
+                    result,
+                    truncated,
+                    parent_call_id: parent.clone(),
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
 fn emit_suffix(track: &mut PartTrack, part_id: &str, text: &str, out: &mut Vec<ReplyBody>) {
     if text.len() <= track.emitted || !text.is_char_boundary(track.emitted) {
         return;
@@ -462,6 +567,18 @@ impl UsageSum {
         self.reasoning += t.reasoning;
         self.cache_read += t.cache.read;
         self.cache_write += t.cache.write;
+    }
+}
+
+impl From<Usage> for UsageSum {
+    fn from(u: Usage) -> UsageSum {
+        UsageSum {
+            input: u.input as f64,
+            output: u.output as f64,
+            reasoning: u.reasoning as f64,
+            cache_read: u.cache_read as f64,
+            cache_write: u.cache_write as f64,
+        }
     }
 }
 

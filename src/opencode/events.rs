@@ -211,6 +211,10 @@ pub struct ToolState {
     pub output: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Tool-specific; the `task` tool puts its child session's id here
+    /// (`sessionId`).
+    #[serde(default)]
+    pub metadata: Value,
 }
 
 /// `message.part.delta`: text to append to one field of a part. Reasoning
@@ -344,6 +348,113 @@ struct AnySessionRef {
 
 /// Parses one SSE `data` payload.
 pub fn parse_event(data: &str) -> Result<Event, EventError> {
+    // One pass over the JSON when it has OpenCode's usual shape (`type`
+    // before `properties`, keys and type without escapes). Anything else,
+    // and every error, goes through the two-pass reading below, which
+    // decides the result: the one pass only ever agrees with it (tested).
+    if let Ok(OnePass(event)) = serde_json::from_str(data) {
+        return Ok(event);
+    }
+    parse_two_pass(data)
+}
+
+/// The envelope read in one pass: `properties` is deserialised straight
+/// into the type's struct instead of being captured and parsed again.
+struct OnePass(Event);
+
+impl<'de> Deserialize<'de> for OnePass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(OnePassVisitor)
+    }
+}
+
+struct OnePassVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OnePassVisitor {
+    type Value = OnePass;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an OpenCode event with `type` before `properties`")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OnePass, A::Error> {
+        use serde::de::{Error, IgnoredAny};
+        let mut kind: Option<&'de str> = None;
+        let mut event = None;
+        while let Some(key) = map.next_key::<&'de str>()? {
+            match key {
+                "type" if kind.is_none() => kind = Some(map.next_value()?),
+                "properties" if event.is_none() => match kind {
+                    Some(k) => event = Some(map.next_value_seed(Props(k))?),
+                    None => return Err(A::Error::custom("properties before type")),
+                },
+                "type" | "properties" => return Err(A::Error::custom("duplicate field")),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        event
+            .map(OnePass)
+            .ok_or_else(|| A::Error::custom("no properties"))
+    }
+}
+
+/// The properties of an event of type `.0`, as [`parse_two_pass`] reads them.
+struct Props<'a>(&'a str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Props<'_> {
+    type Value = Event;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Event, D::Error> {
+        Ok(match self.0 {
+            "server.connected" => {
+                serde::de::IgnoredAny::deserialize(d)?;
+                Event::ServerConnected
+            }
+            "server.heartbeat" => {
+                serde::de::IgnoredAny::deserialize(d)?;
+                Event::Heartbeat
+            }
+            "message.updated" => Event::MessageUpdated(MessageUpdatedProps::deserialize(d)?.info),
+            "message.part.updated" => Event::PartUpdated(PartUpdatedProps::deserialize(d)?.part),
+            "message.part.delta" => Event::PartDelta(PartDelta::deserialize(d)?),
+            "session.status" => {
+                let p = SessionStatusProps::deserialize(d)?;
+                Event::SessionStatus {
+                    session_id: p.session_id,
+                    status: p.status,
+                }
+            }
+            "session.idle" => Event::SessionIdle {
+                session_id: SessionIdProps::deserialize(d)?.session_id,
+            },
+            "session.error" => {
+                let p = SessionErrorProps::deserialize(d)?;
+                Event::SessionError {
+                    session_id: p.session_id,
+                    error: p.error,
+                }
+            }
+            "permission.asked" => Event::PermissionAsked(PermissionAsked::deserialize(d)?),
+            "question.asked" => Event::QuestionAsked(QuestionAsked::deserialize(d)?),
+            other => {
+                let r = AnySessionRef::deserialize(d)?;
+                Event::Other {
+                    kind: other.to_string(),
+                    session_id: r
+                        .session_id
+                        .or_else(|| r.part.and_then(|p| p.session_id))
+                        .or_else(|| r.info.and_then(|i| i.session_id)),
+                }
+            }
+        })
+    }
+}
+
+/// The reference reading: the envelope with `properties` kept raw, then
+/// the properties of the type.
+fn parse_two_pass(data: &str) -> Result<Event, EventError> {
     let env: Envelope<'_> =
         serde_json::from_str(data).map_err(|e| EventError::Envelope(e.to_string()))?;
     let props = env.properties.map(RawValue::get).unwrap_or("{}");
@@ -476,6 +587,90 @@ mod tests {
             parse_event(r#"{"type":"session.idle","properties":{"sessionID":5}}"#),
             Err(EventError::Properties { .. })
         ));
+    }
+
+    /// Every recorded event, and shapes the one pass leaves to the two-pass
+    /// reading: both give the same result.
+    #[test]
+    fn one_pass_agrees_with_two_passes() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/opencode-1.18.34"
+        );
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("sse") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                let one = serde_json::from_str::<OnePass>(data).map(|o| o.0);
+                assert_eq!(
+                    one.as_ref().ok(),
+                    parse_two_pass(data).as_ref().ok(),
+                    "{data}"
+                );
+                assert!(one.is_ok(), "recorded events take the one pass: {data}");
+                n += 1;
+            }
+        }
+        assert!(n > 250, "{n} events");
+        let edge = [
+            r#"{"properties":{"sessionID":"s","messageID":"m","partID":"p","delta":"x"},"type":"message.part.delta"}"#,
+            r#"{"type":"message.part.delta","properties":null}"#,
+            r#"{"type":"session.error","properties":null}"#,
+            r#"{"type":"session.error"}"#,
+            r#"{"type":"server.connected","properties":null}"#,
+            r#"{"type":"server.connected"}"#,
+            r#"{"type":"session.idle","type":"session.idle","properties":{"sessionID":"s"}}"#,
+            r#"{"type":"session.idle","properties":{"sessionID":"s"},"properties":{}}"#,
+            r#"{"type":"session\u002eidle","properties":{"sessionID":"s"}}"#,
+            r#"{"typ\u0065":"session.idle","properties":{"sessionID":"s"}}"#,
+            r#"["session.idle",{"sessionID":"s"}]"#,
+            r#"{"type":"x.y","properties":[1,2]}"#,
+            r#"{"type":"x.y","properties":{"sessionID":7}}"#,
+            r#"{"type":"session.idle","properties":{"sessionID":"s"}} x"#,
+            r#"{"type":5,"properties":{}}"#,
+        ];
+        for data in edge {
+            let one = serde_json::from_str::<OnePass>(data).map(|o| o.0);
+            if let Ok(e) = &one {
+                assert_eq!(Ok(e), parse_two_pass(data).as_ref(), "{data}");
+            }
+            assert_eq!(parse_event(data), parse_two_pass(data), "{data}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Mutated recorded events: `parse_event` is the two-pass reading.
+        #[test]
+        fn parse_event_is_the_two_pass_reading(
+            pick in 0usize..6,
+            at in 0usize..4000,
+            cut in 0usize..40,
+            insert in "[\\-\"{}\\[\\]:,a-z0-9 ]{0,6}",
+        ) {
+            let samples = [
+                r#"{"id":"evt_1","type":"message.part.delta","properties":{"sessionID":"ses_a","messageID":"msg_b","partID":"prt_c","field":"text","delta":"Hel\nlo"}}"#,
+                r#"{"id":"evt_2","type":"message.updated","properties":{"sessionID":"ses_a","info":{"id":"msg_b","parentID":"msg_u","role":"assistant","sessionID":"ses_a","time":{"created":1,"completed":2},"finish":"stop","tokens":{"input":1,"output":2,"reasoning":0,"cache":{"read":0,"write":0}},"cost":0.5}}}"#,
+                r#"{"id":"evt_3","type":"message.part.updated","properties":{"sessionID":"ses_a","part":{"id":"prt_c","sessionID":"ses_a","messageID":"msg_b","type":"tool","callID":"c1","tool":"bash","state":{"status":"completed","input":{"command":"ls"},"output":"ok"}}}}"#,
+                r#"{"id":"evt_4","type":"session.status","properties":{"sessionID":"ses_a","status":{"type":"retry","attempt":2,"message":"m"}}}"#,
+                r#"{"id":"evt_5","type":"session.error","properties":{"sessionID":"ses_a","error":{"name":"APIError","data":{"message":"x","statusCode":401}}}}"#,
+                r#"{"id":"evt_6","type":"session.diff","properties":{"part":{"sessionID":"ses_z"},"diff":[]}}"#,
+            ];
+            let s = samples[pick];
+            let at = at % (s.len() + 1);
+            let end = (at + cut).min(s.len());
+            let mut mutated = String::new();
+            mutated.push_str(&s[..at]);
+            mutated.push_str(&insert);
+            mutated.push_str(&s[end..]);
+            proptest::prop_assert_eq!(parse_event(&mutated), parse_two_pass(&mutated));
+            if let Ok(OnePass(e)) = serde_json::from_str::<OnePass>(&mutated) {
+                proptest::prop_assert_eq!(Ok(e), parse_two_pass(&mutated));
+            }
+        }
     }
 
     #[test]

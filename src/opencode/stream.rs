@@ -95,6 +95,7 @@ impl EventHub {
             lagged,
             hub: self.clone(),
             session_id: session_id.to_string(),
+            followed: Vec::new(),
         })
     }
 
@@ -290,6 +291,8 @@ pub struct Subscription {
     lagged: Arc<AtomicBool>,
     hub: Arc<EventHub>,
     session_id: String,
+    /// Subagent sessions routed here too.
+    followed: Vec<String>,
 }
 
 impl Subscription {
@@ -305,12 +308,35 @@ impl Subscription {
     pub fn session_id(&self) -> &str {
         &self.session_id
     }
+
+    /// Also delivers `other_session`'s events here (a subagent session the
+    /// turn started). Ignored if that session already has a follower.
+    pub fn follow(&mut self, other_session: &str) {
+        let mut routes = self.hub.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if routes.contains_key(other_session) {
+            return;
+        }
+        let Some(tx) = routes.get(&self.session_id).map(|r| r.tx.clone()) else {
+            return;
+        };
+        routes.insert(
+            other_session.to_string(),
+            Route {
+                tx,
+                lagged: self.lagged.clone(),
+            },
+        );
+        self.followed.push(other_session.to_string());
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut routes = self.hub.routes.lock().unwrap_or_else(|p| p.into_inner());
         routes.remove(&self.session_id);
+        for s in &self.followed {
+            routes.remove(s);
+        }
     }
 }
 

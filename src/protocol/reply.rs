@@ -17,6 +17,10 @@ pub enum ReplyBody {
         call_id: String,
         tool: String,
         args: Value,
+        /// Set for a call made inside a subagent (child) session: the
+        /// `call_id` of the parent's `task` call that started it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parent_call_id: Option<String>,
     },
     /// The outcome of a tool call; exactly one per `call_id`, after its call.
     ToolResult {
@@ -27,6 +31,8 @@ pub enum ReplyBody {
         /// The result was cut at `limits.max_tool_result_bytes`.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         truncated: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parent_call_id: Option<String>,
     },
     /// Extension kind, only for `interactive` prompts: OpenCode asks for a
     /// permission; answer on `reply_subject`.
@@ -202,10 +208,95 @@ pub struct Reply<'a> {
 
 impl Reply<'_> {
     pub fn to_json(&self) -> Vec<u8> {
-        // Serialising these plain structs cannot fail (no maps with non-string
-        // keys, no failing Serialize impls).
-        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+        match self.body {
+            // The hot path: written directly, byte for byte what serde
+            // writes below (tested), without the flatten's map serialiser.
+            ReplyBody::Delta { content, part_id } => self.text_json("delta", content, part_id),
+            ReplyBody::Reasoning { content, part_id } => {
+                self.text_json("reasoning", content, part_id)
+            }
+            // Serialising these plain structs cannot fail (no maps with
+            // non-string keys, no failing Serialize impls).
+            _ => serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec()),
+        }
     }
+
+    fn text_json(&self, kind: &str, content: &str, part_id: &str) -> Vec<u8> {
+        let strings = [
+            Some(self.trace_id),
+            self.conversation,
+            self.session_id,
+            Some(content),
+            Some(part_id),
+        ];
+        let len: usize = strings.iter().flatten().map(|s| s.len()).sum();
+        let mut out = Vec::with_capacity(len + 128);
+        out.extend_from_slice(b"{\"trace_id\":");
+        push_json_str(&mut out, self.trace_id);
+        out.extend_from_slice(b",\"seq\":");
+        out.extend_from_slice(self.seq.to_string().as_bytes());
+        if let Some(c) = self.conversation {
+            out.extend_from_slice(b",\"conversation\":");
+            push_json_str(&mut out, c);
+        }
+        if let Some(s) = self.session_id {
+            out.extend_from_slice(b",\"session_id\":");
+            push_json_str(&mut out, s);
+        }
+        out.extend_from_slice(b",\"kind\":\"");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\",\"content\":");
+        push_json_str(&mut out, content);
+        out.extend_from_slice(b",\"part_id\":");
+        push_json_str(&mut out, part_id);
+        out.push(b'}');
+        out
+    }
+}
+
+/// A JSON string exactly as serde_json writes one: `"` and `\` escaped,
+/// control characters as `\b \t \n \f \r` or `\u00xx`, the rest verbatim.
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let special = |b: u8| (b < 0x20) | (b == b'"') | (b == b'\\');
+    let bytes = s.as_bytes();
+    out.push(b'"');
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        // 16 bytes at a time while there is nothing to escape (vectorised).
+        if let Some(chunk) = bytes.get(i..i + 16) {
+            if !chunk.iter().fold(false, |acc, &b| acc | special(b)) {
+                i += 16;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        if special(b) {
+            out.extend_from_slice(&bytes[start..i]);
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                _ => out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]),
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 /// Splits `content` into pieces of at most `max` bytes on UTF-8 boundaries
@@ -283,6 +374,60 @@ mod tests {
         assert_eq!(v["usage"]["cache_read"], 0);
         assert_eq!(v["model"], "p/m");
         assert!(v.get("notes").is_none());
+    }
+
+    /// The hand-written `delta`/`reasoning` JSON is byte for byte serde's.
+    #[test]
+    fn text_replies_are_what_serde_writes() {
+        let mut texts: Vec<String> = (0u8..0x80).map(|b| format!("a{}b", b as char)).collect();
+        texts.extend(
+            [
+                "",
+                "Hello ",
+                "caf\u{e9} \u{20ac} \u{1f600}",
+                "\"quoted\" \\ back\\slash\n\r\t",
+                "\u{7f}\u{80}\u{2028}\u{2029}",
+                "0123456789abcdef0123456789abcdef\"0123456789abcdef\u{1}",
+            ]
+            .map(String::from),
+        );
+        texts.push("x".repeat(100) + "\n" + &"\u{e9}".repeat(40));
+        for (i, t) in texts.iter().enumerate() {
+            for body in [
+                ReplyBody::Delta {
+                    content: t.clone(),
+                    part_id: "prt_1".into(),
+                },
+                ReplyBody::Reasoning {
+                    content: "r".into(),
+                    part_id: t.clone(),
+                },
+            ] {
+                for (conversation, session_id) in [(Some(t.as_str()), Some("ses_1")), (None, None)]
+                {
+                    let r = Reply {
+                        trace_id: t,
+                        seq: [0, 7, 10, 99, 12345, u64::MAX][i % 6],
+                        conversation,
+                        session_id,
+                        body: &body,
+                    };
+                    assert_eq!(
+                        String::from_utf8(r.to_json()).unwrap(),
+                        serde_json::to_string(&r).unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_reply_is_what_serde_writes(content in "\\PC*|[\\x00-\\x7f]*", part in ".*", seq: u64) {
+            let body = ReplyBody::Delta { content, part_id: part };
+            let r = Reply { trace_id: "t", seq, conversation: Some("c.d"), session_id: None, body: &body };
+            proptest::prop_assert_eq!(r.to_json(), serde_json::to_vec(&r).unwrap());
+        }
     }
 
     #[test]

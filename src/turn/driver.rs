@@ -321,6 +321,10 @@ async fn drive(
                 }
                 let signal = mapper.on_event(&ev, &mut out);
                 sink.send_all(&mut out).await;
+                // Follow the subagent sessions this turn starts.
+                for (child, _) in mapper.child_sessions() {
+                    sub.follow(child);
+                }
                 match signal {
                     Signal::Nothing => { check_end = false; }
                     Signal::Progress => {
@@ -438,6 +442,20 @@ async fn drive(
         }
     };
 
+    let mut conclusion = conclusion;
+    if let Conclusion::Final(fin) = &mut conclusion {
+        // Subagent work: its tool calls (with parent_call_id) and its usage.
+        let children = mapper.child_sessions().to_vec();
+        for (child, call_id) in children {
+            match ctx.client.messages(&child).await {
+                Ok(msgs) => {
+                    mapper.child_activity(&call_id, &msgs, fin, &mut out);
+                    sink.send_all(&mut out).await;
+                }
+                Err(e) => warn!(%child, error = %e, "cannot read a subagent session"),
+            }
+        }
+    }
     finish(conclusion, inter, recreated)
 }
 

@@ -428,3 +428,49 @@ async fn questions_answered_and_rejected_over_nats() {
     assert_eq!(res.1["success"], false, "{res:?}");
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subagent_tool_calls_and_usage_are_reported() {
+    // OpenCode asks before bash, in the child session too: the bridge
+    // follows the child, so the policy answers it (no hang).
+    let allow = vec![Rule {
+        permission: "bash".into(),
+        pattern: "echo *".into(),
+        action: Action::Allow,
+    }];
+    let s = stack(allow, Duration::from_secs(30)).await;
+    let r = request(
+        &s.client,
+        "opencode.prompt",
+        "[task:[tool:bash echo from-the-child] please:task] delegate",
+        TURN,
+    )
+    .await;
+    assert_well_formed(&r);
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    let task = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_call" && v["tool"] == "task")
+        .expect("the task call");
+    let task_id = task.1["call_id"].clone();
+    // The child's bash call, attributed to the task call.
+    let child_call = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_call" && v["tool"] == "bash")
+        .unwrap_or_else(|| panic!("the child's bash call: {r:#?}"));
+    assert_eq!(child_call.1["parent_call_id"], task_id);
+    let child_result = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result" && v["tool"] == "bash")
+        .expect("the child's bash result");
+    assert!(child_result.1["result"]
+        .as_str()
+        .unwrap()
+        .contains("from-the-child"));
+    assert_eq!(child_result.1["parent_call_id"], task_id);
+    // Usage: 2 LLM calls in the parent + 2 in the child.
+    let per_call = fake_llm::USAGE_PROMPT_TOKENS - fake_llm::USAGE_CACHED_TOKENS;
+    assert_eq!(fin["usage"]["input"], 4 * per_call, "{fin}");
+    s.bridge.stop().await.unwrap();
+}

@@ -100,6 +100,9 @@ pub enum Scenario {
     Recall,
     /// Call OpenCode's `question` tool with [`question_args`].
     Question,
+    /// `[task:<prompt>:task]`: call OpenCode's `task` tool (a `general`
+    /// subagent) with this prompt.
+    Task(String),
 }
 
 /// The arguments of the `[question]` scenario's `question` tool call.
@@ -215,6 +218,11 @@ pub fn scenario_for(body: &Value) -> Scenario {
         return Scenario::ToolFollowup;
     }
     let last_user = user_texts(body).pop().unwrap_or_default();
+    if let Some(start) = last_user.find("[task:") {
+        let rest = &last_user[start + "[task:".len()..];
+        let inner = rest.split_once(":task]").map_or(rest, |(c, _)| c);
+        return Scenario::Task(inner.to_string());
+    }
     if let Some(start) = last_user.find("[tool:bash ") {
         let rest = &last_user[start + "[tool:bash ".len()..];
         let cmd = rest.split_once(']').map_or(rest, |(c, _)| c);
@@ -310,6 +318,14 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
             let call_id = format!("call_fake_{n}");
             steps.push(Step::ToolStart(call_id, "bash"));
             let args = json!({"command": cmd, "description": TOOL_DESCRIPTION}).to_string();
+            steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
+        }
+        Scenario::Task(inner) => {
+            finish = "tool_calls";
+            steps.push(Step::ToolStart(format!("call_fake_{n}"), "task"));
+            let args = json!({"description": "delegated work", "prompt": inner,
+                              "subagent_type": "general"})
+            .to_string();
             steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
         }
         Scenario::Question => {
