@@ -400,6 +400,12 @@ async fn drive(
                 match which {
                     Deadline::Recheck => { check_end = true; recheck_at = None; }
                     _ => {
+                        // The stream may have lost the end (only heartbeats
+                        // since): ask OpenCode before giving up.
+                        if let Some(c) = finished_meanwhile(ctx, &mut mapper, &session_id, sink, &mut out).await {
+                            info!("deadline reached, but OpenCode's message list shows the turn complete");
+                            break c;
+                        }
                         abort_quietly(ctx, &mut sub, &session_id).await;
                         let (name, d) = match which {
                             Deadline::FirstEvent => ("first_event_timeout", cfg.first_event_timeout),
@@ -547,6 +553,32 @@ async fn check_model(ctx: &TurnContext, m: &crate::protocol::ModelRef) -> Result
         )),
         Some(_) => Ok(()),
     }
+}
+
+/// Whether OpenCode finished the turn without the stream saying so: the
+/// session is idle and the message list holds the complete answer.
+async fn finished_meanwhile(
+    ctx: &TurnContext,
+    mapper: &mut TurnMapper,
+    session_id: &str,
+    sink: &mut ReplySink,
+    out: &mut Vec<ReplyBody>,
+) -> Option<Conclusion> {
+    let busy = ctx
+        .client
+        .session_status()
+        .await
+        .ok()?
+        .contains_key(session_id);
+    if busy {
+        return None;
+    }
+    let messages = ctx.client.messages(session_id).await.ok()?;
+    let c = mapper.conclude(&messages)?;
+    mapper.mark_gap();
+    mapper.reconcile(&messages, true, out);
+    sink.send_all(out).await;
+    Some(c)
 }
 
 /// After lost events: catch up from the message list; conclude if OpenCode

@@ -6,6 +6,7 @@ mod bridge_fake;
 mod daemon_binary;
 mod e2e_interactive;
 mod e2e_real_opencode;
+mod faults_load;
 mod nats_harness;
 mod real_opencode_smoke;
 mod record_fixtures;
