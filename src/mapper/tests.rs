@@ -517,3 +517,48 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn long_tool_results_are_cut_on_a_char_boundary() {
+    let m = manifest("tool");
+    let session = m["sessionID"].as_str().unwrap();
+    let user = m["messageIDs"][0].as_str().unwrap();
+    let mut mapper = TurnMapper::new(session, user).with_tool_result_limit(10);
+    let mut out = Vec::new();
+    for ev in events("tool") {
+        mapper.on_event(&ev, &mut out);
+    }
+    let (result, truncated) = out
+        .iter()
+        .find_map(|r| match r {
+            ReplyBody::ToolResult {
+                result, truncated, ..
+            } => Some((result.clone(), *truncated)),
+            _ => None,
+        })
+        .expect("a tool_result");
+    // "fixture-tool-ok\n" is 16 bytes: cut to 10.
+    assert_eq!(result, "fixture-to");
+    assert!(truncated);
+    // Multi-byte text is never split inside a character.
+    let mut t: Part = serde_json::from_value(json!({"id":"prt_t","sessionID":session,"messageID":"msg_z","type":"tool","callID":"c9","tool":"bash",
+        "state":{"status":"completed","input":{},"output":"ééééé"}})).unwrap();
+    let mut tools = HashMap::new();
+    let mut out = Vec::new();
+    tool_replies(&t, &mut tools, 3, None, &mut out);
+    match &out[1] {
+        ReplyBody::ToolResult {
+            result, truncated, ..
+        } => {
+            assert_eq!(result, "é");
+            assert!(truncated);
+        }
+        other => panic!("{other:?}"),
+    }
+    t.call_id = Some("c10".into());
+    let mut out = Vec::new();
+    tool_replies(&t, &mut tools, 100, Some("parent"), &mut out);
+    assert!(
+        matches!(&out[1], ReplyBody::ToolResult { truncated: false, parent_call_id: Some(p), .. } if p == "parent")
+    );
+}

@@ -474,3 +474,51 @@ async fn subagent_tool_calls_and_usage_are_reported() {
     assert_eq!(fin["usage"]["input"], 4 * per_call, "{fin}");
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_rejects_the_pending_permission_at_opencode() {
+    let s = stack(ask_bash(), Duration::from_secs(60)).await;
+    let c = &s.client;
+    let inbox = c.new_inbox();
+    let mut sub = subscribe_ready(c, inbox.clone()).await;
+    let prompt = json!({"text": "[tool:bash echo wait-for-me] go", "interactive": true, "trace_id": "abort-asking"});
+    c.publish_with_reply("opencode.prompt", inbox, prompt.to_string().into())
+        .await
+        .unwrap();
+    let mut replies: Vec<Reply> = Vec::new();
+    // Wait until the caller is asked.
+    loop {
+        let m = tokio::time::timeout(TURN, sub.next())
+            .await
+            .expect("a reply")
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        replies.push((m.headers.clone(), v.clone()));
+        if v["kind"] == "permission" {
+            break;
+        }
+    }
+    // OpenCode holds the request open.
+    let pending = s._opencode.get_json("/permission").await;
+    assert_eq!(pending.as_array().map(Vec::len), Some(1), "{pending}");
+    let a = c
+        .request("opencode.abort", r#"{"trace_id":"abort-asking"}"#.into())
+        .await
+        .unwrap();
+    let a: Value = serde_json::from_slice(&a.payload).unwrap();
+    assert_eq!(a["aborted"], true);
+    replies.extend(crate::support::nats::collect_until_terminal(&mut sub, TURN).await);
+    assert_well_formed_with_extensions(&replies);
+    assert_eq!(terminal(&replies)["code"], "aborted", "{replies:#?}");
+    // Nothing is left waiting at OpenCode.
+    let mut left = Value::Null;
+    for _ in 0..20 {
+        left = s._opencode.get_json("/permission").await;
+        if left.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, json!([]), "a permission request was left pending");
+    s.bridge.stop().await.unwrap();
+}
