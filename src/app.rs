@@ -1,8 +1,9 @@
 //! Wiring only: connect NATS and OpenCode, start the event-stream reader,
 //! serve prompts, and shut down as a tree with a grace period.
 //!
-//! Shutdown order: stop taking prompts (drain the subscriptions and serve
-//! what was already delivered) -> let in-flight turns finish within
+//! Shutdown order: stop taking prompts (systemd `STOPPING=1`, leave the
+//! micro service, drain the subscriptions and serve what was already
+//! delivered) -> let in-flight turns finish within
 //! `shutdown.grace` -> cancel the rest (each ends with `shutting_down`) ->
 //! flush NATS -> stop the stream reader and the embedded OpenCode.
 
@@ -20,6 +21,9 @@ use crate::config::Config;
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
 use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
+use crate::ops::metrics::Metrics;
+use crate::ops::status::{Health, Sources};
+use crate::ops::{Ops, OpsError};
 use crate::protocol::control::parse_abort;
 use crate::protocol::{
     parse_prompt, reply_subject, validate_subject, ErrorCode, PromptLimits, ReplyBody,
@@ -35,6 +39,8 @@ pub enum AppError {
     Embedded(#[from] EmbeddedError),
     #[error(transparent)]
     OpenCode(#[from] OpenCodeError),
+    #[error(transparent)]
+    Ops(#[from] OpsError),
 }
 
 /// What a caller learns once the daemon is serving.
@@ -121,6 +127,7 @@ pub async fn run(
     let turn_cancel = CancellationToken::new();
     let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
     let in_flight = Arc::new(Semaphore::new(config.turn.max_in_flight));
+    let metrics = Metrics::new();
 
     let subjects = &config.subjects;
     let mut aborts = ControlSubscription::subscribe(
@@ -151,6 +158,20 @@ pub async fn run(
         })
     };
     let mut prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
+    let health = Health::new(
+        &config,
+        Sources {
+            publisher: publisher.clone(),
+            hub: hub.clone(),
+            dispatcher: dispatcher.clone(),
+            metrics: metrics.clone(),
+            embedded_restarts: embedded_restarts.clone(),
+            opencode_url: client.base_url().to_string(),
+            embedded: config.opencode.base_url.is_none(),
+        },
+    );
+    // The micro service, heartbeat, metrics listener; READY=1 to systemd.
+    let mut ops = Ops::start(&config, health, publisher.clone()).await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
             opencode_url: client.base_url().to_string(),
@@ -174,14 +195,15 @@ pub async fn run(
             warn!("prompt subscriptions ended (NATS connection closed)");
             break;
         };
-        accept(&dispatcher, &config, msg, Some(permit)).await;
+        accept(&dispatcher, &config, &metrics, msg, Some(permit)).await;
     }
 
     info!("shutting down: no new prompts");
+    ops.stopping().await;
     prompts.drain().await;
     // Serve what the server had already delivered before the drain.
     while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), prompts.next()).await {
-        accept(&dispatcher, &config, msg, None).await;
+        accept(&dispatcher, &config, &metrics, msg, None).await;
     }
     tracker.close();
     let grace = config.shutdown.grace;
@@ -203,6 +225,7 @@ pub async fn run(
     if let Some(s) = supervisor {
         let _ = s.await;
     }
+    ops.stop().await;
     if let Err(e) = nats.drain().await {
         warn!(error = %e, "NATS drain failed");
     }
@@ -286,6 +309,7 @@ async fn handle_abort(dispatcher: &Arc<Dispatcher>, publisher: &Publisher, msg: 
 async fn accept(
     dispatcher: &Arc<Dispatcher>,
     config: &Config,
+    metrics: &Arc<Metrics>,
     msg: Incoming,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
@@ -321,7 +345,9 @@ async fn accept(
                 p.trace_id.clone(),
                 p.conversation.clone(),
                 config.limits.max_reply_bytes,
-            );
+            )
+            .traced(msg.traceparent.as_deref())
+            .observed(metrics);
             sink.send(ReplyBody::error(ErrorCode::BadRequest, reason))
                 .await;
             return;
@@ -340,7 +366,9 @@ async fn accept(
                 rej.trace_id.clone(),
                 rej.conversation.clone(),
                 config.limits.max_reply_bytes,
-            );
+            )
+            .traced(msg.traceparent.as_deref())
+            .observed(metrics);
             sink.send(ReplyBody::error(ErrorCode::BadRequest, rej.reason))
                 .await;
             return;
@@ -352,7 +380,10 @@ async fn accept(
         &prompt.trace_id,
         &config.subjects.reply_prefix,
     );
-    let sink = ctx.sink(&prompt, subject);
+    let sink = ctx
+        .sink(&prompt, subject)
+        .traced(msg.traceparent.as_deref())
+        .observed(metrics);
     let job = Job {
         prompt,
         sink,

@@ -23,6 +23,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub service: ServiceConfig,
+    pub metrics: MetricsConfig,
     pub permissions: PermissionsConfig,
 }
 
@@ -92,6 +94,11 @@ pub struct NatsConfig {
     /// Outgoing commands buffered while disconnected (async-nats
     /// `client_capacity`); replies beyond it wait for the reconnect.
     pub client_capacity: usize,
+    /// Prefix of this connection's own reply subjects (`<prefix>.<id>`).
+    /// With per-user NATS permissions give every user its own
+    /// (`_INBOX.<user>`), so one user cannot read another's replies
+    /// (deploy/nats-server.conf).
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -112,6 +119,7 @@ impl Default for NatsConfig {
             connection_timeout: Duration::from_secs(5),
             subscription_capacity: 8192,
             client_capacity: 8192,
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -131,6 +139,11 @@ pub struct SubjectsConfig {
     /// Abort requests (`{"trace_id"}` or `{"conversation"}`); every daemon
     /// listens (no queue group), the one running the turn acts.
     pub abort: String,
+    /// Status requests (the micro service's `status` endpoint): every
+    /// daemon answers, so one request lists them all.
+    pub status: String,
+    /// Heartbeats (the status document) go to `<heartbeat>.<host>`.
+    pub heartbeat: String,
     /// Answers to `permission` replies: `<permission_reply>.<request_id>`,
     /// or this subject with `request_id` in the payload.
     pub permission_reply: String,
@@ -145,6 +158,8 @@ impl Default for SubjectsConfig {
             queue_group: "opencode-bridge".into(),
             reply_prefix: "opencode.reply".into(),
             abort: "opencode.abort".into(),
+            status: "opencode.bridge.status".into(),
+            heartbeat: "opencode.bridge.heartbeat".into(),
             permission_reply: "opencode.permission.reply".into(),
             question_reply: "opencode.question.reply".into(),
         }
@@ -160,9 +175,13 @@ pub struct OpenCodeConfig {
     pub base_url: Option<String>,
     /// HTTP Basic user.
     pub username: String,
-    /// HTTP Basic password; falls back to `OPENCODE_SERVER_PASSWORD`. Never
-    /// logged.
+    /// HTTP Basic password; falls back to `password_file`, then
+    /// `OPENCODE_SERVER_PASSWORD`. Never logged.
     pub password: Option<String>,
+    /// A file holding the password (one line), e.g. a systemd credential
+    /// (`LoadCredential=` -> `%d/opencode-password`), so the secret is in
+    /// neither the config nor the environment.
+    pub password_file: Option<PathBuf>,
     /// The `opencode` binary for the embedded server.
     pub binary: PathBuf,
     /// Working directory of the embedded server, and the `directory` passed
@@ -200,6 +219,7 @@ impl Default for OpenCodeConfig {
             base_url: None,
             username: "opencode".into(),
             password: None,
+            password_file: None,
             binary: PathBuf::from("opencode"),
             directory: None,
             startup_timeout: Duration::from_secs(60),
@@ -299,6 +319,43 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Discovery and health on NATS: the micro service and the heartbeat.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Name of the NATS micro service: `$SRV.PING.<name>`,
+    /// `$SRV.INFO.<name>`, `$SRV.STATS.<name>` list every daemon. Letters,
+    /// digits, `-` and `_`.
+    pub name: String,
+    /// This daemon's name in status, heartbeats and metrics. Unset: the
+    /// machine's host name.
+    pub host: Option<String>,
+    /// How often the status is published on `<subjects.heartbeat>.<host>`;
+    /// `0s` turns heartbeats off.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            name: "opencode-bridge".into(),
+            host: None,
+            heartbeat_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Prometheus metrics over HTTP.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` (Prometheus text) and `GET /healthz` on this
+    /// address. Unset (the default): no listener. Keep it on loopback: it
+    /// has no authentication.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -393,6 +450,9 @@ impl Config {
             ("subjects.reply_prefix", &self.subjects.reply_prefix),
             ("subjects.queue_group", &self.subjects.queue_group),
             ("subjects.abort", &self.subjects.abort),
+            ("subjects.status", &self.subjects.status),
+            ("subjects.heartbeat", &self.subjects.heartbeat),
+            ("nats.inbox_prefix", &self.nats.inbox_prefix),
             ("subjects.permission_reply", &self.subjects.permission_reply),
             ("subjects.question_reply", &self.subjects.question_reply),
         ] {
@@ -448,6 +508,28 @@ impl Config {
                 return invalid(key, "must be above zero".into());
             }
         }
+        if let Err(reason) = self.opencode.password_from_file() {
+            return invalid("opencode.password_file", reason);
+        }
+        let name = &self.service.name;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return invalid(
+                "service.name",
+                format!("{name:?} may only have letters, digits, - and _"),
+            );
+        }
+        if self
+            .service
+            .host
+            .as_ref()
+            .is_some_and(|h| h.trim().is_empty())
+        {
+            return invalid("service.host", "must not be empty when set".into());
+        }
         if self.limits.max_reply_bytes < 1024 {
             return invalid("limits.max_reply_bytes", "must be at least 1024".into());
         }
@@ -476,12 +558,28 @@ impl NatsConfig {
 }
 
 impl OpenCodeConfig {
-    /// The password: from the config, else `OPENCODE_SERVER_PASSWORD`.
+    /// The password: from the config, else `password_file`, else
+    /// `OPENCODE_SERVER_PASSWORD`.
     pub fn resolved_password(&self) -> Option<String> {
         self.password
             .clone()
+            .or_else(|| self.password_from_file().ok().flatten())
             .or_else(|| std::env::var("OPENCODE_SERVER_PASSWORD").ok())
             .filter(|p| !p.is_empty())
+    }
+
+    /// The first line of `password_file`, if set.
+    fn password_from_file(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let line = text.lines().next().unwrap_or("").trim().to_string();
+        if line.is_empty() {
+            return Err(format!("{} is empty", path.display()));
+        }
+        Ok(Some(line))
     }
 }
 
@@ -530,6 +628,14 @@ mod tests {
             "limits.max_prompt_bytes",
             "shutdown.grace",
             "log.format",
+            "nats.inbox_prefix",
+            "subjects.status",
+            "subjects.heartbeat",
+            "service.name",
+            "service.host",
+            "service.heartbeat_interval",
+            "metrics.listen",
+            "opencode.password_file",
         ] {
             assert!(
                 example.iter().any(|k| k == key),
@@ -608,6 +714,9 @@ mod tests {
             ),
             ("[nats]\nurl = \" , \"\n", "nats.url"),
             ("[log]\nformat = \"xml\"\n", "xml"),
+            ("[service]\nname = \"a.b\"\n", "service.name"),
+            ("[subjects]\nstatus = \"a.>\"\n", "subjects.status"),
+            ("[metrics]\nlisten = \"localhost\"\n", "listen"),
         ];
         for (text, needle) in cases {
             let f = write(text);
@@ -616,6 +725,54 @@ mod tests {
         }
         let e = Config::load_with_env(Some(Path::new("/nonexistent.toml")), env(&[])).unwrap_err();
         assert!(e.to_string().contains("/nonexistent.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_opencode_password_can_come_from_a_file() {
+        let f = write("s3cret-from-file\n");
+        let c = Config::load_with_env(
+            None,
+            env(&[(
+                "OPENCODE_BRIDGE__OPENCODE__PASSWORD_FILE",
+                f.path().to_str().unwrap(),
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.opencode.resolved_password().as_deref(),
+            Some("s3cret-from-file")
+        );
+        let e = Config::load_with_env(
+            None,
+            env(&[(
+                "OPENCODE_BRIDGE__OPENCODE__PASSWORD_FILE",
+                "/nonexistent/pw",
+            )]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("opencode.password_file"), "{e}");
+        assert!(e.to_string().contains("/nonexistent/pw"), "{e}");
+    }
+
+    #[test]
+    fn ops_keys_are_off_by_default_and_layer() {
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert!(c.metrics.listen.is_none());
+        assert_eq!(c.service.name, "opencode-bridge");
+        assert_eq!(c.service.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(c.nats.inbox_prefix, "_INBOX");
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("OPENCODE_BRIDGE__METRICS__LISTEN", "127.0.0.1:9464"),
+                ("OPENCODE_BRIDGE__SERVICE__HEARTBEAT_INTERVAL", "0s"),
+                ("OPENCODE_BRIDGE__NATS__INBOX_PREFIX", "_INBOX.bridge"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.service.heartbeat_interval.is_zero());
+        assert_eq!(c.nats.inbox_prefix, "_INBOX.bridge");
     }
 
     #[test]

@@ -20,11 +20,14 @@
 //! - [`mapper`] *(pure)*: OpenCode events -> replies, and the end of a turn
 //!   read from the message list.
 //! - [`app`]: wiring and shutdown.
+//! - [`ops`]: operating it: metrics, status and heartbeat, the NATS micro
+//!   service, systemd notifications, W3C trace context.
 
 pub mod app;
 pub mod bus;
 pub mod config;
 pub mod mapper;
 pub mod opencode;
+pub mod ops;
 pub mod protocol;
 pub mod turn;

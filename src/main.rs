@@ -1,5 +1,8 @@
 //! The binary: flags, logging, config, run, exit code. Everything else is
-//! in the library.
+//! in the library, except the client commands (`prompt`, `status`) in
+//! `cli.rs`.
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,11 +40,48 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Send one prompt over NATS and print the answer as it streams.
+    ///
+    /// The answer goes to stdout as it arrives; reasoning and tool activity
+    /// to stderr (dimmed on a terminal); `--json` prints every reply
+    /// instead. Ctrl-C aborts the turn (a second one exits at once).
+    ///
+    /// Exit status: 0 `final`; 2 `error` reply; 3 no terminal reply within
+    /// `--timeout`; 1 NATS unreachable, no bridge listening, or the prompt
+    /// refused by NATS permissions; 130 interrupted; 64 no prompt text or
+    /// bad usage; 78 bad config.
+    #[command(
+        after_help = "Example: opencode-nats-bridge prompt --conversation me 'What is 2+2?'"
+    )]
+    Prompt(cli::PromptArgs),
+    /// List every running daemon (its status endpoint), with health and load.
+    ///
+    /// Exit status: 0 when at least one answered; 3 when none did; 1 NATS
+    /// unreachable; 78 bad config.
+    Status(cli::StatusArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(cli::EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
+        Command::Prompt(args) => {
+            init_client_tracing();
+            cli::prompt(args)
+        }
+        Command::Status(args) => {
+            init_client_tracing();
+            cli::status(args)
+        }
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(_) => {
                 println!("config OK");
@@ -68,7 +108,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
-            match rt.block_on(opencode_nats_bridge::app::run(cfg, shutdown_signal(), None)) {
+            let served = rt.block_on(async {
+                // Handlers first: a SIGTERM right after READY=1 (or during
+                // startup) must start a graceful stop, not kill the process.
+                let shutdown = shutdown_signal();
+                opencode_nats_bridge::app::run(cfg, shutdown, None).await
+            });
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "exiting");
@@ -96,15 +142,30 @@ fn init_tracing(cfg: &Config) {
     }
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// The client commands log only when `RUST_LOG` asks for it.
+fn init_client_tracing() {
+    if let Ok(filter) = EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called (inside the runtime), not when the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            tracing::warn!("cannot handle SIGTERM/SIGINT; stop the daemon with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }

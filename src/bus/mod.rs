@@ -1,7 +1,11 @@
 //! The async-nats adapter: connect, subscribe to prompts, publish replies,
-//! drain. Architecture invariant: this is the only module that imports
-//! `async_nats`; the rest of the daemon sees [`Incoming`] and [`Publisher`].
+//! drain; the micro service (`$SRV.*`, `status`) and the client side of the
+//! contract (the CLI's [`Caller`]). Architecture invariant: this is the only
+//! module that imports `async_nats`; the rest of the daemon sees
+//! [`Incoming`], [`Publisher`], [`Service`] and [`Caller`].
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{HeaderMap, ServerAddr};
@@ -11,6 +15,7 @@ use futures::StreamExt;
 use tracing::{info, warn};
 
 use crate::config::{NatsConfig, SubjectsConfig};
+use crate::ops::traceparent::TraceParent;
 use crate::protocol::{PromptHeaders, Reply};
 
 /// What went wrong on the NATS side.
@@ -29,10 +34,23 @@ pub enum BusError {
     Subscribe { subject: String, detail: String },
     #[error("cannot publish to {subject}: {detail}")]
     Publish { subject: String, detail: String },
+    #[error("cannot start the NATS micro service {name}: {detail}")]
+    Service { name: String, detail: String },
+    #[error("the NATS server refused a request on {subject}: {detail}")]
+    Refused { subject: String, detail: String },
 }
 
 /// Connects with every option of `[nats]`.
 pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, BusError> {
+    connect_with(cfg, None).await
+}
+
+/// [`connect`], also handing every server error (`-ERR`, e.g. a
+/// permissions violation) to `errors`.
+async fn connect_with(
+    cfg: &NatsConfig,
+    errors: Option<tokio::sync::broadcast::Sender<String>>,
+) -> Result<async_nats::Client, BusError> {
     let mut addrs = Vec::new();
     for url in cfg.urls() {
         let addr: ServerAddr = url.parse().map_err(|e: std::io::Error| BusError::Url {
@@ -43,18 +61,28 @@ pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, BusError> {
     }
     let mut opts = async_nats::ConnectOptions::new()
         .name(&cfg.name)
+        .custom_inbox_prefix(&cfg.inbox_prefix)
         .subscription_capacity(cfg.subscription_capacity)
         .client_capacity(cfg.client_capacity)
         .connection_timeout(cfg.connection_timeout)
         .require_tls(cfg.tls_required)
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => info!("NATS connected"),
-                async_nats::Event::Disconnected => warn!("NATS disconnected; reconnecting"),
-                async_nats::Event::SlowConsumer(sid) => {
-                    warn!(sid, "NATS slow consumer: the server dropped prompts for us")
+        .event_callback(move |event| {
+            let errors = errors.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => info!("NATS connected"),
+                    async_nats::Event::ServerError(e) => {
+                        warn!(error = %e, "NATS server error");
+                        if let Some(tx) = errors {
+                            let _ = tx.send(e.to_string());
+                        }
+                    }
+                    async_nats::Event::Disconnected => warn!("NATS disconnected; reconnecting"),
+                    async_nats::Event::SlowConsumer(sid) => {
+                        warn!(sid, "NATS slow consumer: the server dropped prompts for us")
+                    }
+                    other => info!(event = %other, "NATS event"),
                 }
-                other => info!(event = %other, "NATS event"),
             }
         });
     if cfg.retry_on_initial_connect {
@@ -97,11 +125,25 @@ pub struct Incoming {
     /// The NATS reply subject (request style), if any.
     pub reply: Option<String>,
     pub headers: PromptHeaders,
+    /// A valid W3C `traceparent` header, normalised (an invalid one is
+    /// dropped, as the specification says).
+    pub traceparent: Option<String>,
     pub payload: Bytes,
 }
 
 fn header(h: Option<&HeaderMap>, name: &str) -> Option<String> {
     h.and_then(|h| h.get(name))
+        .map(|v| v.as_str().trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// A header whose name is matched without regard to case: W3C trace
+/// context names are lowercase, but Go's NATS client canonicalises them
+/// (`Traceparent`).
+fn header_any_case(h: Option<&HeaderMap>, name: &str) -> Option<String> {
+    h?.iter()
+        .find(|(k, _)| AsRef::<str>::as_ref(*k).eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.first())
         .map(|v| v.as_str().trim().to_string())
         .filter(|v| !v.is_empty())
 }
@@ -118,6 +160,9 @@ impl From<async_nats::Message> for Incoming {
                 model: header(h, "Model"),
                 agent: header(h, "Agent"),
             },
+            traceparent: header_any_case(h, "traceparent")
+                .and_then(|v| TraceParent::parse(&v))
+                .map(|t| t.to_string()),
             payload: m.payload,
         }
     }
@@ -258,11 +303,38 @@ impl Publisher {
         self.client.server_info().max_payload
     }
 
+    /// Whether the connection to the server is up now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Successful reconnects since the first connection.
+    pub fn reconnects(&self) -> u64 {
+        self.client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(1)
+    }
+
     /// Publishes one reply with its headers (`Trace-Id`, `Reply-Kind`,
     /// `Reply-Seq`, `Nats-Msg-Id`). While NATS is disconnected this waits in
     /// the client's bounded buffer.
     pub async fn publish(&self, subject: &str, reply: &Reply<'_>) -> Result<(), BusError> {
+        self.publish_traced(subject, reply, None).await
+    }
+
+    /// [`publish`](Self::publish), plus a W3C `traceparent` header.
+    pub async fn publish_traced(
+        &self,
+        subject: &str,
+        reply: &Reply<'_>,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         let mut h = HeaderMap::new();
+        if let Some(t) = traceparent {
+            h.insert("traceparent", t);
+        }
         h.insert("Trace-Id", reply.trace_id);
         h.insert("Reply-Kind", reply.body.kind());
         h.insert("Reply-Seq", reply.seq.to_string().as_str());
@@ -295,5 +367,257 @@ impl Publisher {
         if let Err(e) = self.client.flush().await {
             warn!(error = %e, "NATS flush failed");
         }
+    }
+}
+
+/// What the micro service tells `$SRV.INFO` about this daemon.
+pub struct ServiceOptions {
+    /// The service name (`$SRV.PING.<name>`).
+    pub name: String,
+    /// A semantic version (the crate's).
+    pub version: String,
+    pub description: String,
+    pub metadata: HashMap<String, String>,
+    /// Subject of the `status` endpoint. It has a queue group of its own
+    /// per instance, so one request gathers the status of every daemon.
+    pub status_subject: String,
+}
+
+/// The status document, made on demand (the `status` endpoint, and the
+/// `data` of every endpoint in `$SRV.STATS`).
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// The NATS micro service of this daemon: `$SRV.PING`, `$SRV.INFO` and
+/// `$SRV.STATS` (with the status as endpoint data) for free, and the
+/// `status` request/reply endpoint.
+pub struct Service {
+    service: async_nats::service::Service,
+    stop: tokio_util::sync::CancellationToken,
+    endpoint: tokio::task::JoinHandle<()>,
+    id: String,
+}
+
+impl Service {
+    /// Registers the service and its endpoint; returns once the server has
+    /// them.
+    pub async fn start(
+        publisher: &Publisher,
+        opts: ServiceOptions,
+        status: StatusFn,
+    ) -> Result<Service, BusError> {
+        use async_nats::service::ServiceExt;
+        let name = opts.name.clone();
+        let fail = |detail: String| BusError::Service {
+            name: name.clone(),
+            detail,
+        };
+        let for_stats = status.clone();
+        let service = publisher
+            .client
+            .service_builder()
+            .description(&opts.description)
+            .metadata(opts.metadata)
+            .stats_handler(move |_endpoint, _stats| for_stats())
+            .start(&opts.name, &opts.version)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let id = service.info().await.id;
+        let mut endpoint = service
+            .endpoint_builder()
+            .name("status")
+            .queue_group(&id)
+            .add(&opts.status_subject)
+            .await
+            .map_err(|e| fail(format!("endpoint {}: {e}", opts.status_subject)))?;
+        barrier(&publisher.client).await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let req = tokio::select! {
+                    biased;
+                    _ = stopped.cancelled() => break,
+                    r = endpoint.next() => r,
+                };
+                let Some(req) = req else { break };
+                let body = serde_json::to_vec(&status()).unwrap_or_default();
+                if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
+                    warn!(error = %e, "answering a status request failed");
+                }
+            }
+            let _ = endpoint.stop().await;
+        });
+        info!(service = %opts.name, %id, status = %opts.status_subject, "micro service registered");
+        Ok(Service {
+            service,
+            stop,
+            endpoint: task,
+            id,
+        })
+    }
+
+    /// This instance's id (`$SRV.PING` answers carry it).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Unregisters: no more `$SRV` answers, no more status requests.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Err(e) = self.service.stop().await {
+            warn!(error = %e, "stopping the micro service failed");
+        }
+        let mut endpoint = self.endpoint;
+        if tokio::time::timeout(Duration::from_secs(2), &mut endpoint)
+            .await
+            .is_err()
+        {
+            endpoint.abort();
+        }
+    }
+}
+
+/// The client side of the contract (the CLI): request-style prompts whose
+/// replies stream back to an inbox, scatter-gather requests, plain
+/// publishes.
+pub struct Caller {
+    client: async_nats::Client,
+    errors: tokio::sync::broadcast::Sender<String>,
+}
+
+/// One message on a [`ReplyStream`].
+#[derive(Debug)]
+pub enum Received {
+    /// A reply (its JSON payload).
+    Reply(Bytes),
+    /// The server says nobody subscribes to the request's subject.
+    NoResponders,
+    /// The server refused something of this connection (e.g. a
+    /// permissions violation on the request's subject or its inbox).
+    ServerError(String),
+}
+
+/// The replies to one request, in order.
+pub struct ReplyStream {
+    sub: async_nats::Subscriber,
+    errors: tokio::sync::broadcast::Receiver<String>,
+}
+
+impl ReplyStream {
+    /// The next message; `None` if the connection closed.
+    pub async fn next(&mut self) -> Option<Received> {
+        let m = tokio::select! {
+            m = self.sub.next() => m?,
+            Ok(e) = self.errors.recv() => return Some(Received::ServerError(e)),
+        };
+        if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return Some(Received::NoResponders);
+        }
+        Some(Received::Reply(m.payload))
+    }
+}
+
+impl Caller {
+    /// Connects with `[nats]` (auth, TLS, inbox prefix).
+    pub async fn connect(cfg: &NatsConfig) -> Result<Caller, BusError> {
+        let (errors, _) = tokio::sync::broadcast::channel(16);
+        Ok(Caller {
+            client: connect_with(cfg, Some(errors.clone())).await?,
+            errors,
+        })
+    }
+
+    /// Publishes `payload` with a fresh inbox as its reply subject, and
+    /// returns the stream of what comes back. The inbox is subscribed on
+    /// the same connection before the publish, so the server routes every
+    /// reply to it.
+    pub async fn stream(
+        &self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        payload: Vec<u8>,
+    ) -> Result<ReplyStream, BusError> {
+        let errors = self.errors.subscribe();
+        let inbox = self.client.new_inbox();
+        let sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BusError::Subscribe {
+                subject: inbox.clone(),
+                detail: e.to_string(),
+            })?;
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(*k, *v);
+        }
+        self.client
+            .publish_with_reply_and_headers(subject.to_string(), inbox, h, Bytes::from(payload))
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.to_string(),
+                detail: e.to_string(),
+            })?;
+        self.flush().await;
+        Ok(ReplyStream { sub, errors })
+    }
+
+    /// Publishes one message and pushes it to the socket.
+    pub async fn publish(&self, subject: &str, payload: Vec<u8>) -> Result<(), BusError> {
+        self.client
+            .publish(subject.to_string(), Bytes::from(payload))
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.to_string(),
+                detail: e.to_string(),
+            })?;
+        self.flush().await;
+        Ok(())
+    }
+
+    /// Sends a request that several responders may answer, and collects
+    /// the answers until `timeout`, or until `quiet` passed without a new
+    /// one after the first. A server error (a permissions violation) ends
+    /// it with [`BusError::Refused`].
+    pub async fn gather(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> Result<Vec<Bytes>, BusError> {
+        let mut stream = self.stream(subject, &[], payload).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            let until = if got.is_empty() {
+                deadline
+            } else {
+                deadline.min(tokio::time::Instant::now() + quiet)
+            };
+            match tokio::time::timeout_at(until, stream.next()).await {
+                Ok(Some(Received::Reply(p))) => got.push(p),
+                Ok(Some(Received::ServerError(detail))) => {
+                    return Err(BusError::Refused {
+                        subject: subject.to_string(),
+                        detail,
+                    })
+                }
+                Ok(Some(Received::NoResponders)) | Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(got)
+    }
+
+    async fn flush(&self) {
+        if let Err(e) = self.client.flush().await {
+            warn!(error = %e, "NATS flush failed");
+        }
+    }
+
+    /// Flushes what is buffered and closes the connection.
+    pub async fn close(self) {
+        self.flush().await;
+        let _ = self.client.drain().await;
     }
 }

@@ -348,14 +348,144 @@ struct AnySessionRef {
 
 /// Parses one SSE `data` payload.
 pub fn parse_event(data: &str) -> Result<Event, EventError> {
-    // One pass over the JSON when it has OpenCode's usual shape (`type`
-    // before `properties`, keys and type without escapes). Anything else,
-    // and every error, goes through the two-pass reading below, which
-    // decides the result: the one pass only ever agrees with it (tested).
+    // Most of a stream is text deltas: read them by hand when they are
+    // exactly as OpenCode writes them. Otherwise one pass over the JSON when
+    // it has OpenCode's usual shape (`type` before `properties`, keys and
+    // type without escapes). Anything else, and every error, goes through
+    // the two-pass reading below, which decides the result: the fast paths
+    // only ever agree with it (tested).
+    if let Some(delta) = parse_delta(data) {
+        return Ok(Event::PartDelta(delta));
+    }
     if let Ok(OnePass(event)) = serde_json::from_str(data) {
         return Ok(event);
     }
     parse_two_pass(data)
+}
+
+/// `{"id":"..","type":"message.part.delta","properties":{"sessionID":"..",
+/// "messageID":"..","partID":"..","field":"..","delta":".."}}` byte for byte
+/// (no whitespace, no `\u` escapes); `None` for anything else.
+fn parse_delta(data: &str) -> Option<PartDelta> {
+    let mut s = Scan(data);
+    s.lit("{\"id\":")?;
+    s.raw()?;
+    s.lit(",\"type\":\"message.part.delta\",\"properties\":{\"sessionID\":")?;
+    let session_id = s.string()?;
+    s.lit(",\"messageID\":")?;
+    let message_id = s.string()?;
+    s.lit(",\"partID\":")?;
+    let part_id = s.string()?;
+    s.lit(",\"field\":")?;
+    let field = s.string()?;
+    s.lit(",\"delta\":")?;
+    let delta = s.string()?;
+    s.lit("}}")?;
+    s.0.is_empty().then_some(PartDelta {
+        session_id,
+        message_id,
+        part_id,
+        field,
+        delta,
+    })
+}
+
+/// What is left of the input of [`parse_delta`].
+struct Scan<'a>(&'a str);
+
+impl<'a> Scan<'a> {
+    fn lit(&mut self, lit: &str) -> Option<()> {
+        self.0 = self.0.strip_prefix(lit)?;
+        Some(())
+    }
+
+    /// The inside of a JSON string, raw, and whether it has escapes; `None`
+    /// for a control character or no closing quote.
+    fn raw(&mut self) -> Option<(&'a str, bool)> {
+        let rest = self.0.strip_prefix('"')?;
+        let bytes = rest.as_bytes();
+        let mut i = 0;
+        let mut escaped = false;
+        loop {
+            let p = next_special(bytes, i)?;
+            match bytes[p] {
+                b'"' => {
+                    i = p;
+                    break;
+                }
+                b'\\' => {
+                    escaped = true;
+                    i = p + 2;
+                }
+                _ => return None,
+            }
+        }
+        // `i` is at the closing quote: a char boundary.
+        self.0 = &rest[i + 1..];
+        Some((&rest[..i], escaped))
+    }
+
+    /// A JSON string decoded as serde_json decodes it; `None` for a `\u`
+    /// escape (left to serde) or anything [`raw`](Self::raw) refuses.
+    fn string(&mut self) -> Option<String> {
+        let (mut rest, escaped) = self.raw()?;
+        if !escaped {
+            return Some(rest.to_string());
+        }
+        let mut out = String::with_capacity(rest.len());
+        while let Some(p) = rest.find('\\') {
+            out.push_str(&rest[..p]);
+            out.push(match rest.as_bytes().get(p + 1)? {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                _ => return None,
+            });
+            // The escaped byte is ASCII: `p + 2` is a char boundary.
+            rest = &rest[p + 2..];
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+}
+
+/// Index of the first byte from `i` on that a JSON string cannot hold
+/// verbatim (`"`, `\`, a control character). Eight bytes at a time (SWAR:
+/// the lowest flagged byte of a word is exact).
+fn next_special(bytes: &[u8], mut i: usize) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let zero = |x: u64| x.wrapping_sub(LO) & !x & HI;
+    // Long runs: 16 bytes at a time (the compiler vectorises this loop).
+    while let Some(chunk) = bytes.get(i..i + 16) {
+        let mut any = 0u8;
+        for &b in chunk {
+            any |= u8::from((b < 0x20) | (b == b'"') | (b == b'\\'));
+        }
+        if any != 0 {
+            break;
+        }
+        i += 16;
+    }
+    while let Some(w) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        let x = u64::from_le_bytes(word);
+        let below_space = x.wrapping_sub(LO * 0x20) & !x & HI;
+        let m = below_space | zero(x ^ (LO * u64::from(b'"'))) | zero(x ^ (LO * u64::from(b'\\')));
+        if m != 0 {
+            return Some(i + (m.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    let special = |b: u8| (b < 0x20) | (b == b'"') | (b == b'\\');
+    let p = bytes.get(i..)?.iter().position(|&b| special(b))?;
+    Some(i + p)
 }
 
 /// The envelope read in one pass: `properties` is deserialised straight
@@ -589,6 +719,26 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn next_special_is_the_first_special_byte() {
+        let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+        for filler in [b'a', 0x01, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xa0, 0xff] {
+            for len in 0..20 {
+                for pos in 0..len {
+                    for b in 0..=255u8 {
+                        let mut v = vec![filler; len];
+                        v[pos] = b;
+                        let want = v.iter().position(|&c| special(c));
+                        assert_eq!(next_special(&v, 0), want, "{v:?}");
+                        let after = v[pos + 1..].iter().position(|&c| special(c));
+                        let want = after.map(|p| p + pos + 1);
+                        assert_eq!(next_special(&v, pos + 1), want, "{v:?} after {pos}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Every recorded event, and shapes the one pass leaves to the two-pass
     /// reading: both give the same result.
     #[test]
@@ -597,7 +747,7 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/opencode-1.18.34"
         );
-        let mut n = 0;
+        let (mut n, mut deltas) = (0, 0);
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().and_then(|e| e.to_str()) != Some("sse") {
@@ -605,6 +755,10 @@ mod tests {
             }
             let text = std::fs::read_to_string(&path).unwrap();
             for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                if let Some(d) = parse_delta(data) {
+                    assert_eq!(Ok(Event::PartDelta(d)), parse_two_pass(data), "{data}");
+                    deltas += 1;
+                }
                 let one = serde_json::from_str::<OnePass>(data).map(|o| o.0);
                 assert_eq!(
                     one.as_ref().ok(),
@@ -616,6 +770,10 @@ mod tests {
             }
         }
         assert!(n > 250, "{n} events");
+        assert_eq!(
+            deltas, 55,
+            "every recorded delta takes the hand-written path"
+        );
         let edge = [
             r#"{"properties":{"sessionID":"s","messageID":"m","partID":"p","delta":"x"},"type":"message.part.delta"}"#,
             r#"{"type":"message.part.delta","properties":null}"#,
@@ -634,6 +792,9 @@ mod tests {
             r#"{"type":5,"properties":{}}"#,
         ];
         for data in edge {
+            if let Some(d) = parse_delta(data) {
+                assert_eq!(Ok(Event::PartDelta(d)), parse_two_pass(data), "{data}");
+            }
             let one = serde_json::from_str::<OnePass>(data).map(|o| o.0);
             if let Ok(e) = &one {
                 assert_eq!(Ok(e), parse_two_pass(data).as_ref(), "{data}");
@@ -667,6 +828,9 @@ mod tests {
             mutated.push_str(&insert);
             mutated.push_str(&s[end..]);
             proptest::prop_assert_eq!(parse_event(&mutated), parse_two_pass(&mutated));
+            if let Some(d) = parse_delta(&mutated) {
+                proptest::prop_assert_eq!(Ok(Event::PartDelta(d)), parse_two_pass(&mutated));
+            }
             if let Ok(OnePass(e)) = serde_json::from_str::<OnePass>(&mutated) {
                 proptest::prop_assert_eq!(Ok(e), parse_two_pass(&mutated));
             }

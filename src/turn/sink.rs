@@ -1,10 +1,16 @@
 //! Where a turn's replies go: stamps trace id and `seq`, splits long text
 //! under the payload limit, and guarantees that nothing follows the
-//! terminal reply.
+//! terminal reply. It also counts the turn (`ops::metrics`: replies by
+//! kind, time to first token, duration, outcome) and echoes the prompt's
+//! W3C `traceparent`.
 
-use tracing::{debug, warn};
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
 
 use crate::bus::Publisher;
+use crate::ops::metrics::{Metrics, TurnObserver};
+use crate::ops::traceparent::TraceParent;
 use crate::protocol::reply::split_utf8;
 use crate::protocol::{ErrorCode, Reply, ReplyBody};
 
@@ -20,6 +26,10 @@ pub struct ReplySink {
     seq: u64,
     terminated: bool,
     max_content: usize,
+    /// The turn's span (`traceparent` of every reply), when the prompt
+    /// came with a trace context.
+    traceparent: Option<String>,
+    observer: Option<TurnObserver>,
 }
 
 impl ReplySink {
@@ -43,7 +53,38 @@ impl ReplySink {
             seq: 0,
             terminated: false,
             max_content,
+            traceparent: None,
+            observer: None,
         }
+    }
+
+    /// Makes the turn a child span of the prompt's `traceparent` (if it is
+    /// valid): every reply carries the same trace id with the turn's own
+    /// span id.
+    pub fn traced(mut self, parent: Option<&str>) -> Self {
+        if let Some(parent) = parent.and_then(TraceParent::parse) {
+            let turn = parent.child();
+            info!(
+                trace_id = %self.trace_id,
+                traceparent = %parent,
+                otel_trace_id = parent.trace_id(),
+                span_id = turn.span_id(),
+                "prompt carries a trace context"
+            );
+            self.traceparent = Some(turn.to_string());
+        }
+        self
+    }
+
+    /// Counts this turn in `metrics` from now to its terminal reply.
+    pub fn observed(mut self, metrics: &Arc<Metrics>) -> Self {
+        self.observer = Some(TurnObserver::new(metrics.clone()));
+        self
+    }
+
+    /// The `traceparent` header of this turn's replies.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
     }
 
     pub fn set_session(&mut self, session_id: &str) {
@@ -127,7 +168,11 @@ impl ReplySink {
             session_id: self.session_id.as_deref(),
             body,
         };
-        if let Err(e) = self.publisher.publish(&self.subject, &reply).await {
+        if let Err(e) = self
+            .publisher
+            .publish_traced(&self.subject, &reply, self.traceparent.as_deref())
+            .await
+        {
             warn!(trace_id = %self.trace_id, seq = self.seq, error = %e, "publishing a reply failed");
             if body.is_terminal()
                 && !matches!(
@@ -147,6 +192,11 @@ impl ReplySink {
             }
         } else {
             debug!(trace_id = %self.trace_id, seq = self.seq, kind = body.kind(), "reply published");
+        }
+        // After the fallback above: the metrics count the reply that
+        // stands (and the turn's real outcome).
+        if let Some(o) = &mut self.observer {
+            o.on_reply(body);
         }
         self.seq += 1;
         if body.is_terminal() {

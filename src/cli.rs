@@ -1,0 +1,711 @@
+//! The client commands of the binary: `prompt` sends one prompt
+//! request-style and renders its replies live; `status` lists every
+//! running daemon. Both find NATS like the daemon does (the config file,
+//! then `OPENCODE_BRIDGE__NATS__URL`), or from `--server`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use opencode_nats_bridge::bus::{Caller, Received};
+use opencode_nats_bridge::config::Config;
+use opencode_nats_bridge::ops::status::Status;
+use opencode_nats_bridge::protocol::validate_subject;
+use serde_json::{json, Value};
+
+/// The turn ended with an `error` reply.
+pub const EXIT_ERROR_REPLY: u8 = 2;
+/// No terminal reply within `--timeout` (or nobody answered `status`).
+pub const EXIT_TIMEOUT: u8 = 3;
+/// NATS could not be reached, no bridge listens on the prompt subject, or
+/// the server refused the prompt (permissions).
+pub const EXIT_UNREACHABLE: u8 = 1;
+/// Bad usage (no prompt text).
+pub const EXIT_USAGE: u8 = 64;
+/// A bad config file.
+pub const EXIT_CONFIG: u8 = 78;
+/// Interrupted (Ctrl-C) and the turn did not complete.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// How long `prompt` waits for the terminal reply after Ctrl-C, beyond
+/// `[turn] abort_timeout`.
+const AFTER_ABORT: Duration = Duration::from_secs(3);
+
+/// Where NATS is.
+#[derive(Args, Debug)]
+pub struct Connection {
+    /// NATS server URL(s), comma-separated. Default: `[nats] url` of the
+    /// config file, `OPENCODE_BRIDGE__NATS__URL`, else nats://127.0.0.1:4222.
+    #[arg(long, short = 's', value_name = "URL")]
+    pub server: Option<String>,
+    /// A config file in the daemon's format: NATS address, auth, inbox
+    /// prefix and subjects are read from it.
+    #[arg(long, short, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct PromptArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Conversation key: prompts with the same key share one OpenCode
+    /// session (context). Sent as the subject tail (`<prompt>.<C>`).
+    #[arg(long, value_name = "C")]
+    pub conversation: Option<String>,
+    /// `provider/model` for this turn.
+    #[arg(long, value_name = "M")]
+    pub model: Option<String>,
+    /// OpenCode agent (`build`, `plan`, ...).
+    #[arg(long, value_name = "A")]
+    pub agent: Option<String>,
+    /// Print every reply as received, one JSON object per line, on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up when no `final` or `error` arrived within this long (exit 3).
+    #[arg(long, value_name = "D", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// The prompt (several words are joined with spaces); read from stdin
+    /// when absent.
+    #[arg(value_name = "TEXT")]
+    pub text: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Print each daemon's status document as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// How long to wait for answers.
+    #[arg(long, value_name = "D", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+fn load(conn: &Connection) -> Result<Config, ExitCode> {
+    let mut cfg = Config::load(conn.config.as_deref()).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    if let Some(url) = &conn.server {
+        cfg.nats.url = url.clone();
+    }
+    // A command line tool fails fast when NATS is not there.
+    cfg.nats.retry_on_initial_connect = false;
+    Ok(cfg)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+async fn connect(cfg: &Config) -> Result<Caller, ExitCode> {
+    Caller::connect(&cfg.nats).await.map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_UNREACHABLE)
+    })
+}
+
+/// `opencode-nats-bridge prompt`.
+pub fn prompt(args: PromptArgs) -> ExitCode {
+    let cfg = match load(&args.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let text = if args.text.is_empty() {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprintln!("(reading the prompt from stdin; end it with Ctrl-D)");
+        }
+        let mut t = String::new();
+        if let Err(e) = stdin.lock().read_to_string(&mut t) {
+            eprintln!("cannot read the prompt from stdin: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        t
+    } else {
+        args.text.join(" ")
+    };
+    if text.trim().is_empty() {
+        eprintln!("no prompt text: give it as an argument or on stdin");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // The conversation rides in the subject (`<prompt>.<conversation>`), so
+    // per-user NATS permissions on prompt subjects apply to it.
+    let subject = match &args.conversation {
+        Some(c) => match validate_subject(c) {
+            Ok(()) => format!("{}.{c}", cfg.subjects.prompt),
+            Err(e) => {
+                eprintln!("--conversation {c:?} {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => cfg.subjects.prompt.clone(),
+    };
+    runtime().block_on(run_prompt(cfg, args, subject, text))
+}
+
+async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot watch for Ctrl-C: {e}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    let caller = match connect(&cfg).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let trace_id = uuid::Uuid::new_v4().to_string();
+    let mut body = json!({"text": text, "trace_id": trace_id});
+    for (k, v) in [("model", &args.model), ("agent", &args.agent)] {
+        if let Some(v) = v {
+            body[k] = json!(v);
+        }
+    }
+    let mut replies = match caller
+        .stream(&subject, &[], body.to_string().into_bytes())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    let mut view = View::new(
+        args.json,
+        std::io::stdout().is_terminal(),
+        std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    );
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let mut deadline = tokio::time::Instant::now() + args.timeout;
+    let mut interrupted = false;
+    let code = loop {
+        tokio::select! {
+            biased;
+            _ = sigint.recv() => {
+                if interrupted {
+                    view.note(&mut out, &mut err, "interrupted again; not waiting for the bridge");
+                    break EXIT_INTERRUPTED;
+                }
+                interrupted = true;
+                view.note(&mut out, &mut err, "aborting the turn...");
+                let abort = json!({"trace_id": trace_id}).to_string().into_bytes();
+                if let Err(e) = caller.publish(&cfg.subjects.abort, abort).await {
+                    view.note(&mut out, &mut err, &format!("could not send the abort: {e}"));
+                }
+                deadline = deadline.min(tokio::time::Instant::now() + cfg.turn.abort_timeout + AFTER_ABORT);
+            }
+            r = tokio::time::timeout_at(deadline, replies.next()) => match r {
+                Err(_) if interrupted => {
+                    view.note(&mut out, &mut err, "no answer to the abort; giving up");
+                    break EXIT_INTERRUPTED;
+                }
+                Err(_) => {
+                    view.note(&mut out, &mut err, &format!(
+                        "no final or error reply within {} (trace id {trace_id})",
+                        humantime::format_duration(args.timeout)
+                    ));
+                    break EXIT_TIMEOUT;
+                }
+                Ok(None) => {
+                    view.note(&mut out, &mut err, "the NATS connection closed");
+                    break EXIT_UNREACHABLE;
+                }
+                Ok(Some(Received::NoResponders)) => {
+                    view.note(&mut out, &mut err, &format!("no bridge is listening on {subject}"));
+                    break EXIT_UNREACHABLE;
+                }
+                Ok(Some(Received::ServerError(e))) => {
+                    view.note(&mut out, &mut err, &format!("the NATS server refused the prompt on {subject}: {e}"));
+                    break EXIT_UNREACHABLE;
+                }
+                Ok(Some(Received::Reply(raw))) => match view.reply(&mut out, &mut err, &raw) {
+                    Some(Terminal::Final) => break 0,
+                    Some(Terminal::Error) if interrupted => break EXIT_INTERRUPTED,
+                    Some(Terminal::Error) => break EXIT_ERROR_REPLY,
+                    None => {}
+                },
+            },
+        }
+    };
+    let _ = out.flush();
+    drop(out);
+    caller.close().await;
+    ExitCode::from(code)
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Terminal {
+    Final,
+    Error,
+}
+
+/// Renders replies: answer text on stdout as it arrives; reasoning, tool
+/// activity and problems on stderr (dimmed on a terminal); or, with
+/// `--json`, every reply verbatim on stdout.
+struct View {
+    json: bool,
+    /// stdout is a terminal: keep lines tidy (a final newline, a newline
+    /// before notes); otherwise stdout gets exactly the answer's bytes.
+    tty_out: bool,
+    dim: bool,
+    /// The answer text written so far.
+    printed: String,
+    next_seq: u64,
+    out_mid_line: bool,
+    err_mid_line: bool,
+}
+
+impl View {
+    fn new(json: bool, tty_out: bool, dim: bool) -> Self {
+        View {
+            json,
+            tty_out,
+            dim,
+            printed: String::new(),
+            next_seq: 0,
+            out_mid_line: false,
+            err_mid_line: false,
+        }
+    }
+
+    /// Renders one reply; the turn's end if it was terminal.
+    fn reply(
+        &mut self,
+        out: &mut impl Write,
+        err: &mut impl Write,
+        raw: &[u8],
+    ) -> Option<Terminal> {
+        let v: Option<Value> = serde_json::from_slice(raw).ok();
+        let kind = v
+            .as_ref()
+            .and_then(|v| v["kind"].as_str())
+            .unwrap_or("")
+            .to_string();
+        let terminal = match kind.as_str() {
+            "final" => Some(Terminal::Final),
+            "error" => Some(Terminal::Error),
+            _ => None,
+        };
+        if self.json {
+            let _ = out.write_all(raw);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+            return terminal;
+        }
+        let Some(v) = v else {
+            self.note(
+                out,
+                err,
+                &format!("unreadable reply: {}", String::from_utf8_lossy(raw)),
+            );
+            return None;
+        };
+        if let Some(seq) = v["seq"].as_u64() {
+            if seq > self.next_seq {
+                let lost = seq - self.next_seq;
+                self.note(
+                    out,
+                    err,
+                    &format!(
+                        "{lost} repl{} lost on the way",
+                        if lost == 1 { "y" } else { "ies" }
+                    ),
+                );
+            }
+            self.next_seq = self.next_seq.max(seq + 1);
+        }
+        let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
+        match kind.as_str() {
+            "delta" => self.answer(out, err, &text("content")),
+            "reasoning" => {
+                self.end_out_line(out);
+                let c = text("content");
+                let _ = write!(err, "{}", self.dimmed(&c));
+                if !c.is_empty() {
+                    self.err_mid_line = !c.ends_with('\n');
+                }
+                let _ = err.flush();
+            }
+            "tool_call" => {
+                let args = v["args"].to_string();
+                self.side(
+                    out,
+                    err,
+                    &format!("→ {} {}", text("tool"), clip(&args, 200)),
+                );
+            }
+            "tool_result" => {
+                let how = if v["success"].as_bool() == Some(true) {
+                    "ok"
+                } else {
+                    "failed"
+                };
+                let result = text("result");
+                let first = result.lines().next().unwrap_or("");
+                let more = result.lines().count().saturating_sub(1);
+                let more = if more > 0 {
+                    format!(" (+{more} lines)")
+                } else {
+                    String::new()
+                };
+                self.side(
+                    out,
+                    err,
+                    &format!("← {} {how}: {}{more}", text("tool"), clip(first, 200)),
+                );
+            }
+            "final" => {
+                let content = text("content");
+                if let Some(rest) = content.strip_prefix(self.printed.as_str()) {
+                    // Text the stream did not carry (the bridge's catch-up
+                    // normally makes this empty).
+                    self.answer(out, err, rest);
+                } else {
+                    self.note(
+                        out,
+                        err,
+                        "the stream lost part of the answer; the whole answer follows",
+                    );
+                    self.answer(out, err, &content);
+                }
+                if self.tty_out && self.out_mid_line {
+                    let _ = writeln!(out);
+                    self.out_mid_line = false;
+                }
+                let _ = out.flush();
+                if self.dim {
+                    let mut facts = Vec::new();
+                    if let Some(m) = v["model"].as_str() {
+                        facts.push(m.to_string());
+                    }
+                    if let Some(ms) = v["duration_ms"].as_u64() {
+                        facts.push(format!("{:.1}s", ms as f64 / 1000.0));
+                    }
+                    if let (Some(i), Some(o)) =
+                        (v["usage"]["input"].as_u64(), v["usage"]["output"].as_u64())
+                    {
+                        facts.push(format!("{i} in / {o} out tokens"));
+                    }
+                    for n in v["notes"].as_array().into_iter().flatten() {
+                        facts.push(n.as_str().unwrap_or("").to_string());
+                    }
+                    if !facts.is_empty() {
+                        self.side(out, err, &facts.join(" · "));
+                    }
+                }
+            }
+            "error" => {
+                let retry = if v["retryable"].as_bool() == Some(true) {
+                    ", retryable"
+                } else {
+                    ""
+                };
+                self.end_out_line(out);
+                if self.err_mid_line {
+                    let _ = writeln!(err);
+                }
+                let _ = writeln!(err, "error ({}{retry}): {}", text("code"), text("error"));
+                self.err_mid_line = false;
+            }
+            other => self.side(out, err, &format!("[{other}]")),
+        }
+        terminal
+    }
+
+    /// Answer text on stdout.
+    fn answer(&mut self, out: &mut impl Write, err: &mut impl Write, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        if self.err_mid_line {
+            let _ = writeln!(err);
+            self.err_mid_line = false;
+        }
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+        self.printed.push_str(text);
+        self.out_mid_line = !text.ends_with('\n');
+    }
+
+    /// Before writing on stderr: end stdout's line if both share a terminal.
+    fn end_out_line(&mut self, out: &mut impl Write) {
+        if self.tty_out && self.out_mid_line {
+            let _ = writeln!(out);
+            let _ = out.flush();
+            self.out_mid_line = false;
+        }
+    }
+
+    /// One dimmed line on stderr.
+    fn side(&mut self, out: &mut impl Write, err: &mut impl Write, line: &str) {
+        self.end_out_line(out);
+        if self.err_mid_line {
+            let _ = writeln!(err);
+        }
+        let _ = writeln!(err, "{}", self.dimmed(line));
+        let _ = err.flush();
+        self.err_mid_line = false;
+    }
+
+    /// A message from this tool (not from the bridge) on stderr.
+    fn note(&mut self, out: &mut impl Write, err: &mut impl Write, line: &str) {
+        self.side(out, err, &format!("opencode-nats-bridge: {line}"));
+    }
+
+    fn dimmed(&self, s: &str) -> String {
+        if self.dim {
+            format!("\x1b[2m{s}\x1b[22m")
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+/// At most `max` bytes of `s`, on a character boundary, with `…` if cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// `opencode-nats-bridge status`.
+pub fn status(args: StatusArgs) -> ExitCode {
+    let cfg = match load(&args.conn) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    runtime().block_on(async {
+        let caller = match connect(&cfg).await {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        let subject = &cfg.subjects.status;
+        let answers = caller
+            .gather(
+                subject,
+                Vec::new(),
+                args.timeout,
+                Duration::from_millis(500),
+            )
+            .await;
+        caller.close().await;
+        let answers = match answers {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_UNREACHABLE);
+            }
+        };
+        if answers.is_empty() {
+            eprintln!(
+                "no bridge answered on {subject} within {}",
+                humantime::format_duration(args.timeout)
+            );
+            return ExitCode::from(EXIT_TIMEOUT);
+        }
+        let mut all: Vec<(Status, &[u8])> = answers
+            .iter()
+            .filter_map(|raw| Some((serde_json::from_slice(raw).ok()?, raw.as_ref())))
+            .collect();
+        all.sort_by(|a, b| (&a.0.host, &a.0.instance).cmp(&(&b.0.host, &b.0.instance)));
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            for (_, raw) in &all {
+                let _ = out.write_all(raw);
+                let _ = out.write_all(b"\n");
+            }
+        } else {
+            let _ = out.write_all(table(all.iter().map(|(s, _)| s)).as_bytes());
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+/// The status documents as an aligned table.
+fn table<'a>(all: impl Iterator<Item = &'a Status>) -> String {
+    let mut rows = vec![[
+        "HOST",
+        "VERSION",
+        "HEALTH",
+        "NATS",
+        "OPENCODE",
+        "TURNS",
+        "CONVERSATIONS",
+        "UPTIME",
+    ]
+    .map(String::from)];
+    for s in all {
+        let health = if s.stopping {
+            "stopping".to_string()
+        } else if s.healthy {
+            "ok".to_string()
+        } else {
+            "unhealthy".to_string()
+        };
+        rows.push([
+            s.host.clone(),
+            s.version.clone(),
+            health,
+            if s.nats_connected { "up" } else { "down" }.to_string(),
+            format!(
+                "{} ({}{})",
+                s.opencode_url,
+                if s.opencode_connected { "up" } else { "down" },
+                if s.opencode_embedded {
+                    ", embedded"
+                } else {
+                    ""
+                }
+            ),
+            s.turns_in_flight.to_string(),
+            s.conversations.to_string(),
+            humantime::format_duration(Duration::from_secs(s.uptime_s)).to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        text.push_str(cells.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(view: &mut View, replies: &[Value]) -> (String, String, Option<Terminal>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut end = None;
+        for r in replies {
+            end = view.reply(&mut out, &mut err, r.to_string().as_bytes());
+        }
+        (
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+            end,
+        )
+    }
+
+    fn turn() -> Vec<Value> {
+        vec![
+            json!({"kind": "reasoning", "seq": 0, "content": "Thinking."}),
+            json!({"kind": "delta", "seq": 1, "content": "Hello "}),
+            json!({"kind": "tool_call", "seq": 2, "tool": "bash", "call_id": "c", "args": {"command": "ls"}}),
+            json!({"kind": "tool_result", "seq": 3, "tool": "bash", "call_id": "c", "success": true, "result": "a\nb\n"}),
+            json!({"kind": "delta", "seq": 4, "content": "world"}),
+            json!({"kind": "final", "seq": 5, "content": "Hello world", "model": "p/m"}),
+        ]
+    }
+
+    #[test]
+    fn stdout_gets_exactly_the_answer_when_piped() {
+        let (out, err, end) = run(&mut View::new(false, false, false), &turn());
+        assert_eq!(out, "Hello world");
+        assert_eq!(end, Some(Terminal::Final));
+        assert_eq!(
+            err,
+            "Thinking.\n→ bash {\"command\":\"ls\"}\n← bash ok: a (+1 lines)\n"
+        );
+    }
+
+    #[test]
+    fn on_a_terminal_lines_stay_tidy_and_side_output_is_dimmed() {
+        let (out, err, _) = run(&mut View::new(false, true, true), &turn());
+        assert_eq!(out, "Hello \nworld\n");
+        assert!(
+            err.starts_with("\x1b[2mThinking.\x1b[22m\n\x1b[2m→ bash"),
+            "{err:?}"
+        );
+        assert!(err.ends_with("\x1b[2mp/m\x1b[22m\n"), "{err:?}");
+    }
+
+    #[test]
+    fn a_final_completes_what_the_stream_missed() {
+        let replies = vec![
+            json!({"kind": "delta", "seq": 0, "content": "Hel"}),
+            json!({"kind": "final", "seq": 2, "content": "Hello"}),
+        ];
+        let (out, err, end) = run(&mut View::new(false, false, false), &replies);
+        assert_eq!(out, "Hello");
+        assert!(err.contains("1 reply lost"), "{err}");
+        assert_eq!(end, Some(Terminal::Final));
+    }
+
+    #[test]
+    fn an_error_goes_to_stderr() {
+        let replies = vec![
+            json!({"kind": "error", "seq": 0, "code": "timeout", "error": "late", "retryable": true}),
+        ];
+        let (out, err, end) = run(&mut View::new(false, false, false), &replies);
+        assert_eq!(out, "");
+        assert_eq!(err, "error (timeout, retryable): late\n");
+        assert_eq!(end, Some(Terminal::Error));
+    }
+
+    #[test]
+    fn json_mode_prints_each_reply_verbatim() {
+        let replies = turn();
+        let (out, err, end) = run(&mut View::new(true, true, true), &replies);
+        let lines: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, replies);
+        assert_eq!(err, "");
+        assert_eq!(end, Some(Terminal::Final));
+    }
+
+    #[test]
+    fn clip_respects_characters() {
+        assert_eq!(clip("héllo", 2), "h…");
+        assert_eq!(clip("abc", 3), "abc");
+    }
+
+    #[test]
+    fn the_table_aligns() {
+        let s = Status {
+            host: "h1".into(),
+            version: "0.1.0".into(),
+            healthy: true,
+            nats_connected: true,
+            opencode_url: "http://127.0.0.1:4096".into(),
+            opencode_connected: true,
+            turns_in_flight: 2,
+            conversations: 1,
+            uptime_s: 3700,
+            ..Status::default()
+        };
+        let t = table([s].iter());
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("HOST  VERSION  HEALTH"), "{t}");
+        assert!(lines[1].starts_with("h1    0.1.0    ok"), "{t}");
+        assert!(lines[1].contains("http://127.0.0.1:4096 (up)"), "{t}");
+        assert!(lines[1].ends_with("1h 1m 40s"), "{t}");
+    }
+}
