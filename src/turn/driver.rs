@@ -359,7 +359,8 @@ async fn drive(
                     }
                 }
             }
-            _ = inter.next(), if inter.is_waiting() => {
+            answered = inter.next(), if inter.is_waiting() => {
+                inter.resolve(answered).await;
                 if !inter.is_waiting() {
                     // The caller answered (or time ran out): the deadlines
                     // resume, the whole-turn one moved by the wait.

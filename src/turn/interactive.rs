@@ -83,6 +83,9 @@ struct Open {
 
 type Waiting = BoxFuture<'static, (Open, Option<AnswerMsg>)>;
 
+/// An answer (or a timeout) taken off the queue, not yet applied.
+pub struct Answered(Open, Option<AnswerMsg>);
+
 /// One turn's open requests.
 pub struct Interactive {
     registry: Arc<AnswerRegistry>,
@@ -240,12 +243,20 @@ impl Interactive {
         .await;
     }
 
-    /// The next answer or timeout, applied at OpenCode. Pending forever
-    /// when nothing is open (use in `select!` with `is_waiting()`).
-    pub async fn next(&mut self) {
-        let Some((open, ans)) = self.waiting.next().await else {
-            return std::future::pending().await;
-        };
+    /// The next answer (or `None`: its timeout). Cancel-safe, for
+    /// `select!` with `is_waiting()`; hand the result to
+    /// [`resolve`](Self::resolve) outside the `select!`, so applying it at
+    /// OpenCode is never cut short by another branch.
+    pub async fn next(&mut self) -> Answered {
+        match self.waiting.next().await {
+            Some((open, ans)) => Answered(open, ans),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Applies an answer (or its timeout) at OpenCode and acknowledges it.
+    pub async fn resolve(&mut self, answered: Answered) {
+        let Answered(open, ans) = answered;
         self.open.retain(|o| o.id != open.id);
         if self.open.is_empty() {
             self.since = None;
