@@ -15,18 +15,22 @@
 //!   framed by the recorded turn's other events.
 //!
 //! Criterion reports events/s (`Throughput::Elements`); the summary printed
-//! at the end adds MB/s, read from criterion's own estimates.
+//! at the end adds MB/s, read from criterion's own estimates. Time is the
+//! benchmark thread's CPU time (one core, even on a shared machine);
+//! `CODEC_CLOCK=wall` measures wall time instead.
 //!
 //! ```sh
 //! cargo bench --bench codec                 # everything (~2 min)
 //! cargo bench --bench codec -- deltas10k    # one turn
 //! cargo bench --bench codec -- --quick      # a fast, rougher pass
+//! CODEC_PROFILE=combined/deltas10k/20 target/release/deps/codec-<hash>   # no criterion: for perf/callgrind
 //! ```
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use opencode_nats_bridge::mapper::TurnMapper;
 use opencode_nats_bridge::opencode::events::{parse_event, Event};
@@ -239,7 +243,7 @@ struct Row {
     unit: &'static str,
 }
 
-fn bench(c: &mut Criterion, turns: &[Turn]) -> Vec<Row> {
+fn bench<M: Measurement>(c: &mut Criterion<M>, turns: &[Turn]) -> Vec<Row> {
     let mut rows = Vec::new();
 
     let mut g = c.benchmark_group("sse_decode");
@@ -358,6 +362,100 @@ fn bench(c: &mut Criterion, turns: &[Turn]) -> Vec<Row> {
     rows
 }
 
+/// Criterion measurement: the CPU time of the benchmark thread
+/// (`CLOCK_THREAD_CPUTIME_ID`), so that "one core" means one core even when
+/// other work shares the machine. `CODEC_CLOCK=wall` for wall time.
+struct ThreadCpu;
+
+fn thread_cpu() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .expect("CLOCK_THREAD_CPUTIME_ID");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+impl Measurement for ThreadCpu {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        thread_cpu()
+    }
+
+    fn end(&self, started: Duration) -> Duration {
+        thread_cpu().saturating_sub(started)
+    }
+
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn to_f64(&self, v: &Duration) -> f64 {
+        v.as_nanos() as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuFormatter
+    }
+}
+
+/// Nanoseconds of CPU, shown like criterion shows wall time.
+struct CpuFormatter;
+
+impl ValueFormatter for CpuFormatter {
+    fn scale_values(&self, typical_ns: f64, values: &mut [f64]) -> &'static str {
+        let (factor, unit) = if typical_ns < 1e3 {
+            (1.0, "ns cpu")
+        } else if typical_ns < 1e6 {
+            (1e-3, "µs cpu")
+        } else if typical_ns < 1e9 {
+            (1e-6, "ms cpu")
+        } else {
+            (1e-9, "s cpu")
+        };
+        for v in values {
+            *v *= factor;
+        }
+        unit
+    }
+
+    fn scale_throughputs(
+        &self,
+        typical_ns: f64,
+        t: &Throughput,
+        values: &mut [f64],
+    ) -> &'static str {
+        let (per_iter, units) = match *t {
+            Throughput::Bytes(b) | Throughput::BytesDecimal(b) => {
+                (b as f64, ["B/s", "KB/s", "MB/s", "GB/s"])
+            }
+            Throughput::Elements(e) => (e as f64, [" elem/s", "Kelem/s", "Melem/s", "Gelem/s"]),
+            Throughput::Bits(b) => (b as f64, ["b/s", "Kb/s", "Mb/s", "Gb/s"]),
+        };
+        let typical = per_iter * 1e9 / typical_ns;
+        let (div, unit) = if typical < 1e3 {
+            (1.0, units[0])
+        } else if typical < 1e6 {
+            (1e3, units[1])
+        } else if typical < 1e9 {
+            (1e6, units[2])
+        } else {
+            (1e9, units[3])
+        };
+        for v in values {
+            *v = per_iter * 1e9 / *v / div;
+        }
+        unit
+    }
+
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
+
 fn criterion_home() -> PathBuf {
     if let Some(h) = std::env::var_os("CRITERION_HOME") {
         return h.into();
@@ -383,7 +481,7 @@ fn mean_ns(group: &str, id: &str, since: SystemTime) -> Option<f64> {
     v["mean"]["point_estimate"].as_f64()
 }
 
-fn summary(turns: &[Turn], rows: &[Row], since: SystemTime) {
+fn summary(turns: &[Turn], rows: &[Row], since: SystemTime, clock: &str) {
     let measured: Vec<(&Row, f64)> = rows
         .iter()
         .filter_map(|r| Some((r, mean_ns(r.group, r.turn, since)?)))
@@ -426,7 +524,10 @@ fn summary(turns: &[Turn], rows: &[Row], since: SystemTime) {
             r.unit
         );
     }
-    println!("(elements: SSE events; replies for `serialise`. MB/s of the bytes named in `of`.)");
+    println!(
+        "(time: {clock} time per iteration. elements: SSE events; replies for `serialise`. \
+         MB/s of the bytes named in `of`.)"
+    );
 }
 
 /// `CODEC_PROFILE=<stage>/<turn>/<iterations>`: runs one stage that many
@@ -480,11 +581,25 @@ fn main() {
     if let Ok(spec) = std::env::var("CODEC_PROFILE") {
         return profile(&turns, &spec);
     }
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
-    let rows = bench(&mut c, &turns);
-    c.final_summary();
-    summary(&turns, &rows, started);
+    let wall = std::env::var("CODEC_CLOCK").is_ok_and(|c| c == "wall");
+    let rows = if wall {
+        let mut c = Criterion::default()
+            .with_measurement(WallTime)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3))
+            .configure_from_args();
+        let rows = bench(&mut c, &turns);
+        c.final_summary();
+        rows
+    } else {
+        let mut c = Criterion::default()
+            .with_measurement(ThreadCpu)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3))
+            .configure_from_args();
+        let rows = bench(&mut c, &turns);
+        c.final_summary();
+        rows
+    };
+    summary(&turns, &rows, started, if wall { "wall" } else { "CPU" });
 }

@@ -266,6 +266,8 @@ struct Fake {
     /// The `GET /event` connection the writer should take over next.
     new_stream: Mutex<Option<TcpStream>>,
     streams_opened: AtomicU64,
+    /// TCP connections accepted (the daemon's HTTP client pool).
+    connections: AtomicU64,
     events_written: AtomicU64,
     phase: Mutex<Option<Arc<Phase>>>,
 }
@@ -305,6 +307,7 @@ impl Fake {
             next_event: AtomicU64::new(1),
             new_stream: Mutex::new(None),
             streams_opened: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             events_written: AtomicU64::new(0),
             phase: Mutex::new(None),
         });
@@ -317,6 +320,7 @@ impl Fake {
                     continue;
                 };
                 let _ = sock.set_nodelay(true);
+                f.connections.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(serve(f.clone(), sock));
             }
         });
@@ -1305,8 +1309,26 @@ fn mb(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
 
-fn report(results: &[PhaseResult], idle: ProcSample, relay_idle: Option<ProcSample>) {
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn report(
+    results: &[PhaseResult],
+    idle: ProcSample,
+    relay_idle: Option<ProcSample>,
+    load_before: &str,
+) {
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{} CPUs; load average before the run {load_before}, after {} (other work on \
+         the machine inflates latency and lowers replies/s; CPU s/M ev is the steadier figure)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
     let _ = writeln!(
         out,
         "\n{:<7} {:<16} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9}",
@@ -1416,6 +1438,7 @@ fn main() {
 }
 
 async fn run(params: Params) {
+    let load_before = loadavg();
     let dir = tempfile::Builder::new()
         .prefix("e2e-bench-")
         .tempdir()
@@ -1461,6 +1484,10 @@ async fn run(params: Params) {
         );
         results.push(r);
     }
+    eprintln!(
+        "the daemon opened {} HTTP connections to the fake OpenCode",
+        fake.connections.load(Ordering::Relaxed)
+    );
     let daemon_log = dir.path().join("daemon.log");
     daemon.stop();
     let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
@@ -1496,6 +1523,6 @@ async fn run(params: Params) {
         }
         relay.stop();
     }
-    report(&results, idle, relay_idle);
+    report(&results, idle, relay_idle, &load_before);
     nats_proc.stop();
 }
