@@ -42,7 +42,7 @@
 //! | `E2E_PHASE_TIMEOUT` | `120` | seconds a phase may take before it is cut |
 //! | `E2E_DAEMON_BIN` | the bench build | the daemon binary |
 //! | `E2E_RELAY_HEADERS` | `0` | `1`: the relay adds the daemon's four reply headers (isolates their cost) |
-//! | `E2E_PERF_DIR` | unset | `perf record` the daemon/relay during throughput phases into this directory |
+//! | `E2E_PERF_DIR` | unset | `perf record` the daemon/relay during every phase into this directory (`E2E_PERF_CALLGRAPH=1`: with call graphs) |
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -1165,10 +1165,17 @@ impl Rig {
             proc_sample(self.nats_pid),
             proc_sample(std::process::id()),
         );
-        // `E2E_PERF_DIR`: `perf record` the daemon/relay during throughput phases.
-        let perf = match (std::env::var_os("E2E_PERF_DIR"), mode) {
-            (Some(dir), Mode::Throughput { .. }) => Command::new("perf")
-                .args(["record", "-F", "1999", "-p", &pid.to_string(), "-o"])
+        // `E2E_PERF_DIR`: `perf record` the daemon/relay during every phase.
+        let perf = match std::env::var_os("E2E_PERF_DIR") {
+            Some(dir) => Command::new("perf")
+                .arg("record")
+                // `E2E_PERF_CALLGRAPH=1`: with DWARF call graphs (large files).
+                .args(if std::env::var_os("E2E_PERF_CALLGRAPH").is_some() {
+                    &["-F", "499", "--call-graph", "dwarf,16384"][..]
+                } else {
+                    &["-F", "1999"][..]
+                })
+                .args(["-p", &pid.to_string(), "-o"])
                 .arg(Path::new(&dir).join(format!("{which:?}-{}.perf.data", phase.id)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

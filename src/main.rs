@@ -11,6 +11,13 @@ use clap::{Parser, Subcommand};
 use opencode_nats_bridge::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: the daemon allocates many short-lived
+/// buffers per reply on several threads, and glibc's arena consolidation
+/// showed up at 9% of the daemon's CPU in the end-to-end benchmark
+/// (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a configuration error (systemd's `RestartPreventExitStatus`).
 const EXIT_CONFIG: u8 = 78;
 /// Exit status for a failure at run time.

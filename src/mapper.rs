@@ -211,8 +211,8 @@ impl TurnMapper {
                 }
                 Signal::Error(error)
             }
-            Event::PermissionAsked(p) => Signal::Permission(p.clone()),
-            Event::QuestionAsked(q) => Signal::Question(q.clone()),
+            Event::PermissionAsked(p) => Signal::Permission(p.as_ref().clone()),
+            Event::QuestionAsked(q) => Signal::Question(q.as_ref().clone()),
             Event::Other { .. } => Signal::Progress,
             Event::ServerConnected | Event::Heartbeat => Signal::Nothing,
         }
@@ -239,8 +239,8 @@ impl TurnMapper {
                 );
                 Signal::Progress
             }
-            Event::PermissionAsked(p) => Signal::Permission(p.clone()),
-            Event::QuestionAsked(q) => Signal::Question(q.clone()),
+            Event::PermissionAsked(p) => Signal::Permission(p.as_ref().clone()),
+            Event::QuestionAsked(q) => Signal::Question(q.as_ref().clone()),
             _ => Signal::Progress,
         }
     }

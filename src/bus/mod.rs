@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::header::HeaderName;
 use async_nats::{HeaderMap, ServerAddr};
 use bytes::Bytes;
 use futures::stream::SelectAll;
@@ -331,17 +332,26 @@ impl Publisher {
         reply: &Reply<'_>,
         traceparent: Option<&str>,
     ) -> Result<(), BusError> {
+        // Static names (no allocation, no validation per reply); the values
+        // are the only per-reply allocations async-nats' HeaderMap allows.
+        const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+        const TRACE_ID: HeaderName = HeaderName::from_static("Trace-Id");
+        const REPLY_KIND: HeaderName = HeaderName::from_static("Reply-Kind");
+        const REPLY_SEQ: HeaderName = HeaderName::from_static("Reply-Seq");
+        const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
         let mut h = HeaderMap::new();
         if let Some(t) = traceparent {
-            h.insert("traceparent", t);
+            h.insert(TRACEPARENT, t);
         }
-        h.insert("Trace-Id", reply.trace_id);
-        h.insert("Reply-Kind", reply.body.kind());
-        h.insert("Reply-Seq", reply.seq.to_string().as_str());
-        h.insert(
-            "Nats-Msg-Id",
-            format!("{}-{}", reply.trace_id, reply.seq).as_str(),
-        );
+        let seq = reply.seq.to_string();
+        let mut msg_id = String::with_capacity(reply.trace_id.len() + 1 + seq.len());
+        msg_id.push_str(reply.trace_id);
+        msg_id.push('-');
+        msg_id.push_str(&seq);
+        h.insert(TRACE_ID, reply.trace_id);
+        h.insert(REPLY_KIND, reply.body.kind());
+        h.insert(REPLY_SEQ, seq);
+        h.insert(NATS_MSG_ID, msg_id);
         self.client
             .publish_with_headers(subject.to_string(), h, Bytes::from(reply.to_json()))
             .await

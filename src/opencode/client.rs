@@ -150,6 +150,11 @@ impl OpenCodeClient {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(cfg.connect_timeout)
                 .pool_idle_timeout(Duration::from_secs(30))
+                // A burst of turns opens many connections at once; keeping
+                // all of them idle (with their buffers) cost ~20 KB per turn
+                // in the end-to-end benchmark. 16 warm ones serve the calls
+                // turns make between bursts (docs/BENCHMARKS.md).
+                .pool_max_idle_per_host(16)
                 .user_agent(concat!("opencode-nats-bridge/", env!("CARGO_PKG_VERSION")));
             if let Some(t) = timeout {
                 b = b.timeout(t);

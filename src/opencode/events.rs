@@ -17,8 +17,10 @@ pub enum Event {
     ServerConnected,
     /// Every ~10 s; proves the stream is alive, means nothing to a turn.
     Heartbeat,
-    MessageUpdated(MessageInfo),
-    PartUpdated(Part),
+    // The large variants are boxed: an `Event` is 128 bytes instead of 352,
+    // and every turn's event queue holds them in blocks of 32.
+    MessageUpdated(Box<MessageInfo>),
+    PartUpdated(Box<Part>),
     PartDelta(PartDelta),
     SessionStatus {
         session_id: String,
@@ -31,8 +33,8 @@ pub enum Event {
         session_id: Option<String>,
         error: Option<MessageError>,
     },
-    PermissionAsked(PermissionAsked),
-    QuestionAsked(QuestionAsked),
+    PermissionAsked(Box<PermissionAsked>),
+    QuestionAsked(Box<QuestionAsked>),
     /// Any other type: kept for its session id only.
     Other {
         kind: String,
@@ -546,8 +548,12 @@ impl<'de> serde::de::DeserializeSeed<'de> for Props<'_> {
                 serde::de::IgnoredAny::deserialize(d)?;
                 Event::Heartbeat
             }
-            "message.updated" => Event::MessageUpdated(MessageUpdatedProps::deserialize(d)?.info),
-            "message.part.updated" => Event::PartUpdated(PartUpdatedProps::deserialize(d)?.part),
+            "message.updated" => {
+                Event::MessageUpdated(Box::new(MessageUpdatedProps::deserialize(d)?.info))
+            }
+            "message.part.updated" => {
+                Event::PartUpdated(Box::new(PartUpdatedProps::deserialize(d)?.part))
+            }
             "message.part.delta" => Event::PartDelta(PartDelta::deserialize(d)?),
             "session.status" => {
                 let p = SessionStatusProps::deserialize(d)?;
@@ -566,8 +572,10 @@ impl<'de> serde::de::DeserializeSeed<'de> for Props<'_> {
                     error: p.error,
                 }
             }
-            "permission.asked" => Event::PermissionAsked(PermissionAsked::deserialize(d)?),
-            "question.asked" => Event::QuestionAsked(QuestionAsked::deserialize(d)?),
+            "permission.asked" => {
+                Event::PermissionAsked(Box::new(PermissionAsked::deserialize(d)?))
+            }
+            "question.asked" => Event::QuestionAsked(Box::new(QuestionAsked::deserialize(d)?)),
             other => {
                 let r = AnySessionRef::deserialize(d)?;
                 Event::Other {
@@ -596,16 +604,16 @@ fn parse_two_pass(data: &str) -> Result<Event, EventError> {
     Ok(match kind {
         "server.connected" => Event::ServerConnected,
         "server.heartbeat" => Event::Heartbeat,
-        "message.updated" => Event::MessageUpdated(
+        "message.updated" => Event::MessageUpdated(Box::new(
             serde_json::from_str::<MessageUpdatedProps>(props)
                 .map_err(bad)?
                 .info,
-        ),
-        "message.part.updated" => Event::PartUpdated(
+        )),
+        "message.part.updated" => Event::PartUpdated(Box::new(
             serde_json::from_str::<PartUpdatedProps>(props)
                 .map_err(bad)?
                 .part,
-        ),
+        )),
         "message.part.delta" => Event::PartDelta(serde_json::from_str(props).map_err(bad)?),
         "session.status" => {
             let p: SessionStatusProps = serde_json::from_str(props).map_err(bad)?;
@@ -626,8 +634,12 @@ fn parse_two_pass(data: &str) -> Result<Event, EventError> {
                 error: p.error,
             }
         }
-        "permission.asked" => Event::PermissionAsked(serde_json::from_str(props).map_err(bad)?),
-        "question.asked" => Event::QuestionAsked(serde_json::from_str(props).map_err(bad)?),
+        "permission.asked" => {
+            Event::PermissionAsked(Box::new(serde_json::from_str(props).map_err(bad)?))
+        }
+        "question.asked" => {
+            Event::QuestionAsked(Box::new(serde_json::from_str(props).map_err(bad)?))
+        }
         other => {
             let r: AnySessionRef = serde_json::from_str(props).unwrap_or_default();
             let session_id = r

@@ -300,6 +300,11 @@ impl Subscription {
         self.rx.recv().await
     }
 
+    /// An event already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
     /// Whether events were lost since the last call (then reconcile).
     pub fn take_lagged(&self) -> bool {
         self.lagged.swap(false, Ordering::AcqRel)

@@ -22,6 +22,7 @@ use crate::bus::Publisher;
 use crate::config::Config;
 use crate::mapper::{Conclusion, Signal, TurnMapper};
 use crate::opencode::client::{ModelBody, PromptBody, TextPart};
+use crate::opencode::stream::StreamState;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError, Subscription};
 use crate::protocol::reply::FinalReply;
 use crate::protocol::{ErrorCode, Prompt, ReplyBody};
@@ -247,7 +248,7 @@ async fn drive(
     let body = prompt_body(prompt);
     // Watch the stream from before the prompt: a reconnect while OpenCode
     // answers the POST must not go unnoticed.
-    let mut stream_state = ctx.hub.state();
+    let stream_state = ctx.hub.state();
     let mut seen_epoch = stream_state.borrow().epoch;
     loop {
         sink.set_session(&session_id);
@@ -290,7 +291,17 @@ async fn drive(
     let mut recheck_at: Option<Instant> = None;
     let mut rechecks = 0;
 
-    let conclusion = loop {
+    // The futures that outlive one event are made once: re-creating them on
+    // every event registered and removed a waiter in both cancellation
+    // tokens and a timer-wheel entry per event, a visible share of the
+    // daemon's CPU with many slow turns (docs/BENCHMARKS.md). The timer is
+    // moved, not re-made: moving it later is a lock-free update.
+    let shutdown = cancel.cancelled();
+    let aborted = abort.cancelled();
+    let timer = sleep_until(idle_deadline);
+    let state_change = next_state_change(stream_state);
+    tokio::pin!(shutdown, aborted, timer, state_change);
+    let conclusion = 'turn: loop {
         let waiting_since = inter.waiting_since();
         let (deadline, which) = next_deadline(
             turn_deadline,
@@ -299,65 +310,82 @@ async fn drive(
             got_first,
             inter.is_waiting(),
         );
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         let check_end: bool;
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => {
+            _ = &mut shutdown => {
                 abort_quietly(ctx, &mut sub, &session_id).await;
                 return Err(TurnError::new(ErrorCode::ShuttingDown, "the bridge is shutting down; the turn was aborted"));
             }
-            _ = abort.cancelled() => {
+            _ = &mut aborted => {
                 return Err(abort_turn(ctx, &mut mapper, &mut sub, &session_id, sink, &mut out).await);
             }
             ev = sub.recv() => {
-                let Some(ev) = ev else {
+                let Some(mut ev) = ev else {
                     return Err(TurnError::new(ErrorCode::Internal, "the event router closed"));
                 };
-                if sub.take_lagged() {
-                    // Events were lost: stop trusting live text, catch up over HTTP.
-                    if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
-                        break c;
+                // Events already queued are taken here too (a bounded
+                // number, so an abort or a shutdown is still seen soon):
+                // a burst costs one pass through the select, not one each.
+                let mut budget = DRAIN_BUDGET;
+                check_end = loop {
+                    if sub.take_lagged() {
+                        // Events were lost: stop trusting live text, catch up over HTTP.
+                        if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
+                            break 'turn c;
+                        }
                     }
-                }
-                let signal = mapper.on_event(&ev, &mut out);
-                sink.send_all(&mut out).await;
-                // Follow the subagent sessions this turn starts.
-                for (child, _) in mapper.child_sessions() {
-                    sub.follow(child);
-                }
-                match signal {
-                    Signal::Nothing => { check_end = false; }
-                    Signal::Progress => {
-                        got_first = true;
-                        idle_deadline = Instant::now() + cfg.idle_timeout;
-                        check_end = false;
+                    let signal = mapper.on_event(&ev, &mut out);
+                    sink.send_all(&mut out).await;
+                    // Follow the subagent sessions this turn starts.
+                    for (child, _) in mapper.child_sessions() {
+                        sub.follow(child);
                     }
-                    Signal::Retry { attempt, message } => {
-                        got_first = true;
-                        idle_deadline = Instant::now() + cfg.idle_timeout;
-                        info!(?attempt, message = message.as_deref().unwrap_or(""), "OpenCode is retrying the provider");
-                        check_end = false;
+                    let end = match signal {
+                        Signal::Nothing => false,
+                        Signal::Progress => {
+                            got_first = true;
+                            idle_deadline = Instant::now() + cfg.idle_timeout;
+                            false
+                        }
+                        Signal::Retry { attempt, message } => {
+                            got_first = true;
+                            idle_deadline = Instant::now() + cfg.idle_timeout;
+                            info!(?attempt, message = message.as_deref().unwrap_or(""), "OpenCode is retrying the provider");
+                            false
+                        }
+                        Signal::Idle => true,
+                        Signal::Error(e) => {
+                            got_first = true;
+                            debug!(name = %e.name, "session.error");
+                            recheck_at = Some(Instant::now() + Duration::from_secs(5));
+                            false
+                        }
+                        Signal::Permission(p) => {
+                            got_first = true;
+                            idle_deadline = Instant::now() + cfg.idle_timeout;
+                            inter.on_permission(p, sink).await;
+                            false
+                        }
+                        Signal::Question(q) => {
+                            got_first = true;
+                            idle_deadline = Instant::now() + cfg.idle_timeout;
+                            inter.on_question(q, sink).await;
+                            false
+                        }
+                    };
+                    budget -= 1;
+                    if end || budget == 0 {
+                        break end;
                     }
-                    Signal::Idle => { check_end = true; }
-                    Signal::Error(e) => {
-                        got_first = true;
-                        debug!(name = %e.name, "session.error");
-                        recheck_at = Some(Instant::now() + Duration::from_secs(5));
-                        check_end = false;
+                    match sub.try_recv() {
+                        Some(next) => ev = next,
+                        None => break false,
                     }
-                    Signal::Permission(p) => {
-                        got_first = true;
-                        idle_deadline = Instant::now() + cfg.idle_timeout;
-                        inter.on_permission(p, sink).await;
-                        check_end = false;
-                    }
-                    Signal::Question(q) => {
-                        got_first = true;
-                        idle_deadline = Instant::now() + cfg.idle_timeout;
-                        inter.on_question(q, sink).await;
-                        check_end = false;
-                    }
-                }
+                };
             }
             answered = inter.next(), if inter.is_waiting() => {
                 inter.resolve(answered).await;
@@ -371,11 +399,12 @@ async fn drive(
                 }
                 check_end = false;
             }
-            changed = stream_state.changed() => {
-                if changed.is_err() {
+            (rx, changed) = &mut state_change => {
+                if !changed {
                     return Err(TurnError::new(ErrorCode::Internal, "the event stream reader stopped"));
                 }
-                let s = *stream_state.borrow_and_update();
+                let s = *rx.borrow();
+                state_change.set(next_state_change(rx));
                 if !s.connected {
                     // The stream dropped: is OpenCode itself gone?
                     if let Err(e) = ctx.client.health(ctx.config.opencode.connect_timeout).await {
@@ -397,7 +426,7 @@ async fn drive(
                 }
                 check_end = false;
             }
-            _ = sleep_until(deadline) => {
+            _ = &mut timer => {
                 match which {
                     Deadline::Recheck => { check_end = true; recheck_at = None; }
                     _ => {
@@ -493,6 +522,21 @@ fn subscribe(ctx: &TurnContext, session_id: &str) -> Result<Subscription, TurnEr
     ctx.hub
         .subscribe(session_id)
         .map_err(|e| TurnError::new(ErrorCode::SessionBusy, e.to_string()))
+}
+
+/// How many queued events a turn takes in one go before it looks at its
+/// other inputs (abort, shutdown, deadlines, answers) again.
+const DRAIN_BUDGET: usize = 32;
+
+/// The next change of the event stream's state, owning the receiver so the
+/// future can live across the turn's select loop (made once per change, not
+/// once per event).
+async fn next_state_change(
+    mut rx: tokio::sync::watch::Receiver<StreamState>,
+) -> (tokio::sync::watch::Receiver<StreamState>, bool) {
+    let ok = rx.changed().await.is_ok();
+    rx.borrow_and_update();
+    (rx, ok)
 }
 
 fn next_deadline(
