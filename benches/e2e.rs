@@ -39,9 +39,11 @@
 //! | `E2E_TPUT_DELTAS` | `10000` | deltas per turn of the throughput phase |
 //! | `E2E_WINDOW` | `256` | deltas in flight per turn in the throughput phase (0: unbounded) |
 //! | `E2E_RELAY` | `1` | run the bare relay baseline too (0: skip) |
+//! | `E2E_WARMUP` | `2` | seconds at the start of a phase left out of the steady-state latency |
 //! | `E2E_PHASE_TIMEOUT` | `120` | seconds a phase may take before it is cut |
 //! | `E2E_DAEMON_BIN` | the bench build | the daemon binary |
 //! | `E2E_RELAY_HEADERS` | `0` | `1`: the relay adds the daemon's four reply headers (isolates their cost) |
+//! | `OPENCODE_BRIDGE__SUBJECTS__REPLY_HEADERS` | `full` | the daemon's reply headers (`lean`: deltas carry `Trace-Id` only) |
 //! | `E2E_PERF_DIR` | unset | `perf record` the daemon/relay during every phase into this directory (`E2E_PERF_CALLGRAPH=1`: with call graphs) |
 
 use std::cmp::Reverse;
@@ -958,6 +960,8 @@ fn relay_child() {
 #[derive(Default)]
 struct Collected {
     latencies_ns: Vec<u64>,
+    /// Write time of each delta of `latencies_ns` (same order).
+    written_ns: Vec<u64>,
     deltas: u64,
     replies: u64,
     terminals: u64,
@@ -1019,11 +1023,15 @@ async fn collect(
         c.replies += 1;
         let is_delta = match target {
             Target::Daemon => {
+                // `Reply-Kind`, or (`reply_headers = "lean"` deltas) the body.
                 let kind = msg
                     .headers
                     .as_ref()
                     .and_then(|h| h.get("Reply-Kind"))
-                    .map(|v| v.as_str().to_string());
+                    .map(|v| v.as_str().to_string())
+                    .or_else(|| {
+                        find(&msg.payload, b"\"kind\":\"delta\"").map(|_| "delta".to_string())
+                    });
                 match kind.as_deref() {
                     Some("delta") => true,
                     Some("final") => {
@@ -1054,6 +1062,7 @@ async fn collect(
         };
         c.deltas += 1;
         c.latencies_ns.push(now.saturating_sub(ts));
+        c.written_ns.push(ts);
         if let (Some(r), Some(n)) = (phase.received.get(turn), phase.notify.get(turn)) {
             r.fetch_add(1, Ordering::Release);
             n.notify_one();
@@ -1065,6 +1074,9 @@ async fn collect(
 // ---------------------------------------------------------------- a phase
 
 struct PhaseResult {
+    /// Sorted latencies of the deltas written in the steady state (see
+    /// `steady_state`).
+    steady_ns: Vec<u64>,
     target: Target,
     label: String,
     turns: usize,
@@ -1101,12 +1113,11 @@ impl PhaseResult {
     }
 
     fn pct(&self, p: f64) -> f64 {
-        let l = &self.collected.latencies_ns;
-        if l.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
-        l[i] as f64 / 1e3
+        pct(&self.collected.latencies_ns, p)
+    }
+
+    fn steady_pct(&self, p: f64) -> f64 {
+        pct(&self.steady_ns, p)
     }
 
     fn cpu_per_m_events(&self) -> f64 {
@@ -1115,6 +1126,47 @@ impl PhaseResult {
         }
         self.cpu_target / self.events_written as f64 * 1e6
     }
+}
+
+/// Percentile `p` of sorted nanoseconds, in microseconds.
+fn pct(l: &[u64], p: f64) -> f64 {
+    if l.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+    l[i] as f64 / 1e3
+}
+
+/// `E2E_WARMUP` (seconds, default 2): the start of a phase left out of the
+/// steady-state latency.
+fn warmup() -> Duration {
+    Duration::from_secs_f64(
+        std::env::var("E2E_WARMUP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2.0),
+    )
+}
+
+/// Latencies (sorted) of the deltas written from `warmup` after the phase's
+/// first write to 1 s before its last: without the start (every turn's
+/// session and prompt made at once) and the end (every turn concluding at
+/// once), which the whole-phase percentiles include.
+fn steady_state(c: &Collected, warmup: Duration) -> Vec<u64> {
+    let (Some(&first), Some(&last)) = (c.written_ns.iter().min(), c.written_ns.iter().max()) else {
+        return Vec::new();
+    };
+    let from = first + warmup.as_nanos() as u64;
+    let to = last.saturating_sub(1_000_000_000);
+    let mut v: Vec<u64> = c
+        .latencies_ns
+        .iter()
+        .zip(&c.written_ns)
+        .filter(|(_, &w)| w >= from && w <= to)
+        .map(|(&l, _)| l)
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 struct Rig {
@@ -1243,8 +1295,10 @@ impl Rig {
             );
             let _ = p.wait();
         }
+        let steady_ns = steady_state(&collected, warmup());
         collected.latencies_ns.sort_unstable();
         PhaseResult {
+            steady_ns,
             target: which,
             label: label.to_string(),
             turns,
@@ -1338,6 +1392,11 @@ fn report(
     );
     let _ = writeln!(
         out,
+        "daemon reply_headers: {}",
+        std::env::var("OPENCODE_BRIDGE__SUBJECTS__REPLY_HEADERS").unwrap_or_else(|_| "full".into())
+    );
+    let _ = writeln!(
+        out,
         "\n{:<7} {:<16} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9}",
         "target", "phase", "events", "deltas", "lost", "replies/s", "p50 us", "p99 us", "p99.9 us", "max us",
         "cpu s", "s/M ev", "nats s", "bench s", "RSS MB", "KB/turn", "peak/turn"
@@ -1367,6 +1426,29 @@ fn report(
             per_turn(r.rss_mid_kb),
             per_turn(r.rss_max_kb),
             if c.timed_out { "  TIMED OUT" } else if c.errors > 0 { "  ERRORS" } else { "" },
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nsteady state (deltas written from {:?} after a phase's first write to 1 s before its last):",
+        warmup()
+    );
+    let _ = writeln!(
+        out,
+        "{:<7} {:<16} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "target", "phase", "deltas", "p50 us", "p99 us", "p99.9 us", "max us"
+    );
+    for r in results.iter().filter(|r| !r.steady_ns.is_empty()) {
+        let _ = writeln!(
+            out,
+            "{:<7} {:<16} {:>8} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+            format!("{:?}", r.target).to_lowercase(),
+            r.label,
+            r.steady_ns.len(),
+            r.steady_pct(0.50),
+            r.steady_pct(0.99),
+            r.steady_pct(0.999),
+            r.steady_pct(1.0),
         );
     }
     let _ = writeln!(
@@ -1407,12 +1489,14 @@ fn report(
         {
             let _ = writeln!(
                 out,
-                "{:<16} daemon/relay: delta throughput {:.2}x, CPU per event {:.2}x, p99 {:.0} us vs {:.0} us",
+                "{:<16} daemon/relay: delta throughput {:.2}x, CPU per event {:.2}x, p99 {:.0} us vs {:.0} us, steady p99 {:.0} us vs {:.0} us",
                 d.label,
                 d.deltas_per_sec() / r.deltas_per_sec(),
                 d.cpu_per_m_events() / r.cpu_per_m_events(),
                 d.pct(0.99),
-                r.pct(0.99)
+                r.pct(0.99),
+                d.steady_pct(0.99),
+                r.steady_pct(0.99)
             );
         }
     }

@@ -58,7 +58,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let config = Arc::new(config);
     let nats = bus::connect(&config.nats).await?;
-    let publisher = Publisher::new(nats.clone());
+    let publisher = Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
 
     let (embedded, client) = match &config.opencode.base_url {
         Some(url) => {

@@ -149,6 +149,23 @@ pub struct SubjectsConfig {
     pub permission_reply: String,
     /// Answers to `question` replies, likewise.
     pub question_reply: String,
+    /// Which headers replies carry (docs/PROTOCOL.md, "Replies"). `full`:
+    /// `Trace-Id`, `Reply-Kind`, `Reply-Seq` and `Nats-Msg-Id` on every
+    /// reply. `lean`: `delta` and `reasoning` replies carry `Trace-Id` only
+    /// (the body has `kind` and `seq`); every other kind keeps all four.
+    /// Building the headers is the largest share of the daemon's CPU per
+    /// streamed reply: `lean` takes ~30% more replies per CPU-second
+    /// (docs/BENCHMARKS.md).
+    pub reply_headers: ReplyHeaders,
+}
+
+/// See [`SubjectsConfig::reply_headers`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyHeaders {
+    #[default]
+    Full,
+    Lean,
 }
 
 impl Default for SubjectsConfig {
@@ -162,6 +179,7 @@ impl Default for SubjectsConfig {
             heartbeat: "opencode.bridge.heartbeat".into(),
             permission_reply: "opencode.permission.reply".into(),
             question_reply: "opencode.question.reply".into(),
+            reply_headers: ReplyHeaders::Full,
         }
     }
 }

@@ -15,9 +15,9 @@ use futures::stream::SelectAll;
 use futures::StreamExt;
 use tracing::{info, warn};
 
-use crate::config::{NatsConfig, SubjectsConfig};
+use crate::config::{NatsConfig, ReplyHeaders, SubjectsConfig};
 use crate::ops::traceparent::TraceParent;
-use crate::protocol::{PromptHeaders, Reply};
+use crate::protocol::{PromptHeaders, Reply, ReplyBody};
 
 /// What went wrong on the NATS side.
 #[derive(Debug, thiserror::Error)]
@@ -292,11 +292,22 @@ pub async fn barrier(client: &async_nats::Client) -> Result<(), BusError> {
 #[derive(Clone)]
 pub struct Publisher {
     client: async_nats::Client,
+    headers: ReplyHeaders,
 }
 
 impl Publisher {
+    /// A publisher whose replies carry the full header set.
     pub fn new(client: async_nats::Client) -> Self {
-        Publisher { client }
+        Publisher {
+            client,
+            headers: ReplyHeaders::Full,
+        }
+    }
+
+    /// Which headers replies carry (`[subjects] reply_headers`).
+    pub fn with_reply_headers(mut self, headers: ReplyHeaders) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// The largest payload the server accepts (headers included).
@@ -343,15 +354,21 @@ impl Publisher {
         if let Some(t) = traceparent {
             h.insert(TRACEPARENT, t);
         }
-        let seq = reply.seq.to_string();
-        let mut msg_id = String::with_capacity(reply.trace_id.len() + 1 + seq.len());
-        msg_id.push_str(reply.trace_id);
-        msg_id.push('-');
-        msg_id.push_str(&seq);
         h.insert(TRACE_ID, reply.trace_id);
-        h.insert(REPLY_KIND, reply.body.kind());
-        h.insert(REPLY_SEQ, seq);
-        h.insert(NATS_MSG_ID, msg_id);
+        let streamed = matches!(
+            reply.body,
+            ReplyBody::Delta { .. } | ReplyBody::Reasoning { .. }
+        );
+        if !(streamed && self.headers == ReplyHeaders::Lean) {
+            let seq = reply.seq.to_string();
+            let mut msg_id = String::with_capacity(reply.trace_id.len() + 1 + seq.len());
+            msg_id.push_str(reply.trace_id);
+            msg_id.push('-');
+            msg_id.push_str(&seq);
+            h.insert(REPLY_KIND, reply.body.kind());
+            h.insert(REPLY_SEQ, seq);
+            h.insert(NATS_MSG_ID, msg_id);
+        }
         self.client
             .publish_with_headers(subject.to_string(), h, Bytes::from(reply.to_json()))
             .await

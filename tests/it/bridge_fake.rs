@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt;
-use opencode_nats_bridge::config::Config;
+use opencode_nats_bridge::config::{Config, ReplyHeaders};
 use serde_json::{json, Value};
 
 use crate::support::bridge::{
@@ -249,6 +249,47 @@ async fn reasoning_is_published_apart_from_the_answer() {
     let last_reasoning = k.iter().rposition(|k| k == "reasoning").unwrap();
     let first_delta = k.iter().position(|k| k == "delta").unwrap();
     assert!(last_reasoning < first_delta, "{k:?}");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_reply_headers_leave_streamed_replies_with_the_trace_id_only() {
+    let thinking = ["Let me ", "think."];
+    let answer = ["The answer ", "is ", "42."];
+    let rig = Rig::start(
+        move |input| fake::reasoning_turn(input, &thinking, &answer),
+        |c| c.subjects.reply_headers = ReplyHeaders::Lean,
+    )
+    .await;
+    let mut h = HeaderMap::new();
+    h.insert("Trace-Id", "lean-1");
+    let replies = request_with_headers(&rig.client, "opencode.prompt", h, "Answer?", TURN).await;
+    assert_eq!(terminal(&replies)["kind"], "final", "{replies:#?}");
+    assert_eq!(delta_text(&replies), answer.concat());
+    let mut streamed = 0;
+    for (i, (h, v)) in replies.iter().enumerate() {
+        let h = h.as_ref().expect("every reply has headers");
+        assert_eq!(v["seq"], i as u64, "{v}");
+        assert_eq!(h.get("Trace-Id").map(|v| v.as_str()), Some("lean-1"));
+        let kind = v["kind"].as_str().unwrap();
+        if kind == "delta" || kind == "reasoning" {
+            streamed += 1;
+            for name in ["Reply-Kind", "Reply-Seq", "Nats-Msg-Id"] {
+                assert!(h.get(name).is_none(), "{kind} reply {i} has {name}");
+            }
+        } else {
+            assert_eq!(h.get("Reply-Kind").map(|v| v.as_str()), Some(kind));
+            assert_eq!(
+                h.get("Reply-Seq").map(|v| v.as_str().to_string()),
+                Some(i.to_string())
+            );
+            assert_eq!(
+                h.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
+                Some(format!("lean-1-{i}"))
+            );
+        }
+    }
+    assert_eq!(streamed, thinking.len() + answer.len(), "{replies:#?}");
     rig.stop().await;
 }
 
