@@ -38,6 +38,11 @@ use opencode_nats_bridge::opencode::sse::{SseDecoder, SseItem};
 use opencode_nats_bridge::protocol::{Reply, ReplyBody};
 use serde_json::Value;
 
+/// The daemon's allocator (src/main.rs), so the codec is measured as it
+/// runs there (remove these two lines to measure it on glibc's malloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The daemon's default `limits.max_event_bytes`.
 const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 /// Read size of the daemon's HTTP body chunks is not fixed; 16 KiB is a
@@ -222,7 +227,7 @@ fn pipeline(t: &Turn) -> usize {
             if event.session_id() != Some(t.session_id.as_str()) {
                 continue; // the reader routes by session; nobody follows it
             }
-            mapper.on_event(&event, &mut out);
+            mapper.on_event_owned(event, &mut out); // as the turn driver does
             for body in out.drain(..) {
                 bytes += black_box(reply(&t.session_id, seq, &body).to_json()).len();
                 seq += 1;

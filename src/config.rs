@@ -154,7 +154,7 @@ pub struct SubjectsConfig {
     /// reply. `lean`: `delta` and `reasoning` replies carry `Trace-Id` only
     /// (the body has `kind` and `seq`); every other kind keeps all four.
     /// Building the headers is the largest share of the daemon's CPU per
-    /// streamed reply: `lean` takes ~30% more replies per CPU-second
+    /// streamed reply: `lean` costs 10-20% less CPU per streamed reply
     /// (docs/BENCHMARKS.md).
     pub reply_headers: ReplyHeaders,
 }

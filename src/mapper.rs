@@ -140,6 +140,50 @@ impl TurnMapper {
         self.assistant.contains_key(message_id)
     }
 
+    /// [`on_event`](Self::on_event), taking the event by value: a delta's
+    /// text and part id move into its reply instead of being copied (the
+    /// hot path: most events of a long answer are deltas).
+    pub fn on_event_owned(&mut self, event: Event, out: &mut Vec<ReplyBody>) -> Signal {
+        match event {
+            Event::PartDelta(d) if d.session_id == self.session_id => {
+                self.on_delta(d.part_id, &d.field, d.delta, out)
+            }
+            other => self.on_event(&other, out),
+        }
+    }
+
+    /// A text or reasoning delta of one of this turn's parts.
+    fn on_delta(
+        &mut self,
+        part_id: String,
+        field: &str,
+        delta: String,
+        out: &mut Vec<ReplyBody>,
+    ) -> Signal {
+        if let Some(track) = self.parts.get_mut(&part_id) {
+            if field == "text" && !delta.is_empty() && !track.frozen {
+                match track.kind {
+                    PartKind::Text => {
+                        track.emitted += delta.len();
+                        out.push(ReplyBody::Delta {
+                            content: delta,
+                            part_id,
+                        });
+                    }
+                    PartKind::Reasoning => {
+                        track.emitted += delta.len();
+                        out.push(ReplyBody::Reasoning {
+                            content: delta,
+                            part_id,
+                        });
+                    }
+                    PartKind::Tool | PartKind::Other => {}
+                }
+            }
+        }
+        Signal::Progress
+    }
+
     /// Feeds one event; pushes the replies it produces onto `out`.
     pub fn on_event(&mut self, event: &Event, out: &mut Vec<ReplyBody>) -> Signal {
         let Some(sid) = event.session_id() else {
@@ -165,30 +209,7 @@ impl TurnMapper {
                 self.on_part(part, out);
                 Signal::Progress
             }
-            Event::PartDelta(d) => {
-                if let Some(track) = self.parts.get_mut(&d.part_id) {
-                    if d.field == "text" && !d.delta.is_empty() && !track.frozen {
-                        match track.kind {
-                            PartKind::Text => {
-                                track.emitted += d.delta.len();
-                                out.push(ReplyBody::Delta {
-                                    content: d.delta.clone(),
-                                    part_id: d.part_id.clone(),
-                                });
-                            }
-                            PartKind::Reasoning => {
-                                track.emitted += d.delta.len();
-                                out.push(ReplyBody::Reasoning {
-                                    content: d.delta.clone(),
-                                    part_id: d.part_id.clone(),
-                                });
-                            }
-                            PartKind::Tool | PartKind::Other => {}
-                        }
-                    }
-                }
-                Signal::Progress
-            }
+            Event::PartDelta(d) => self.on_delta(d.part_id.clone(), &d.field, d.delta.clone(), out),
             Event::SessionStatus { status, .. } => match status {
                 SessionStatus::Idle => Signal::Idle,
                 SessionStatus::Retry { attempt, message } => Signal::Retry {

@@ -503,6 +503,25 @@ mod fuzz {
         }
 
         #[test]
+        fn owned_and_borrowed_feeding_agree(picks in proptest::collection::vec(0usize..2000, 0..300)) {
+            // `on_event_owned` (the driver's) moves a delta's strings; it
+            // must produce exactly what `on_event` produces, for any mix.
+            let evs: Vec<Event> = real_events().iter().filter_map(|d| parse_event(d).ok()).collect();
+            let m = manifest("reasoning");
+            let (sid, uid) = (m["sessionID"].as_str().unwrap(), m["messageIDs"][0].as_str().unwrap());
+            let (mut by_ref, mut by_val) = (TurnMapper::new(sid, uid), TurnMapper::new(sid, uid));
+            let (mut out_ref, mut out_val) = (Vec::new(), Vec::new());
+            for p in picks {
+                if p % 23 == 0 { by_ref.mark_gap(); by_val.mark_gap(); }
+                let e = &evs[p % evs.len()];
+                let a = by_ref.on_event(e, &mut out_ref);
+                let b = by_val.on_event_owned(e.clone(), &mut out_val);
+                prop_assert_eq!(a, b);
+            }
+            prop_assert_eq!(out_ref, out_val);
+        }
+
+        #[test]
         fn any_losses_in_order_keep_the_text_exact(name_idx in 0usize..3, drops in proptest::collection::btree_set(0usize..120, 0..40)) {
             // The real order with any events lost (each loss flagged as a
             // gap, as the router does): deltas still add up to the final.

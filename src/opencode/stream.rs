@@ -6,10 +6,12 @@
 //! waits for a turn: when a turn's channel is full the event is dropped and
 //! the turn is flagged as lagged, so it reconciles over HTTP instead. The
 //! same flag is raised on every route after a reconnect, because OpenCode's
-//! stream has no resume and events in the gap are gone.
+//! stream has no resume and events in the gap are gone. The flag knows where
+//! the gap is: the turn first takes the events routed to it before the loss
+//! (they are whole and in order), and sees the flag only after them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +44,36 @@ pub struct StreamStats {
 
 struct Route {
     tx: mpsc::Sender<Event>,
-    lagged: Arc<AtomicBool>,
+    lagged: Arc<Gap>,
+}
+
+/// Where a follower's channel lost events.
+#[derive(Debug)]
+struct Gap {
+    /// Events put into the channel (only the reader task sends).
+    sent: AtomicU64,
+    /// `sent` when the first loss not yet taken happened; `NO_GAP`: none.
+    at: AtomicU64,
+}
+
+const NO_GAP: u64 = u64::MAX;
+
+impl Gap {
+    fn new() -> Arc<Gap> {
+        Arc::new(Gap {
+            sent: AtomicU64::new(0),
+            at: AtomicU64::new(NO_GAP),
+        })
+    }
+
+    /// Events were lost after everything sent so far. An earlier loss not
+    /// yet taken keeps its (earlier) position.
+    fn mark(&self) {
+        let sent = self.sent.load(Ordering::Acquire);
+        let _ = self
+            .at
+            .compare_exchange(NO_GAP, sent, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 /// Routes events to turns. Shared by the reader task and every turn.
@@ -82,7 +113,7 @@ impl EventHub {
             return Err(AlreadySubscribed(session_id.to_string()));
         }
         let (tx, rx) = mpsc::channel(self.buffer);
-        let lagged = Arc::new(AtomicBool::new(false));
+        let lagged = Gap::new();
         routes.insert(
             session_id.to_string(),
             Route {
@@ -93,6 +124,7 @@ impl EventHub {
         Ok(Subscription {
             rx,
             lagged,
+            received: 0,
             hub: self.clone(),
             session_id: session_id.to_string(),
             followed: Vec::new(),
@@ -120,8 +152,10 @@ impl EventHub {
         };
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(route) = routes.get(sid) {
-            if route.tx.try_send(event).is_err() {
-                route.lagged.store(true, Ordering::Release);
+            if route.tx.try_send(event).is_ok() {
+                route.lagged.sent.fetch_add(1, Ordering::AcqRel);
+            } else {
+                route.lagged.mark();
                 self.stats.dropped_for_lag.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -140,7 +174,7 @@ impl EventHub {
     fn flag_all_lagged(&self) {
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         for r in routes.values() {
-            r.lagged.store(true, Ordering::Release);
+            r.lagged.mark();
         }
     }
 
@@ -288,7 +322,9 @@ fn jitter(d: Duration) -> Duration {
 /// One turn's view of the stream.
 pub struct Subscription {
     rx: mpsc::Receiver<Event>,
-    lagged: Arc<AtomicBool>,
+    lagged: Arc<Gap>,
+    /// Events taken from `rx`.
+    received: u64,
     hub: Arc<EventHub>,
     session_id: String,
     /// Subagent sessions routed here too.
@@ -297,17 +333,31 @@ pub struct Subscription {
 
 impl Subscription {
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        let ev = self.rx.recv().await;
+        self.received += u64::from(ev.is_some());
+        ev
     }
 
     /// An event already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        let ev = self.rx.try_recv().ok();
+        self.received += u64::from(ev.is_some());
+        ev
     }
 
-    /// Whether events were lost since the last call (then reconcile).
+    /// Whether events were lost at this point of the stream: true once
+    /// every event routed here before the loss has been received (then
+    /// reconcile). Clears the flag.
     pub fn take_lagged(&self) -> bool {
-        self.lagged.swap(false, Ordering::AcqRel)
+        let at = self.lagged.at.load(Ordering::Acquire);
+        if at == NO_GAP || self.received < at {
+            return false;
+        }
+        // Only a take clears it; a loss while it is set keeps the earlier
+        // position, and the reconciliation that follows reads OpenCode
+        // after both.
+        self.lagged.at.store(NO_GAP, Ordering::Release);
+        true
     }
 
     pub fn session_id(&self) -> &str {
@@ -375,7 +425,19 @@ mod tests {
         hub.route(idle("ses_a"));
         assert_eq!(a.recv().await, Some(idle("ses_a")));
         assert!(!a.take_lagged());
-        assert!(b.take_lagged());
+        // The gap is after the two queued events: they come first, whole.
+        assert!(
+            !b.take_lagged(),
+            "not before the events queued before the loss"
+        );
+        assert_eq!(b.try_recv(), Some(idle("ses_b")));
+        assert!(!b.take_lagged());
+        assert_eq!(b.try_recv(), Some(idle("ses_b")));
+        assert!(b.take_lagged(), "the loss, right after them");
+        assert!(!b.take_lagged(), "taken once");
+        // Later events flow again, with no gap.
+        hub.route(idle("ses_b"));
+        assert_eq!(b.recv().await, Some(idle("ses_b")));
         assert!(!b.take_lagged());
         assert_eq!(hub.stats.dropped_for_lag.load(Ordering::Relaxed), 1);
         drop(a);

@@ -338,7 +338,7 @@ async fn drive(
                             break 'turn c;
                         }
                     }
-                    let signal = mapper.on_event(&ev, &mut out);
+                    let signal = mapper.on_event_owned(ev, &mut out);
                     sink.send_all(&mut out).await;
                     // Follow the subagent sessions this turn starts.
                     for (child, _) in mapper.child_sessions() {
