@@ -345,12 +345,23 @@ impl Subscription {
         ev
     }
 
-    /// Whether events were lost at this point of the stream: true once
-    /// every event routed here before the loss has been received (then
-    /// reconcile). Clears the flag.
-    pub fn take_lagged(&self) -> bool {
+    /// Whether events were lost just before the event last received (so
+    /// reconcile before mapping it). Clears the flag when true.
+    pub fn take_gap_before_last(&self) -> bool {
+        self.take_gap_if(|at, received| at < received)
+    }
+
+    /// Whether events were lost anywhere up to now, including after the
+    /// event last received (use it when nothing is queued, before the first
+    /// event, or to clear the flag before a full reconciliation). Clears the
+    /// flag when true.
+    pub fn take_gap(&self) -> bool {
+        self.take_gap_if(|at, received| at <= received)
+    }
+
+    fn take_gap_if(&self, cond: impl Fn(u64, u64) -> bool) -> bool {
         let at = self.lagged.at.load(Ordering::Acquire);
-        if at == NO_GAP || self.received < at {
+        if at == NO_GAP || !cond(at, self.received) {
             return false;
         }
         // Only a take clears it; a loss while it is set keeps the earlier
@@ -424,22 +435,32 @@ mod tests {
         }
         hub.route(idle("ses_a"));
         assert_eq!(a.recv().await, Some(idle("ses_a")));
-        assert!(!a.take_lagged());
+        assert!(!a.take_gap());
         // The gap is after the two queued events: they come first, whole.
         assert!(
-            !b.take_lagged(),
+            !b.take_gap(),
             "not before the events queued before the loss"
         );
         assert_eq!(b.try_recv(), Some(idle("ses_b")));
-        assert!(!b.take_lagged());
+        assert!(!b.take_gap_before_last());
+        assert!(!b.take_gap());
         assert_eq!(b.try_recv(), Some(idle("ses_b")));
-        assert!(b.take_lagged(), "the loss, right after them");
-        assert!(!b.take_lagged(), "taken once");
-        // Later events flow again, with no gap.
+        assert!(!b.take_gap_before_last(), "the loss is after this one");
+        // The next event comes after the loss.
         hub.route(idle("ses_b"));
         assert_eq!(b.recv().await, Some(idle("ses_b")));
-        assert!(!b.take_lagged());
-        assert_eq!(hub.stats.dropped_for_lag.load(Ordering::Relaxed), 1);
+        assert!(b.take_gap_before_last(), "the loss, right before it");
+        assert!(!b.take_gap(), "taken once");
+        // A loss with nothing queued after it: seen by take_gap.
+        for _ in 0..3 {
+            hub.route(idle("ses_b"));
+        }
+        assert_eq!(b.try_recv(), Some(idle("ses_b")));
+        assert_eq!(b.try_recv(), Some(idle("ses_b")));
+        assert_eq!(b.try_recv(), None);
+        assert!(!b.take_gap_before_last());
+        assert!(b.take_gap());
+        assert_eq!(hub.stats.dropped_for_lag.load(Ordering::Relaxed), 2);
         drop(a);
         assert!(hub.subscribe("ses_a").is_ok());
     }

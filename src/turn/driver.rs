@@ -280,7 +280,7 @@ async fn drive(
     let mut mapper = TurnMapper::new(&session_id, &body.message_id)
         .with_tool_result_limit(ctx.config.limits.max_tool_result_bytes);
     let mut out = Vec::new();
-    if sub.take_lagged() {
+    if sub.take_gap() {
         if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
             return finish(c, inter, recreated);
         }
@@ -332,8 +332,9 @@ async fn drive(
                 // a burst costs one pass through the select, not one each.
                 let mut budget = DRAIN_BUDGET;
                 check_end = loop {
-                    if sub.take_lagged() {
-                        // Events were lost: stop trusting live text, catch up over HTTP.
+                    if sub.take_gap_before_last() {
+                        // Events were lost just before this one: stop
+                        // trusting live text, catch up over HTTP.
                         if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
                             break 'turn c;
                         }
@@ -383,7 +384,15 @@ async fn drive(
                     }
                     match sub.try_recv() {
                         Some(next) => ev = next,
-                        None => break false,
+                        None => {
+                            // Nothing queued: a loss can only be behind us.
+                            if sub.take_gap() {
+                                if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
+                                    break 'turn c;
+                                }
+                            }
+                            break false;
+                        }
                     }
                 };
             }
@@ -419,7 +428,7 @@ async fn drive(
                 if s.connected && s.epoch != seen_epoch {
                     seen_epoch = s.epoch;
                     info!("event stream reconnected; resyncing the turn over HTTP");
-                    sub.take_lagged();
+                    sub.take_gap();
                     if let Some(c) = resync(ctx, &mut mapper, &session_id, sink, &mut out).await? {
                         break c;
                     }
