@@ -19,6 +19,8 @@
 //!   decoder and the typed events.
 //! - [`mapper`] *(pure)*: OpenCode events -> replies, and the end of a turn
 //!   read from the message list.
+//! - `jsonscan` *(pure)*: the JSON string scan the event parser and the
+//!   reply writer share.
 //! - [`app`]: wiring and shutdown.
 //! - [`ops`]: operating it: metrics, status and heartbeat, the NATS micro
 //!   service, systemd notifications, W3C trace context.
@@ -26,6 +28,7 @@
 pub mod app;
 pub mod bus;
 pub mod config;
+mod jsonscan;
 pub mod mapper;
 pub mod opencode;
 pub mod ops;

@@ -274,10 +274,7 @@ pub async fn barrier(client: &async_nats::Client) -> Result<(), BusError> {
     client
         .publish(inbox.clone(), Bytes::new())
         .await
-        .map_err(|e| BusError::Publish {
-            subject: inbox.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(publish_failed(&inbox))?;
     let _ = client.flush().await;
     match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
         Ok(Some(_)) => Ok(()),
@@ -372,10 +369,7 @@ impl Publisher {
         self.client
             .publish_with_headers(subject.to_string(), h, Bytes::from(reply.to_json()))
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.to_string(),
-                detail: e.to_string(),
-            })
+            .map_err(publish_failed(subject))
     }
 
     /// Publishes a small JSON answer (no reply headers).
@@ -383,10 +377,7 @@ impl Publisher {
         self.client
             .publish(subject.to_string(), Bytes::from(body))
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.to_string(),
-                detail: e.to_string(),
-            })
+            .map_err(publish_failed(subject))
     }
 
     /// Pushes buffered publishes to the socket.
@@ -394,6 +385,14 @@ impl Publisher {
         if let Err(e) = self.client.flush().await {
             warn!(error = %e, "NATS flush failed");
         }
+    }
+}
+
+/// Maps a publish error of async-nats to [`BusError::Publish`] on `subject`.
+fn publish_failed<E: std::fmt::Display>(subject: &str) -> impl FnOnce(E) -> BusError + '_ {
+    move |e| BusError::Publish {
+        subject: subject.to_string(),
+        detail: e.to_string(),
     }
 }
 
@@ -581,10 +580,7 @@ impl Caller {
         self.client
             .publish_with_reply_and_headers(subject.to_string(), inbox, h, Bytes::from(payload))
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.to_string(),
-                detail: e.to_string(),
-            })?;
+            .map_err(publish_failed(subject))?;
         self.flush().await;
         Ok(ReplyStream { sub, errors })
     }
@@ -594,10 +590,7 @@ impl Caller {
         self.client
             .publish(subject.to_string(), Bytes::from(payload))
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.to_string(),
-                detail: e.to_string(),
-            })?;
+            .map_err(publish_failed(subject))?;
         self.flush().await;
         Ok(())
     }

@@ -23,19 +23,6 @@ const DURATION_BUCKETS: &[f64] = &[
 /// Upper bounds (seconds) of the time-to-first-token buckets.
 const TTFT_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0];
 
-/// Every error code, so a code that never happened still shows as 0.
-const CODES: &[ErrorCode] = &[
-    ErrorCode::BadRequest,
-    ErrorCode::SessionBusy,
-    ErrorCode::OpencodeUnavailable,
-    ErrorCode::OpencodeError,
-    ErrorCode::ProviderError,
-    ErrorCode::Timeout,
-    ErrorCode::Aborted,
-    ErrorCode::ShuttingDown,
-    ErrorCode::Overloaded,
-    ErrorCode::Internal,
-];
 /// The reply kinds of the base vocabulary (extension kinds are added as
 /// they are seen).
 const KINDS: &[&str] = &[
@@ -117,7 +104,8 @@ impl Default for Metrics {
         Metrics {
             started: AtomicU64::new(0),
             completed: AtomicU64::new(0),
-            failed: Mutex::new(CODES.iter().map(|c| (c.as_str(), 0)).collect()),
+            // Every code, so a code that never happened still shows as 0.
+            failed: Mutex::new(ErrorCode::ALL.iter().map(|c| (c.as_str(), 0)).collect()),
             in_flight: AtomicU64::new(0),
             replies: Mutex::new(KINDS.iter().map(|k| (*k, 0)).collect()),
             duration: Histogram::new(DURATION_BUCKETS),

@@ -1,5 +1,6 @@
 //! Replies: one JSON object per NATS message, in a fixed vocabulary.
 
+use crate::jsonscan::next_special;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -162,6 +163,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code (metrics show each one, even at 0).
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::BadRequest,
+        ErrorCode::SessionBusy,
+        ErrorCode::OpencodeUnavailable,
+        ErrorCode::OpencodeError,
+        ErrorCode::ProviderError,
+        ErrorCode::Timeout,
+        ErrorCode::Aborted,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Overloaded,
+        ErrorCode::Internal,
+    ];
+
     /// Whether the same prompt, sent again later, can succeed. Specific
     /// errors may override this (a provider auth error is not retryable).
     pub fn retryable(self) -> bool {
@@ -301,40 +316,6 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// Index of the first byte from `i` on that a JSON string cannot hold
-/// verbatim (`"`, `\`, a control character). Eight bytes at a time (SWAR:
-/// the lowest flagged byte of a word is exact).
-fn next_special(bytes: &[u8], mut i: usize) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let zero = |x: u64| x.wrapping_sub(LO) & !x & HI;
-    // Long runs: 16 bytes at a time (the compiler vectorises this loop).
-    while let Some(chunk) = bytes.get(i..i + 16) {
-        let mut any = 0u8;
-        for &b in chunk {
-            any |= u8::from((b < 0x20) | (b == b'"') | (b == b'\\'));
-        }
-        if any != 0 {
-            break;
-        }
-        i += 16;
-    }
-    while let Some(w) = bytes.get(i..i + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(w);
-        let x = u64::from_le_bytes(word);
-        let below_space = x.wrapping_sub(LO * 0x20) & !x & HI;
-        let m = below_space | zero(x ^ (LO * u64::from(b'"'))) | zero(x ^ (LO * u64::from(b'\\')));
-        if m != 0 {
-            return Some(i + (m.trailing_zeros() / 8) as usize);
-        }
-        i += 8;
-    }
-    let special = |b: u8| (b < 0x20) | (b == b'"') | (b == b'\\');
-    let p = bytes.get(i..)?.iter().position(|&b| special(b))?;
-    Some(i + p)
-}
-
 /// Splits `content` into pieces of at most `max` bytes on UTF-8 boundaries
 /// (used to keep every reply under the server's `max_payload`).
 pub fn split_utf8(content: &str, max: usize) -> Vec<&str> {
@@ -468,18 +449,7 @@ mod tests {
 
     #[test]
     fn error_codes_serialise_as_documented() {
-        for code in [
-            ErrorCode::BadRequest,
-            ErrorCode::SessionBusy,
-            ErrorCode::OpencodeUnavailable,
-            ErrorCode::OpencodeError,
-            ErrorCode::ProviderError,
-            ErrorCode::Timeout,
-            ErrorCode::Aborted,
-            ErrorCode::ShuttingDown,
-            ErrorCode::Overloaded,
-            ErrorCode::Internal,
-        ] {
+        for code in ErrorCode::ALL {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
         }
     }
