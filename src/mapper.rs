@@ -152,29 +152,31 @@ impl TurnMapper {
         }
     }
 
-    /// A text or reasoning delta of one of this turn's parts.
-    fn on_delta(
+    /// A text or reasoning delta of one of this turn's parts. Owned strings
+    /// move into the reply; borrowed ones are copied only when a reply is
+    /// made.
+    fn on_delta<S: AsRef<str> + Into<String>>(
         &mut self,
-        part_id: String,
+        part_id: S,
         field: &str,
-        delta: String,
+        delta: S,
         out: &mut Vec<ReplyBody>,
     ) -> Signal {
-        if let Some(track) = self.parts.get_mut(&part_id) {
-            if field == "text" && !delta.is_empty() && !track.frozen {
+        if let Some(track) = self.parts.get_mut(part_id.as_ref()) {
+            if field == "text" && !delta.as_ref().is_empty() && !track.frozen {
                 match track.kind {
                     PartKind::Text => {
-                        track.emitted += delta.len();
+                        track.emitted += delta.as_ref().len();
                         out.push(ReplyBody::Delta {
-                            content: delta,
-                            part_id,
+                            content: delta.into(),
+                            part_id: part_id.into(),
                         });
                     }
                     PartKind::Reasoning => {
-                        track.emitted += delta.len();
+                        track.emitted += delta.as_ref().len();
                         out.push(ReplyBody::Reasoning {
-                            content: delta,
-                            part_id,
+                            content: delta.into(),
+                            part_id: part_id.into(),
                         });
                     }
                     PartKind::Tool | PartKind::Other => {}
@@ -209,7 +211,7 @@ impl TurnMapper {
                 self.on_part(part, out);
                 Signal::Progress
             }
-            Event::PartDelta(d) => self.on_delta(d.part_id.clone(), &d.field, d.delta.clone(), out),
+            Event::PartDelta(d) => self.on_delta(&d.part_id, &d.field, &d.delta, out),
             Event::SessionStatus { status, .. } => match status {
                 SessionStatus::Idle => Signal::Idle,
                 SessionStatus::Retry { attempt, message } => Signal::Retry {
