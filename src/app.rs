@@ -16,19 +16,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bus::{self, BusError, ControlSubscription, Incoming, PromptSubscription, Publisher};
+use crate::bus::{self, BusError, ControlSubscription, PromptSubscription, Publisher};
 use crate::config::Config;
+use crate::intake::Intake;
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
 use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
 use crate::ops::metrics::Metrics;
 use crate::ops::status::{Health, Sources};
 use crate::ops::{Ops, OpsError};
-use crate::protocol::control::parse_abort;
-use crate::protocol::{
-    parse_prompt, reply_subject, validate_subject, ErrorCode, PromptLimits, ReplyBody,
-};
-use crate::turn::{Dispatcher, Job, MemoryStore, ReplySink, SessionStore, TurnContext};
+use crate::turn::{Dispatcher, MemoryStore, SessionStore, TurnContext};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +131,7 @@ pub async fn run(
         &nats,
         &[
             subjects.abort.clone(),
+            format!("{}.*", subjects.abort),
             subjects.permission_reply.clone(),
             format!("{}.>", subjects.permission_reply),
             subjects.question_reply.clone(),
@@ -141,9 +139,15 @@ pub async fn run(
         ],
     )
     .await?;
+    let intake = Arc::new(Intake::new(
+        dispatcher.clone(),
+        ctx.answers.clone(),
+        publisher.clone(),
+        config.clone(),
+        metrics.clone(),
+    ));
     let abort_task = {
-        let dispatcher = dispatcher.clone();
-        let publisher = publisher.clone();
+        let intake = intake.clone();
         let cancel = stream_cancel.clone();
         tokio::spawn(async move {
             loop {
@@ -153,7 +157,7 @@ pub async fn run(
                     m = aborts.next() => m,
                 };
                 let Some(msg) = msg else { break };
-                handle_control(&dispatcher, &publisher, msg).await;
+                intake.control(msg).await;
             }
         })
     };
@@ -195,7 +199,7 @@ pub async fn run(
             warn!("prompt subscriptions ended (NATS connection closed)");
             break;
         };
-        accept(&dispatcher, &config, &metrics, msg, Some(permit)).await;
+        intake.prompt(msg, Some(permit)).await;
     }
 
     info!("shutting down: no new prompts");
@@ -203,7 +207,7 @@ pub async fn run(
     prompts.drain().await;
     // Serve what the server had already delivered before the drain.
     while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), prompts.next()).await {
-        accept(&dispatcher, &config, &metrics, msg, None).await;
+        intake.prompt(msg, None).await;
     }
     tracker.close();
     let grace = config.shutdown.grace;
@@ -231,176 +235,4 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
-}
-
-/// Routes one control message: an abort, or an answer to a permission or
-/// question reply.
-async fn handle_control(dispatcher: &Arc<Dispatcher>, publisher: &Publisher, msg: Incoming) {
-    let subjects = &dispatcher.context().config.subjects;
-    let answer_base = [&subjects.permission_reply, &subjects.question_reply]
-        .into_iter()
-        .find(|b| msg.subject == **b || msg.subject.starts_with(&format!("{b}.")));
-    let Some(base) = answer_base else {
-        return handle_abort(dispatcher, publisher, msg).await;
-    };
-    let request_id = msg
-        .subject
-        .strip_prefix(base.as_str())
-        .and_then(|t| t.strip_prefix('.'))
-        .map(str::to_string)
-        .or_else(|| {
-            serde_json::from_slice::<serde_json::Value>(&msg.payload)
-                .ok()
-                .and_then(|v| v.get("request_id")?.as_str().map(str::to_string))
-        });
-    let reply = msg.reply.clone().filter(|r| validate_subject(r).is_ok());
-    let Some(id) = request_id else {
-        warn!(subject = %msg.subject, "an answer without a request id");
-        if let Some(r) = reply {
-            let body = serde_json::json!({"ok": false, "reason": "no request id: answer on <subject>.<request_id> or put `request_id` in the payload"});
-            let _ = publisher
-                .publish_raw(&r, body.to_string().into_bytes())
-                .await;
-        }
-        return;
-    };
-    let answer = crate::turn::interactive::AnswerMsg {
-        payload: msg.payload,
-        reply,
-    };
-    if let Err(answer) = dispatcher.context().answers.deliver(&id, answer) {
-        // Every daemon hears answers; the one whose turn waits acts. Only a
-        // request-style answer to an unknown id gets a refusal.
-        info!(request_id = %id, "an answer for a request this bridge is not waiting for");
-        if let Some(r) = answer.reply {
-            let body = serde_json::json!({"ok": false, "reason": format!("no turn on this bridge waits for request {id}")});
-            let _ = publisher
-                .publish_raw(&r, body.to_string().into_bytes())
-                .await;
-        }
-    }
-}
-
-/// Handles one abort request; answers request-style ones.
-async fn handle_abort(dispatcher: &Arc<Dispatcher>, publisher: &Publisher, msg: Incoming) {
-    let answer = match parse_abort(&msg.payload) {
-        Ok(req) => {
-            let a = dispatcher.abort(&req);
-            info!(target_turn = ?req.target, aborted = a.aborted, dropped = a.dropped, "abort request");
-            serde_json::json!({"aborted": a.aborted, "reason": a.reason, "dropped": a.dropped})
-        }
-        Err(reason) => {
-            warn!(%reason, "bad abort request");
-            serde_json::json!({"aborted": false, "reason": reason, "code": "bad_request"})
-        }
-    };
-    if let Some(reply) = msg.reply.as_deref().filter(|r| validate_subject(r).is_ok()) {
-        if let Err(e) = publisher
-            .publish_raw(reply, answer.to_string().into_bytes())
-            .await
-        {
-            warn!(error = %e, "answering an abort request failed");
-        }
-    }
-}
-
-/// Parses and routes one prompt: a `bad_request` or `session_busy` reply
-/// right away, or a queued turn.
-async fn accept(
-    dispatcher: &Arc<Dispatcher>,
-    config: &Config,
-    metrics: &Arc<Metrics>,
-    msg: Incoming,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-) {
-    let ctx = dispatcher.context();
-    let tail = msg
-        .subject
-        .strip_prefix(config.subjects.prompt.as_str())
-        .and_then(|t| t.strip_prefix('.'))
-        .filter(|t| !t.is_empty());
-    let limits = PromptLimits {
-        max_prompt_bytes: config.limits.max_prompt_bytes,
-    };
-    let inbox_error = msg.reply.as_deref().and_then(|r| {
-        validate_subject(r)
-            .err()
-            .map(|e| format!("reply subject {r:?} {e}"))
-    });
-    let inbox = msg.reply.as_deref().filter(|_| inbox_error.is_none());
-    let parsed = parse_prompt(&msg.payload, &msg.headers, tail, limits);
-    let prompt = match (parsed, inbox_error) {
-        (Ok(p), None) => p,
-        (Ok(p), Some(reason)) => {
-            let subject = reply_subject(
-                None,
-                p.reply_to.as_deref(),
-                &p.trace_id,
-                &config.subjects.reply_prefix,
-            );
-            warn!(trace_id = %p.trace_id, subject = %msg.subject, %reason, "bad prompt");
-            let mut sink = ReplySink::new(
-                ctx.publisher.clone(),
-                subject,
-                p.trace_id.clone(),
-                p.conversation.clone(),
-                config.limits.max_reply_bytes,
-            )
-            .traced(msg.traceparent.as_deref())
-            .observed(metrics);
-            sink.send(ReplyBody::error(ErrorCode::BadRequest, reason))
-                .await;
-            return;
-        }
-        (Err(rej), _) => {
-            let subject = reply_subject(
-                inbox,
-                rej.reply_to.as_deref(),
-                &rej.trace_id,
-                &config.subjects.reply_prefix,
-            );
-            warn!(trace_id = %rej.trace_id, subject = %msg.subject, reason = %rej.reason, bytes = msg.payload.len(), "bad prompt");
-            let mut sink = ReplySink::new(
-                ctx.publisher.clone(),
-                subject,
-                rej.trace_id.clone(),
-                rej.conversation.clone(),
-                config.limits.max_reply_bytes,
-            )
-            .traced(msg.traceparent.as_deref())
-            .observed(metrics);
-            sink.send(ReplyBody::error(ErrorCode::BadRequest, rej.reason))
-                .await;
-            return;
-        }
-    };
-    let subject = reply_subject(
-        inbox,
-        prompt.reply_to.as_deref(),
-        &prompt.trace_id,
-        &config.subjects.reply_prefix,
-    );
-    let sink = ctx
-        .sink(&prompt, subject)
-        .traced(msg.traceparent.as_deref())
-        .observed(metrics);
-    let job = Job {
-        prompt,
-        sink,
-        permit,
-    };
-    if let Err(job) = dispatcher.dispatch(job) {
-        let Job {
-            prompt, mut sink, ..
-        } = *job;
-        let reason =
-            format!(
-            "conversation {} already has a turn running and {} queued (turn.conversation_queue)",
-            prompt.conversation.as_deref().or(prompt.session_id.as_deref()).unwrap_or("?"),
-            config.turn.conversation_queue
-        );
-        warn!(trace_id = %prompt.trace_id, %reason, "prompt refused");
-        sink.send(ReplyBody::error(ErrorCode::SessionBusy, reason))
-            .await;
-    }
 }

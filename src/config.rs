@@ -26,6 +26,53 @@ pub struct Config {
     pub service: ServiceConfig,
     pub metrics: MetricsConfig,
     pub permissions: PermissionsConfig,
+    pub tenancy: TenancyConfig,
+    pub prompt: PromptConfig,
+}
+
+/// Tenants: the first token after the prompt subject (docs/PROTOCOL.md,
+/// "Tenants and trust"). A tenant reaches only its own conversations,
+/// replies, turns and permission requests, always; `strict` also binds
+/// where its replies may go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenancyConfig {
+    /// A tenant's NATS reply subject must be under
+    /// `<inbox_prefix>.<tenant>.` and its `reply_to` under
+    /// `<reply_prefix>.<tenant>.`; else the prompt gets `forbidden` on the
+    /// tenant's own `<reply_prefix>.<tenant>.<trace_id>`. Off by default so
+    /// `nats req` works on a laptop; on in `deploy/` (production).
+    pub strict: bool,
+    /// Where tenants' reply inboxes live (`_INBOX.<tenant>.` for a client
+    /// with `custom_inbox_prefix("_INBOX.<tenant>")`).
+    pub inbox_prefix: String,
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        TenancyConfig {
+            strict: false,
+            inbox_prefix: "_INBOX".into(),
+        }
+    }
+}
+
+/// What a prompt may switch on or choose.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptConfig {
+    /// Tools a prompt may enable with `"tools": {"<name>": true}`. OpenCode
+    /// turns such an entry into a session rule that allows the tool without
+    /// asking the permission policy, for this turn and the session's later
+    /// ones; so by default (empty) every `true` is `forbidden` and only
+    /// `false` entries (switching a tool off) reach OpenCode.
+    pub allow_enable_tools: Vec<String>,
+    /// Agents a prompt may choose (`"agent"`); empty: any. An agent whose
+    /// own OpenCode config allows a tool skips the bridge's policy for it:
+    /// list only agents whose permissions you have checked.
+    pub agents: Vec<String>,
+    /// Models a prompt may choose (`"provider/model"`); empty: any.
+    pub models: Vec<String>,
 }
 
 /// What the bridge answers when OpenCode asks for a permission
@@ -229,6 +276,23 @@ pub struct OpenCodeConfig {
     /// Session titles are `<title_prefix><conversation>`, so the
     /// conversation map can be rebuilt from `GET /session` after a restart.
     pub title_prefix: String,
+    /// With an external server (`base_url`): refuse to start (exit 78) when
+    /// OpenCode's own config allows a permission that the bridge's policy
+    /// would deny or ask about, since OpenCode would then never ask.
+    /// Off: the daemon logs the error and shows it in `status`.
+    pub require_ask: bool,
+    /// What happens to the session of a one-off prompt (no conversation, no
+    /// session id) after its terminal reply: `delete` (default) or `keep`.
+    pub one_off_sessions: OneOffSessions,
+}
+
+/// See [`OpenCodeConfig::one_off_sessions`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OneOffSessions {
+    #[default]
+    Delete,
+    Keep,
 }
 
 impl Default for OpenCodeConfig {
@@ -247,6 +311,8 @@ impl Default for OpenCodeConfig {
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             title_prefix: "nats:".into(),
+            require_ask: false,
+            one_off_sessions: OneOffSessions::Delete,
         }
     }
 }
@@ -277,6 +343,11 @@ pub struct TurnConfig {
     /// Bound on waiting for OpenCode to confirm an abort.
     #[serde(with = "humantime_serde")]
     pub abort_timeout: Duration,
+    /// Conversations kept in the conversation -> session map; the least
+    /// recently used is forgotten beyond this (the map is a cache over
+    /// session titles: a forgotten conversation is found again by title at
+    /// the next start, or starts a new session).
+    pub max_conversations: usize,
 }
 
 impl Default for TurnConfig {
@@ -289,6 +360,7 @@ impl Default for TurnConfig {
             max_in_flight: 1024,
             event_buffer: 1024,
             abort_timeout: Duration::from_secs(10),
+            max_conversations: 10_000,
         }
     }
 }
@@ -416,6 +488,38 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The daemon's own subjects, for routing incoming messages.
+    pub fn route_subjects(&self) -> crate::protocol::tenant::Subjects<'_> {
+        let s = &self.subjects;
+        crate::protocol::tenant::Subjects {
+            prompt: &s.prompt,
+            abort: &s.abort,
+            permission_reply: &s.permission_reply,
+            question_reply: &s.question_reply,
+            status: &s.status,
+            heartbeat: &s.heartbeat,
+            reply_prefix: &s.reply_prefix,
+        }
+    }
+
+    /// Where replies may go (`[tenancy]`).
+    pub fn reply_rules(&self) -> crate::protocol::tenant::ReplyRules<'_> {
+        crate::protocol::tenant::ReplyRules {
+            subjects: self.route_subjects(),
+            strict: self.tenancy.strict,
+            inbox_prefix: &self.tenancy.inbox_prefix,
+        }
+    }
+
+    /// What prompts may switch on or choose (`[prompt]`).
+    pub fn prompt_policy(&self) -> crate::protocol::tenant::PromptPolicy<'_> {
+        crate::protocol::tenant::PromptPolicy {
+            allow_enable_tools: &self.prompt.allow_enable_tools,
+            agents: &self.prompt.agents,
+            models: &self.prompt.models,
+        }
+    }
+
     /// Loads the embedded defaults, then `path` (if given), then the
     /// environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -473,6 +577,7 @@ impl Config {
             ("nats.inbox_prefix", &self.nats.inbox_prefix),
             ("subjects.permission_reply", &self.subjects.permission_reply),
             ("subjects.question_reply", &self.subjects.question_reply),
+            ("tenancy.inbox_prefix", &self.tenancy.inbox_prefix),
         ] {
             if let Err(e) = validate_subject(s) {
                 return invalid(key, format!("{s:?} {e}"));
@@ -514,6 +619,7 @@ impl Config {
         for (key, n) in [
             ("turn.max_in_flight", self.turn.max_in_flight),
             ("turn.event_buffer", self.turn.event_buffer),
+            ("turn.max_conversations", self.turn.max_conversations),
             ("limits.max_prompt_bytes", self.limits.max_prompt_bytes),
             ("limits.max_event_bytes", self.limits.max_event_bytes),
             (

@@ -12,6 +12,8 @@
 //! - [`protocol`] *(pure)*: the NATS wire contract: prompt parsing, the reply
 //!   vocabulary, subject validation (`docs/PROTOCOL.md`).
 //! - [`bus`]: the async-nats adapter (subscribe, publish, drain).
+//! - [`intake`]: an incoming message -> a queued turn, an abort, an answer;
+//!   the tenant checks.
 //! - [`turn`]: one turn from prompt to `final`/`error`; the per-conversation
 //!   FIFO; the conversation -> session map.
 //! - [`opencode`]: the HTTP client, the single event-stream reader and its
@@ -28,6 +30,7 @@
 pub mod app;
 pub mod bus;
 pub mod config;
+pub mod intake;
 mod jsonscan;
 pub mod mapper;
 pub mod opencode;

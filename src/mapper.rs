@@ -437,6 +437,21 @@ impl TurnMapper {
     /// [`reconcile`](Self::reconcile) with `at_end` and publish what it
     /// emits before the final, so the deltas add up to the final text.
     pub fn conclude(&mut self, messages: &[MessageWithParts]) -> Option<Conclusion> {
+        self.conclude_with(messages, false)
+    }
+
+    /// As [`conclude`](Self::conclude), for a turn whose loop OpenCode
+    /// stopped after a rejected permission or question: its last answer is
+    /// complete with `finish: "tool-calls"`, and that is the end.
+    pub fn conclude_stopped(&mut self, messages: &[MessageWithParts]) -> Option<Conclusion> {
+        self.conclude_with(messages, true)
+    }
+
+    fn conclude_with(
+        &mut self,
+        messages: &[MessageWithParts],
+        stopped: bool,
+    ) -> Option<Conclusion> {
         let slice = self.turn_slice(messages);
         let user_id = self.user_message_id.clone();
         let answers: Vec<&MessageWithParts> = slice
@@ -455,7 +470,8 @@ impl TurnMapper {
                 self.error.as_ref().map(classify)
             };
         };
-        if !last.info.is_done() {
+        let complete = last.info.is_done() || (stopped && last.info.time.completed.is_some());
+        if !complete {
             return None;
         }
         if let Some(e) = &last.info.error {

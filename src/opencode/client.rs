@@ -47,6 +47,25 @@ impl OpenCodeError {
         }
     }
 
+    /// What a client may be told: what failed and how, without OpenCode's
+    /// URL, the transport's detail or OpenCode's error body (those go to the
+    /// log).
+    pub fn public(&self) -> String {
+        match self {
+            OpenCodeError::Unavailable { what, .. } => format!("OpenCode is unreachable ({what})"),
+            OpenCodeError::NotFound { what, .. } => format!("OpenCode says not found ({what})"),
+            OpenCodeError::Unauthorized { what, status } => {
+                format!("OpenCode refused the bridge's credentials ({what}): HTTP {status}")
+            }
+            OpenCodeError::Status { what, status, .. } => {
+                format!("OpenCode answered HTTP {status} ({what})")
+            }
+            OpenCodeError::Decode { what, .. } => {
+                format!("OpenCode sent an unreadable answer ({what})")
+            }
+        }
+    }
+
     pub fn retryable(&self) -> bool {
         match self {
             OpenCodeError::Unavailable { .. } => true,
@@ -277,6 +296,13 @@ impl OpenCodeClient {
             self.request(&self.http, Method::GET, &path),
         )
         .await
+    }
+
+    /// `DELETE /session/{id}`.
+    pub async fn delete_session(&self, id: &str) -> Result<(), OpenCodeError> {
+        let path = format!("/session/{id}");
+        let rb = self.request(&self.http, Method::DELETE, &path);
+        self.send("deleting a session", rb).await.map(drop)
     }
 
     /// `POST /session/{id}/prompt_async` (204 on acceptance).

@@ -18,6 +18,10 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
+    /// Only prompts of this tenant (`opencode.prompt.<tenant>...`); unset:
+    /// every caller, the operator included.
+    #[serde(default)]
+    pub tenant: Option<String>,
     pub permission: String,
     #[serde(default = "star")]
     pub pattern: String,
@@ -28,11 +32,35 @@ fn star() -> String {
     "*".to_string()
 }
 
-/// First matching rule wins; a rule matches when its permission matches and
-/// its pattern matches every pattern of the request. Nothing matches: deny,
-/// so a headless turn never waits on a question nobody will answer.
-pub fn decide(rules: &[Rule], permission: &str, patterns: &[String]) -> Action {
+/// OpenCode 1.18's permissions that only read the project or the agent's
+/// own to-do list: allowed by the built-in policy when no configured rule
+/// matches. Everything else (bash, edit, webfetch, websearch, task,
+/// external_directory, ...) is denied unless a rule allows or asks.
+pub const READ_ONLY: &[&str] = &[
+    "read",
+    "glob",
+    "grep",
+    "list",
+    "todoread",
+    "todowrite",
+    "lsp",
+];
+
+/// The configured rules first (first match wins; a rule matches when its
+/// tenant, if any, is the caller's, its permission matches and its pattern
+/// matches every pattern of the request); then the built-in policy:
+/// [`READ_ONLY`] permissions are allowed, anything else is denied, so a
+/// headless turn never waits on a question nobody will answer.
+pub fn decide(
+    rules: &[Rule],
+    tenant: Option<&str>,
+    permission: &str,
+    patterns: &[String],
+) -> Action {
     for r in rules {
+        if r.tenant.is_some() && r.tenant.as_deref() != tenant {
+            continue;
+        }
         if !glob(&r.permission, permission) {
             continue;
         }
@@ -45,7 +73,11 @@ pub fn decide(rules: &[Rule], permission: &str, patterns: &[String]) -> Action {
             return r.action;
         }
     }
-    Action::Deny
+    if READ_ONLY.contains(&permission) {
+        Action::Allow
+    } else {
+        Action::Deny
+    }
 }
 
 /// `*` matches any run of characters, `?` exactly one.
@@ -189,6 +221,7 @@ mod tests {
 
     fn rule(p: &str, pat: &str, a: Action) -> Rule {
         Rule {
+            tenant: None,
             permission: p.into(),
             pattern: pat.into(),
             action: a,
@@ -215,16 +248,63 @@ mod tests {
             rule("read", "*", Action::Allow),
         ];
         let p = |s: &str| vec![s.to_string()];
-        assert_eq!(decide(&rules, "bash", &p("echo hi")), Action::Allow);
-        assert_eq!(decide(&rules, "bash", &p("rm x")), Action::Ask);
+        assert_eq!(decide(&rules, None, "bash", &p("echo hi")), Action::Allow);
+        assert_eq!(decide(&rules, None, "bash", &p("rm x")), Action::Ask);
         // Every pattern must match.
         assert_eq!(
-            decide(&rules, "bash", &["echo a".into(), "rm b".into()]),
+            decide(&rules, None, "bash", &["echo a".into(), "rm b".into()]),
             Action::Ask
         );
-        assert_eq!(decide(&rules, "read", &p("/etc/passwd")), Action::Allow);
-        assert_eq!(decide(&rules, "edit", &p("x")), Action::Deny);
-        assert_eq!(decide(&[], "bash", &p("echo hi")), Action::Deny);
+        assert_eq!(
+            decide(&rules, None, "read", &p("/etc/passwd")),
+            Action::Allow
+        );
+        assert_eq!(decide(&rules, None, "edit", &p("x")), Action::Deny);
+        assert_eq!(decide(&[], None, "bash", &p("echo hi")), Action::Deny);
+    }
+
+    #[test]
+    fn the_built_in_policy_reads_but_never_runs() {
+        let p = |s: &str| vec![s.to_string()];
+        for ro in READ_ONLY {
+            assert_eq!(
+                decide(&[], Some("chat"), ro, &p("x")),
+                Action::Allow,
+                "{ro}"
+            );
+        }
+        for w in [
+            "bash",
+            "edit",
+            "write",
+            "webfetch",
+            "websearch",
+            "external_directory",
+            "task",
+            "doom_loop",
+        ] {
+            assert_eq!(decide(&[], None, w, &p("x")), Action::Deny, "{w}");
+        }
+        // A configured rule comes first, even against the built-in allow.
+        let no_read = vec![rule("read", "*", Action::Deny)];
+        assert_eq!(decide(&no_read, None, "read", &p("x")), Action::Deny);
+    }
+
+    #[test]
+    fn tenant_rules_bind_their_tenant_only() {
+        let p = |s: &str| vec![s.to_string()];
+        let rules = vec![Rule {
+            tenant: Some("ops".into()),
+            ..rule("bash", "*", Action::Allow)
+        }];
+        assert_eq!(decide(&rules, Some("ops"), "bash", &p("ls")), Action::Allow);
+        assert_eq!(
+            decide(&rules, Some("public"), "bash", &p("ls")),
+            Action::Deny
+        );
+        assert_eq!(decide(&rules, Some("opsx"), "bash", &p("ls")), Action::Deny);
+        // The operator is no tenant: a tenant's rule does not apply to it.
+        assert_eq!(decide(&rules, None, "bash", &p("ls")), Action::Deny);
     }
 
     #[test]

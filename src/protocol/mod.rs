@@ -8,6 +8,7 @@ pub mod interactive;
 pub mod prompt;
 pub mod reply;
 pub mod subject;
+pub mod tenant;
 
 pub use prompt::{parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, Rejection};
 pub use reply::{ErrorCode, Reply, ReplyBody, Usage};

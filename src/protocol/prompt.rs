@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::subject::{validate_subject, SubjectError};
+use super::subject::{validate_subject, validate_token, SubjectError};
+use super::tenant::Caller;
 
 /// What a prompt asks for, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,9 @@ pub struct Prompt {
     /// The caller answers permission requests and questions over NATS
     /// (`permission` / `question` replies); else the policy decides alone.
     pub interactive: bool,
+    /// Who sent it: the tenant named by the subject's first tail token, or
+    /// the operator on the bare subject ([`super::tenant`]).
+    pub caller: Caller,
 }
 
 impl Prompt {
@@ -164,7 +168,11 @@ pub fn parse_prompt(
     if fields.conversation.is_none() {
         fields.conversation = subject_conversation.map(str::to_string);
     }
-    fields.validate(salvage)
+    let caller = match subject_conversation {
+        Some(tail) => Caller::Tenant(tail.split('.').next().unwrap_or(tail).to_string()),
+        None => Caller::Operator,
+    };
+    fields.validate(salvage, caller)
 }
 
 #[derive(Default)]
@@ -274,14 +282,20 @@ impl Fields {
         Ok(())
     }
 
-    fn validate(self, salvage: Salvage) -> Result<Prompt, Rejection> {
+    fn validate(self, salvage: Salvage, caller: Caller) -> Result<Prompt, Rejection> {
         let text = self.text.unwrap_or_default();
         if text.trim().is_empty() {
             return Err(salvage.reject("`text` must be a non-empty string"));
         }
         let trace_id = match self.trace_id {
             Some(t) => {
-                check_subjectish("trace_id", &t).map_err(|r| salvage.reject(r))?;
+                // One token: a dotted trace id would reach into another
+                // caller's reply space (`<reply_prefix>.<trace_id>`).
+                validate_token(&t).map_err(|e| {
+                    salvage.reject(format!(
+                        "`trace_id` {t:?} {e} (it must be one subject token, no dots)"
+                    ))
+                })?;
                 t
             }
             None => salvage.trace_id.clone(),
@@ -321,6 +335,7 @@ impl Fields {
             tools: self.tools,
             reply_to: self.reply_to,
             interactive: self.interactive,
+            caller,
         })
     }
 }
@@ -349,7 +364,7 @@ impl Salvage {
         let trace_id = h
             .trace_id
             .clone()
-            .filter(|t| validate_subject(t).is_ok())
+            .filter(|t| validate_token(t).is_ok())
             .unwrap_or_else(new_trace_id);
         Salvage {
             trace_id,
@@ -366,7 +381,7 @@ impl Salvage {
             Some(Value::String(s)) if validate_subject(s).is_ok() => Some(s.clone()),
             _ => None,
         };
-        if let Some(t) = str_of(&j.trace_id) {
+        if let Some(t) = str_of(&j.trace_id).filter(|t| validate_token(t).is_ok()) {
             self.trace_id = t;
         }
         if let Some(r) = str_of(&j.reply_to) {

@@ -158,13 +158,16 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The daemon has too many turns in flight.
     Overloaded,
+    /// The caller may not do this: another tenant's conversation, session or
+    /// reply space, a tool, agent or model the policy keeps closed.
+    Forbidden,
     /// A bug in the bridge.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code (metrics show each one, even at 0).
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadRequest,
         ErrorCode::SessionBusy,
         ErrorCode::OpencodeUnavailable,
@@ -174,6 +177,7 @@ impl ErrorCode {
         ErrorCode::Aborted,
         ErrorCode::ShuttingDown,
         ErrorCode::Overloaded,
+        ErrorCode::Forbidden,
         ErrorCode::Internal,
     ];
 
@@ -181,7 +185,10 @@ impl ErrorCode {
     /// errors may override this (a provider auth error is not retryable).
     pub fn retryable(self) -> bool {
         match self {
-            ErrorCode::BadRequest | ErrorCode::Internal | ErrorCode::Aborted => false,
+            ErrorCode::BadRequest
+            | ErrorCode::Internal
+            | ErrorCode::Aborted
+            | ErrorCode::Forbidden => false,
             ErrorCode::SessionBusy
             | ErrorCode::OpencodeUnavailable
             | ErrorCode::OpencodeError
@@ -203,6 +210,7 @@ impl ErrorCode {
             ErrorCode::Aborted => "aborted",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Internal => "internal",
         }
     }

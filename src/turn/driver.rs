@@ -19,9 +19,9 @@ use super::interactive::{AnswerRegistry, Interactive};
 use super::sessions::SessionStore;
 use super::sink::ReplySink;
 use crate::bus::Publisher;
-use crate::config::Config;
+use crate::config::{Config, OneOffSessions};
 use crate::mapper::{Conclusion, Signal, TurnMapper};
-use crate::opencode::client::{ModelBody, PromptBody, TextPart};
+use crate::opencode::client::{ModelBody, PromptBody, SessionInfo, TextPart};
 use crate::opencode::stream::StreamState;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError, Subscription};
 use crate::protocol::reply::FinalReply;
@@ -87,11 +87,13 @@ impl TurnError {
 }
 
 impl From<OpenCodeError> for TurnError {
+    /// The reply says what failed; the detail (URL, body) is logged only.
     fn from(e: OpenCodeError) -> Self {
+        warn!(error = %e, "OpenCode call failed");
         TurnError {
             code: e.code(),
             retryable: e.retryable(),
-            message: e.to_string(),
+            message: e.public(),
         }
     }
 }
@@ -107,7 +109,8 @@ pub async fn run_turn(
     abort: CancellationToken,
 ) {
     let span = info_span!("turn", trace_id = %prompt.trace_id, conversation = prompt.conversation.as_deref().unwrap_or(""));
-    async move {
+    let prompt_one_off = prompt.conversation.is_none() && prompt.session_id.is_none();
+    let sink_session = async move {
         let started = Instant::now();
         info!(reply_subject = sink.subject(), "turn started");
         let outcome = if cancel.is_cancelled() {
@@ -122,6 +125,7 @@ pub async fn run_turn(
                 ctx.publisher.clone(),
                 &ctx.config,
                 prompt.interactive,
+                prompt.caller.clone(),
             );
             let r = drive(ctx, &prompt, &mut sink, &cancel, &abort, &mut inter).await;
             // Nothing may stay pending at OpenCode once the turn is over.
@@ -149,16 +153,46 @@ pub async fn run_turn(
                 .await;
             }
         }
+        sink.session_id().map(str::to_string)
     }
     .instrument(span)
-    .await
+    .await;
+    // A one-off prompt's session is of no further use: OpenCode would keep
+    // it forever (`[opencode] one_off_sessions`).
+    let one_off = prompt_one_off && ctx.config.opencode.one_off_sessions == OneOffSessions::Delete;
+    if let (true, Some(id)) = (one_off, sink_session) {
+        if let Err(e) = ctx.client.delete_session(&id).await {
+            warn!(session_id = %id, error = %e, "deleting a one-off session failed");
+        }
+    }
 }
 
 /// The session this prompt drives, created on first use of a conversation.
 async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<String, TurnError> {
     if let Some(id) = &prompt.session_id {
+        let tenant = prompt.caller.tenant();
         return match ctx.client.get_session(id).await {
+            // A tenant drives only sessions of its own conversations (their
+            // titles name the conversation); another tenant's session and
+            // an unknown one read the same.
+            Ok(s) if !session_belongs(&s, tenant, &ctx.config.opencode.title_prefix) => {
+                warn!(session_id = %id, caller = %prompt.caller, "a tenant named a session outside its namespace");
+                Err(TurnError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "session {id} is not one of {}'s conversations",
+                        prompt.caller
+                    ),
+                ))
+            }
             Ok(s) => Ok(s.id),
+            Err(OpenCodeError::NotFound { .. }) if tenant.is_some() => Err(TurnError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "session {id} is not one of {}'s conversations",
+                    prompt.caller
+                ),
+            )),
             Err(OpenCodeError::NotFound { .. }) => Err(TurnError::new(
                 ErrorCode::BadRequest,
                 format!("OpenCode has no session {id}"),
@@ -184,6 +218,16 @@ async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<String, T
         ctx.sessions.put(conv, &s.id).await;
     }
     Ok(s.id)
+}
+
+/// Whether `s` is a session the tenant may drive: a top-level session whose
+/// title names one of the tenant's conversations. The operator may drive any.
+fn session_belongs(s: &SessionInfo, tenant: Option<&str>, title_prefix: &str) -> bool {
+    let Some(t) = tenant else { return true };
+    s.parent_id.is_none()
+        && s.title
+            .strip_prefix(title_prefix)
+            .is_some_and(|conv| crate::protocol::tenant::is_under(conv, t))
 }
 
 fn prompt_body(prompt: &Prompt) -> PromptBody {
@@ -233,12 +277,13 @@ async fn drive(
         .wait_connected(ctx.config.opencode.connect_timeout)
         .await
     {
+        warn!(
+            base_url = ctx.client.base_url(),
+            "the event stream is not connected"
+        );
         return Err(TurnError::new(
             ErrorCode::OpencodeUnavailable,
-            format!(
-                "OpenCode's event stream at {} is not connected",
-                ctx.client.base_url()
-            ),
+            "OpenCode's event stream is not connected",
         ));
     }
 
@@ -418,9 +463,10 @@ async fn drive(
                     // The stream dropped: is OpenCode itself gone?
                     if let Err(e) = ctx.client.health(ctx.config.opencode.connect_timeout).await {
                         if matches!(e, OpenCodeError::Unavailable { .. }) {
+                            warn!(error = %e, "OpenCode went away during the turn");
                             return Err(TurnError::new(
                                 ErrorCode::OpencodeUnavailable,
-                                format!("OpenCode went away during the turn: {e}"),
+                                format!("OpenCode went away during the turn: {}", e.public()),
                             ));
                         }
                     }
@@ -473,6 +519,28 @@ async fn drive(
                 {
                     // An error with no answer message and no idle to follow.
                     break crate::mapper::classify(mapper.error().expect("checked"));
+                }
+                None if inter.rejected() && !inter.is_waiting() => {
+                    // After a rejection OpenCode stops its loop: once the
+                    // session is idle, the last answer is the end, even
+                    // with `finish: "tool-calls"`.
+                    if let Some(c) = stopped_after_rejection(
+                        ctx,
+                        &mut mapper,
+                        &session_id,
+                        &messages,
+                        sink,
+                        &mut out,
+                    )
+                    .await?
+                    {
+                        info!("the turn ended after a rejected permission or question");
+                        break c;
+                    }
+                    if rechecks < MAX_RECHECKS {
+                        rechecks += 1;
+                        recheck_at = Some(Instant::now() + RECHECK_DELAY);
+                    }
                 }
                 None => {
                     // OpenCode announces idle a few ms before it writes the
@@ -607,6 +675,27 @@ async fn check_model(ctx: &TurnContext, m: &crate::protocol::ModelRef) -> Result
         )),
         Some(_) => Ok(()),
     }
+}
+
+/// The end of a turn whose permission or question was rejected: the session
+/// is idle and the last answer message is complete (whatever its `finish`).
+async fn stopped_after_rejection(
+    ctx: &TurnContext,
+    mapper: &mut TurnMapper,
+    session_id: &str,
+    messages: &[crate::opencode::events::MessageWithParts],
+    sink: &mut ReplySink,
+    out: &mut Vec<ReplyBody>,
+) -> Result<Option<Conclusion>, TurnError> {
+    if ctx.client.session_status().await?.contains_key(session_id) {
+        return Ok(None);
+    }
+    let Some(c) = mapper.conclude_stopped(messages) else {
+        return Ok(None);
+    };
+    mapper.reconcile(messages, true, out);
+    sink.send_all(out).await;
+    Ok(Some(c))
 }
 
 /// Whether OpenCode finished the turn without the stream saying so: the

@@ -25,6 +25,7 @@ use crate::opencode::OpenCodeClient;
 use crate::protocol::interactive::{
     decide, parse_permission_answer, parse_question_answer, Action, QuestionAnswer,
 };
+use crate::protocol::tenant::Caller;
 use crate::protocol::ReplyBody;
 
 use super::sink::ReplySink;
@@ -37,16 +38,18 @@ pub struct AnswerMsg {
     pub reply: Option<String>,
 }
 
-/// Request id -> the turn waiting for its answer.
+type Waiter = (Caller, oneshot::Sender<AnswerMsg>);
+
+/// Request id -> the turn waiting for its answer, and who started it.
 #[derive(Default)]
 pub struct AnswerRegistry {
-    waiting: Mutex<HashMap<String, oneshot::Sender<AnswerMsg>>>,
+    waiting: Mutex<HashMap<String, Waiter>>,
 }
 
 impl AnswerRegistry {
-    fn register(&self, request_id: &str) -> oneshot::Receiver<AnswerMsg> {
+    fn register(&self, request_id: &str, owner: Caller) -> oneshot::Receiver<AnswerMsg> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(request_id.to_string(), tx);
+        self.lock().insert(request_id.to_string(), (owner, tx));
         rx
     }
 
@@ -54,16 +57,28 @@ impl AnswerRegistry {
         self.lock().remove(request_id);
     }
 
-    /// Hands an answer to the turn waiting for it; gives it back when no
-    /// turn waits (unknown or expired request).
-    pub fn deliver(&self, request_id: &str, msg: AnswerMsg) -> Result<(), AnswerMsg> {
-        match self.lock().remove(request_id) {
-            Some(tx) => tx.send(msg),
+    /// Hands an answer from `from` to the turn waiting for it; gives it
+    /// back when no turn waits (unknown or expired request) and when `from`
+    /// may not answer it (another tenant's request: the request stays
+    /// untouched, and the refusal reads the same as for an unknown id).
+    pub fn deliver(
+        &self,
+        request_id: &str,
+        from: &Caller,
+        msg: AnswerMsg,
+    ) -> Result<(), AnswerMsg> {
+        let mut waiting = self.lock();
+        match waiting.get(request_id) {
+            Some((owner, _)) if from.may_act_for(owner) => {}
+            _ => return Err(msg),
+        }
+        match waiting.remove(request_id) {
+            Some((_, tx)) => tx.send(msg),
             None => Err(msg),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<AnswerMsg>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -95,12 +110,19 @@ pub struct Interactive {
     ask_timeout: std::time::Duration,
     allow_always: bool,
     interactive: bool,
+    /// Who sent the prompt: the policy's tenant rules, the answer subjects,
+    /// and who may answer.
+    caller: Caller,
     permission_subject: String,
     question_subject: String,
     waiting: FuturesUnordered<Waiting>,
     open: Vec<Open>,
     /// When the oldest open question started waiting (deadlines pause).
     since: Option<Instant>,
+    /// A permission or question was rejected (by the policy, the caller, a
+    /// timeout): OpenCode then stops its loop and leaves the last answer
+    /// with `finish: "tool-calls"`, which ends the turn once it is idle.
+    rejected: bool,
     pub notes: Vec<String>,
 }
 
@@ -112,7 +134,12 @@ impl Interactive {
         publisher: Publisher,
         cfg: &crate::config::Config,
         interactive: bool,
+        caller: Caller,
     ) -> Self {
+        let answer_base = |base: &str| match caller.tenant() {
+            Some(t) => format!("{base}.{t}"),
+            None => base.to_string(),
+        };
         Interactive {
             registry,
             client,
@@ -121,11 +148,13 @@ impl Interactive {
             ask_timeout: cfg.permissions.ask_timeout,
             allow_always: cfg.permissions.allow_server_wide_always,
             interactive,
-            permission_subject: cfg.subjects.permission_reply.clone(),
-            question_subject: cfg.subjects.question_reply.clone(),
+            permission_subject: answer_base(&cfg.subjects.permission_reply),
+            question_subject: answer_base(&cfg.subjects.question_reply),
+            caller,
             waiting: FuturesUnordered::new(),
             open: Vec::new(),
             since: None,
+            rejected: false,
             notes: Vec::new(),
         }
     }
@@ -135,13 +164,18 @@ impl Interactive {
         !self.open.is_empty()
     }
 
+    /// Whether something was rejected in this turn (see the field).
+    pub fn rejected(&self) -> bool {
+        self.rejected
+    }
+
     /// When the current wait began.
     pub fn waiting_since(&self) -> Option<Instant> {
         self.since
     }
 
     fn wait_for(&mut self, open: Open) {
-        let rx = self.registry.register(&open.id);
+        let rx = self.registry.register(&open.id, self.caller.clone());
         let timeout = self.ask_timeout;
         let o = open.clone();
         self.waiting.push(
@@ -162,7 +196,12 @@ impl Interactive {
 
     /// Applies the policy to a permission request.
     pub async fn on_permission(&mut self, p: PermissionAsked, sink: &mut ReplySink) {
-        let action = decide(&self.rules, &p.permission, &p.patterns);
+        let action = decide(
+            &self.rules,
+            self.caller.tenant(),
+            &p.permission,
+            &p.patterns,
+        );
         let what = format!("`{}` ({})", p.permission, p.patterns.join(", "));
         match (action, self.interactive) {
             (Action::Allow, _) => {
@@ -209,6 +248,7 @@ impl Interactive {
                 };
                 warn!(request_id = %p.id, permission = %p.permission, why, "rejecting a permission request");
                 answer_permission(&self.client, &p.session_id, &p.id, "reject", None).await;
+                self.rejected = true;
                 self.notes
                     .push(format!("permission {what} rejected: {why}"));
             }
@@ -223,6 +263,7 @@ impl Interactive {
             if let Err(e) = self.client.reject_question(&q.id).await {
                 warn!(error = %e, "rejecting a question failed");
             }
+            self.rejected = true;
             self.notes.push(
                 "a question from the agent was rejected: the prompt is not interactive".into(),
             );
@@ -266,6 +307,7 @@ impl Interactive {
             None => {
                 warn!(request_id = %open.id, "no answer in time; rejecting");
                 reject(&self.client, &open).await;
+                self.rejected = true;
                 self.notes.push(format!(
                     "{} not answered within {}: rejected",
                     open.describe(),
@@ -294,6 +336,9 @@ impl Interactive {
                         a.message.as_deref(),
                     )
                     .await;
+                    if reply == "reject" && a.message.is_none() {
+                        self.rejected = true;
+                    }
                     self.notes
                         .push(format!("{} answered `{reply}`", open.describe()));
                     if let Some(n) = &note {
@@ -304,6 +349,7 @@ impl Interactive {
                 Err(reason) => {
                     // A garbled answer is a rejection: the turn must not hang.
                     reject(&self.client, open).await;
+                    self.rejected = true;
                     self.notes.push(format!(
                         "{} rejected: unreadable answer ({reason})",
                         open.describe()
@@ -322,12 +368,14 @@ impl Interactive {
                 }
                 Ok(QuestionAnswer::Reject { .. }) => {
                     reject(&self.client, open).await;
+                    self.rejected = true;
                     self.notes
                         .push("a question from the agent was rejected by the caller".into());
                     serde_json::json!({"ok": true, "applied": "reject"})
                 }
                 Err(reason) => {
                     reject(&self.client, open).await;
+                    self.rejected = true;
                     self.notes.push(format!(
                         "a question was rejected: unreadable answer ({reason})"
                     ));

@@ -3,7 +3,7 @@
 //! or gets `session_busy`. Each conversation with work has one worker task
 //! that runs its turns in arrival order and exits when the queue is empty.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::driver::{run_turn, TurnContext};
 use super::sink::ReplySink;
 use crate::protocol::control::{AbortAnswer, AbortRequest, AbortTarget};
+use crate::protocol::tenant::Caller;
 use crate::protocol::{ErrorCode, Prompt, ReplyBody};
 
 /// One accepted prompt, waiting for its turn.
@@ -26,13 +27,25 @@ pub struct Job {
 /// A turn that is running now, for aborts.
 struct Running {
     key: Option<String>,
+    caller: Caller,
     abort: CancellationToken,
+}
+
+/// Why a job was not accepted; the job comes back for its error reply.
+pub enum Refused {
+    /// The conversation's queue is full (`session_busy`).
+    Busy(Box<Job>),
+    /// Another queued or running turn has the same trace id (`bad_request`):
+    /// an abort or a reply subject must name one turn.
+    DuplicateTrace(Box<Job>),
 }
 
 pub struct Dispatcher {
     ctx: Arc<TurnContext>,
     queues: Mutex<HashMap<String, VecDeque<Job>>>,
     running: Mutex<HashMap<String, Running>>,
+    /// Trace ids of every queued or running turn.
+    live: Mutex<HashSet<String>>,
     capacity: usize,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -51,6 +64,7 @@ impl Dispatcher {
             ctx,
             queues: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashSet::new()),
             capacity,
             tracker,
             cancel,
@@ -62,8 +76,12 @@ impl Dispatcher {
     }
 
     /// Accepts a job: runs it now, queues it behind its conversation, or
-    /// hands it back when the conversation's queue is full.
-    pub fn dispatch(self: &Arc<Self>, job: Job) -> Result<(), Box<Job>> {
+    /// hands it back when the conversation's queue is full or its trace id
+    /// is in use.
+    pub fn dispatch(self: &Arc<Self>, job: Job) -> Result<(), Refused> {
+        if !self.lock_live().insert(job.prompt.trace_id.clone()) {
+            return Err(Refused::DuplicateTrace(Box::new(job)));
+        }
         let Some(key) = job.prompt.queue_key() else {
             // A one-off prompt has its own session: nothing to wait for.
             let me = self.clone();
@@ -75,7 +93,8 @@ impl Dispatcher {
         match queues.get_mut(&key) {
             Some(q) => {
                 if q.len() >= self.capacity {
-                    return Err(Box::new(job));
+                    self.lock_live().remove(&job.prompt.trace_id);
+                    return Err(Refused::Busy(Box::new(job)));
                 }
                 q.push_back(job);
             }
@@ -116,11 +135,13 @@ impl Dispatcher {
             trace_id.clone(),
             Running {
                 key: key.map(str::to_string),
+                caller: prompt.caller.clone(),
                 abort: abort.clone(),
             },
         );
         run_turn(&self.ctx, prompt, sink, self.cancel.child_token(), abort).await;
         self.lock_running().remove(&trace_id);
+        self.lock_live().remove(&trace_id);
         drop(permit);
     }
 
@@ -128,15 +149,29 @@ impl Dispatcher {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Aborts the running turn named by `req` (and, if asked, drops the
     /// prompts queued behind it; a trace id that names a queued prompt drops
-    /// that prompt). Dropped prompts get `error` `aborted`.
-    pub fn abort(self: &Arc<Self>, req: &AbortRequest) -> AbortAnswer {
+    /// that prompt). Dropped prompts get `error` `aborted`. `from` reaches
+    /// only its own turns: another tenant's turn or conversation is answered
+    /// exactly like one that does not exist.
+    pub fn abort(self: &Arc<Self>, req: &AbortRequest, from: &Caller) -> AbortAnswer {
         let key_of_conv = |c: &str| format!("c:{c}");
+        let reachable = match &req.target {
+            AbortTarget::Conversation(c) => from.owns_conversation(c),
+            AbortTarget::Trace(_) => true,
+        };
         let (aborted, key) = {
             let running = self.lock_running();
             let found = match &req.target {
-                AbortTarget::Trace(t) => running.get(t).map(|r| (r, r.key.clone())),
+                _ if !reachable => None,
+                AbortTarget::Trace(t) => running
+                    .get(t)
+                    .filter(|r| from.may_act_for(&r.caller))
+                    .map(|r| (r, r.key.clone())),
                 AbortTarget::Conversation(c) => {
                     let k = key_of_conv(c);
                     running
@@ -153,8 +188,8 @@ impl Dispatcher {
                 None => (
                     false,
                     match &req.target {
-                        AbortTarget::Conversation(c) => Some(key_of_conv(c)),
-                        AbortTarget::Trace(_) => None,
+                        AbortTarget::Conversation(c) if reachable => Some(key_of_conv(c)),
+                        _ => None,
                     },
                 ),
             }
@@ -169,13 +204,22 @@ impl Dispatcher {
             }
             if let (false, AbortTarget::Trace(t)) = (aborted, &req.target) {
                 for q in queues.values_mut() {
-                    if let Some(i) = q.iter().position(|j| &j.prompt.trace_id == t) {
+                    if let Some(i) = q
+                        .iter()
+                        .position(|j| &j.prompt.trace_id == t && from.may_act_for(&j.prompt.caller))
+                    {
                         dropped.extend(q.remove(i));
                     }
                 }
             }
         }
         let n = dropped.len();
+        {
+            let mut live = self.lock_live();
+            for job in &dropped {
+                live.remove(&job.prompt.trace_id);
+            }
+        }
         for job in dropped {
             self.tracker.spawn(async move {
                 let Job {

@@ -47,6 +47,7 @@ async fn stack(rules: Vec<Rule>, ask_timeout: Duration) -> Stack {
 
 fn ask_bash() -> Vec<Rule> {
     vec![Rule {
+        tenant: None,
         permission: "bash".into(),
         pattern: "*".into(),
         action: Action::Ask,
@@ -223,6 +224,7 @@ async fn headless_policy_allows_or_denies_without_asking() {
     s.bridge.stop().await.unwrap();
 
     let allow = vec![Rule {
+        tenant: None,
         permission: "bash".into(),
         pattern: "echo *".into(),
         action: Action::Allow,
@@ -308,6 +310,7 @@ async fn models_usage_and_cost() {
     // A tool turn has two LLM calls: usage is summed over both.
     s.bridge.stop().await.unwrap();
     let allow = vec![Rule {
+        tenant: None,
         permission: "bash".into(),
         pattern: "*".into(),
         action: Action::Allow,
@@ -434,6 +437,7 @@ async fn subagent_tool_calls_and_usage_are_reported() {
     // OpenCode asks before bash, in the child session too: the bridge
     // follows the child, so the policy answers it (no hang).
     let allow = vec![Rule {
+        tenant: None,
         permission: "bash".into(),
         pattern: "echo *".into(),
         action: Action::Allow,

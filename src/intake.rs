@@ -1,0 +1,296 @@
+//! Intake: what turns an incoming NATS message into work.
+//!
+//! A message is classified by its subject alone ([`Route`], pure), its
+//! payload parsed by pure code in `protocol/`, checked against its caller
+//! (the tenant rules of [`crate::protocol::tenant`]), and only then handed
+//! to the [`Dispatcher`]: a prompt becomes a queued turn, an abort reaches
+//! the caller's own turns, an answer the caller's own permission request.
+//! Every refusal is a typed reply (`bad_request`, `forbidden`,
+//! `session_busy`) and a log line; nothing is dropped silently.
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{info, warn};
+
+use crate::bus::{Incoming, Publisher};
+use crate::config::Config;
+use crate::ops::metrics::Metrics;
+use crate::protocol::control::parse_abort;
+use crate::protocol::tenant::{authorize, Caller, Route};
+use crate::protocol::{parse_prompt, validate_subject, ErrorCode, PromptLimits, ReplyBody};
+use crate::turn::interactive::{AnswerMsg, AnswerRegistry};
+use crate::turn::queue::Refused;
+use crate::turn::{Dispatcher, Job, ReplySink};
+
+/// Turns incoming messages into work for the dispatcher.
+pub struct Intake {
+    dispatcher: Arc<Dispatcher>,
+    answers: Arc<AnswerRegistry>,
+    publisher: Publisher,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl Intake {
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        answers: Arc<AnswerRegistry>,
+        publisher: Publisher,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Intake {
+            dispatcher,
+            answers,
+            publisher,
+            config,
+            metrics,
+        }
+    }
+
+    /// A sink for replies that go out before (or instead of) a turn.
+    fn sink(
+        &self,
+        subject: String,
+        trace_id: &str,
+        conversation: Option<&str>,
+        msg: &Incoming,
+    ) -> ReplySink {
+        ReplySink::new(
+            self.publisher.clone(),
+            subject,
+            trace_id.to_string(),
+            conversation.map(str::to_string),
+            self.config.limits.max_reply_bytes,
+        )
+        .traced(msg.traceparent.as_deref())
+        .observed(&self.metrics)
+    }
+
+    /// Refuses a prompt with one terminal reply.
+    async fn refuse(
+        &self,
+        msg: &Incoming,
+        subject: String,
+        trace_id: &str,
+        conversation: Option<&str>,
+        code: ErrorCode,
+        reason: String,
+    ) {
+        warn!(%trace_id, subject = %msg.subject, reply_subject = %subject, code = code.as_str(), %reason, "prompt refused");
+        self.sink(subject, trace_id, conversation, msg)
+            .send(ReplyBody::error(code, reason))
+            .await;
+    }
+
+    /// Parses, checks and queues one prompt; every refusal is answered.
+    pub async fn prompt(&self, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
+        let config = &self.config;
+        let (caller, tail) = match Route::of(&config.route_subjects(), &msg.subject) {
+            Route::Prompt {
+                caller,
+                conversation,
+            } => (caller, conversation),
+            other => {
+                warn!(subject = %msg.subject, ?other, "a message on the prompt subscription that is not a prompt");
+                return;
+            }
+        };
+        let limits = PromptLimits {
+            max_prompt_bytes: config.limits.max_prompt_bytes,
+        };
+        let inbox_error = msg.reply.as_deref().and_then(|r| {
+            validate_subject(r)
+                .err()
+                .map(|e| format!("reply subject {r:?} {e}"))
+        });
+        let inbox = msg.reply.as_deref().filter(|_| inbox_error.is_none());
+        let rules = config.reply_rules();
+        let parsed = parse_prompt(&msg.payload, &msg.headers, tail.as_deref(), limits);
+        let (trace_id, reply_to, conversation) = match &parsed {
+            Ok(p) => (
+                p.trace_id.clone(),
+                p.reply_to.clone(),
+                p.conversation.clone(),
+            ),
+            Err(r) => (
+                r.trace_id.clone(),
+                r.reply_to.clone(),
+                r.conversation.clone(),
+            ),
+        };
+        // Where the replies go comes first: a refusal must not land on a
+        // subject the caller may not name.
+        let subject = match rules.route(&caller, inbox, reply_to.as_deref(), &trace_id) {
+            Ok(s) => s,
+            Err((reason, own)) => {
+                return self
+                    .refuse(
+                        &msg,
+                        own,
+                        &trace_id,
+                        conversation.as_deref(),
+                        ErrorCode::Forbidden,
+                        reason,
+                    )
+                    .await;
+            }
+        };
+        let prompt = match (parsed, inbox_error) {
+            (Ok(p), None) => p,
+            (Ok(_), Some(reason)) => {
+                return self
+                    .refuse(
+                        &msg,
+                        subject,
+                        &trace_id,
+                        conversation.as_deref(),
+                        ErrorCode::BadRequest,
+                        reason,
+                    )
+                    .await;
+            }
+            (Err(rej), _) => {
+                return self
+                    .refuse(
+                        &msg,
+                        subject,
+                        &trace_id,
+                        conversation.as_deref(),
+                        ErrorCode::BadRequest,
+                        rej.reason,
+                    )
+                    .await;
+            }
+        };
+        if let Err(reason) = authorize(&caller, &prompt, &config.prompt_policy()) {
+            return self
+                .refuse(
+                    &msg,
+                    subject,
+                    &trace_id,
+                    conversation.as_deref(),
+                    ErrorCode::Forbidden,
+                    reason,
+                )
+                .await;
+        }
+        let sink = self.sink(subject, &trace_id, conversation.as_deref(), &msg);
+        let job = Job {
+            prompt,
+            sink,
+            permit,
+        };
+        let (code, reason, job) = match self.dispatcher.dispatch(job) {
+            Ok(()) => return,
+            Err(Refused::Busy(job)) => {
+                let p = &job.prompt;
+                let reason = format!(
+                    "conversation {} already has a turn running and {} queued (turn.conversation_queue)",
+                    p.conversation.as_deref().or(p.session_id.as_deref()).unwrap_or("?"),
+                    config.turn.conversation_queue
+                );
+                (ErrorCode::SessionBusy, reason, job)
+            }
+            Err(Refused::DuplicateTrace(job)) => {
+                let reason = format!(
+                    "trace_id {:?} is already used by a queued or running turn; each live turn needs its own",
+                    job.prompt.trace_id
+                );
+                (ErrorCode::BadRequest, reason, job)
+            }
+        };
+        let Job {
+            prompt, mut sink, ..
+        } = *job;
+        warn!(trace_id = %prompt.trace_id, code = code.as_str(), %reason, "prompt refused");
+        sink.send(ReplyBody::error(code, reason)).await;
+    }
+
+    /// The NATS reply subject of a control message, if the daemon may
+    /// answer there: valid, not one of its own subjects, and (strict) in
+    /// the caller's inbox space.
+    fn answer_subject(&self, caller: &Caller, msg: &Incoming) -> Option<String> {
+        let r = msg.reply.as_deref()?;
+        if validate_subject(r).is_err() {
+            return None;
+        }
+        match self
+            .config
+            .reply_rules()
+            .route(caller, Some(r), None, "control")
+        {
+            Ok(s) => Some(s),
+            Err((reason, _)) => {
+                warn!(subject = %msg.subject, %reason, "not answering a control message there");
+                None
+            }
+        }
+    }
+
+    async fn answer(&self, subject: Option<String>, body: serde_json::Value) {
+        if let Some(r) = subject {
+            if let Err(e) = self
+                .publisher
+                .publish_raw(&r, body.to_string().into_bytes())
+                .await
+            {
+                warn!(error = %e, "answering a control message failed");
+            }
+        }
+    }
+
+    /// An abort, or an answer to a permission or question reply.
+    pub async fn control(&self, msg: Incoming) {
+        match Route::of(&self.config.route_subjects(), &msg.subject) {
+            Route::Abort { caller } => self.abort(caller, msg).await,
+            Route::Answer {
+                caller, request_id, ..
+            } => self.answer_request(caller, request_id, msg).await,
+            other => warn!(subject = %msg.subject, ?other, "an unroutable control message"),
+        }
+    }
+
+    async fn abort(&self, caller: Caller, msg: Incoming) {
+        let reply = self.answer_subject(&caller, &msg);
+        let body = match parse_abort(&msg.payload) {
+            Ok(req) => {
+                let a = self.dispatcher.abort(&req, &caller);
+                info!(%caller, target_turn = ?req.target, aborted = a.aborted, dropped = a.dropped, "abort request");
+                serde_json::json!({"aborted": a.aborted, "reason": a.reason, "dropped": a.dropped})
+            }
+            Err(reason) => {
+                warn!(%caller, %reason, "bad abort request");
+                serde_json::json!({"aborted": false, "reason": reason, "code": "bad_request"})
+            }
+        };
+        self.answer(reply, body).await;
+    }
+
+    async fn answer_request(&self, caller: Caller, request_id: Option<String>, msg: Incoming) {
+        let reply = self.answer_subject(&caller, &msg);
+        // On the bare subject the request id may be in the payload.
+        let request_id = request_id.or_else(|| {
+            serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v.get("request_id")?.as_str().map(str::to_string))
+        });
+        let Some(id) = request_id else {
+            warn!(subject = %msg.subject, "an answer without a request id");
+            let body = serde_json::json!({"ok": false, "reason": "no request id: answer on <subject>.<request_id> or put `request_id` in the payload"});
+            return self.answer(reply, body).await;
+        };
+        let answer = AnswerMsg {
+            payload: msg.payload,
+            reply,
+        };
+        if let Err(answer) = self.answers.deliver(&id, &caller, answer) {
+            // Every daemon hears answers; the one whose turn waits acts. An
+            // unknown id and another tenant's request read the same.
+            info!(request_id = %id, %caller, "an answer for a request this caller cannot answer here");
+            let body = serde_json::json!({"ok": false, "reason": format!("no turn on this bridge waits for request {id}")});
+            self.answer(answer.reply, body).await;
+        }
+    }
+}
