@@ -94,24 +94,7 @@ pub async fn run(
         stream_cancel.clone(),
     ));
 
-    let sessions: Arc<dyn SessionStore> = match MemoryStore::rebuild(
-        &client,
-        &config.opencode.title_prefix,
-    )
-    .await
-    {
-        Ok(s) => {
-            info!(
-                conversations = s.len(),
-                "conversation map rebuilt from OpenCode's sessions"
-            );
-            Arc::new(s)
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot list OpenCode's sessions; starting with an empty conversation map");
-            Arc::new(MemoryStore::default())
-        }
-    };
+    let sessions: Arc<dyn SessionStore> = Arc::new(rebuild_sessions(&client, &config).await);
 
     let ctx = Arc::new(TurnContext::new(
         client.clone(),
@@ -235,4 +218,38 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The conversation map from OpenCode's session titles, retried with
+/// backoff: starting empty would fork every existing conversation into a
+/// new session, so it happens only after the last attempt, at error level.
+async fn rebuild_sessions(client: &OpenCodeClient, config: &Config) -> MemoryStore {
+    const ATTEMPTS: u32 = 5;
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1..=ATTEMPTS {
+        match MemoryStore::rebuild(
+            client,
+            &config.opencode.title_prefix,
+            config.turn.max_conversations,
+        )
+        .await
+        {
+            Ok(s) => {
+                info!(
+                    conversations = s.len(),
+                    "conversation map rebuilt from OpenCode's sessions"
+                );
+                return s;
+            }
+            Err(e) if attempt < ATTEMPTS => {
+                warn!(error = %e, attempt, retry_in = ?delay, "cannot list OpenCode's sessions; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list OpenCode's sessions; starting with an empty conversation map: existing conversations will start new sessions");
+            }
+        }
+    }
+    MemoryStore::with_capacity(config.turn.max_conversations)
 }

@@ -478,10 +478,7 @@ fn clip(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = opencode_nats_bridge::protocol::reply::floor_char_boundary(s, max);
     format!("{}…", &s[..end])
 }
 

@@ -24,7 +24,7 @@ use crate::opencode::events::{
     Event, MessageError, MessageInfo, MessageWithParts, Part, PermissionAsked, QuestionAsked, Role,
     SessionStatus,
 };
-use crate::protocol::reply::FinalReply;
+use crate::protocol::reply::{floor_char_boundary, FinalReply};
 use crate::protocol::{ErrorCode, ReplyBody, Usage};
 
 /// What an event means for the turn's control flow (the replies it produced
@@ -523,16 +523,18 @@ fn tool_replies(
     let emit_call = |track: &mut ToolTrack, out: &mut Vec<ReplyBody>| {
         if !track.call_emitted {
             track.call_emitted = true;
-            let args = match &state.input {
+            let mut args = match &state.input {
                 Value::Object(_) => state.input.clone(),
                 Value::Null => Value::Object(Default::default()),
                 other => serde_json::json!({ "input": other }),
             };
+            let truncated = shrink_args(&mut args, max_tool_result);
             out.push(ReplyBody::ToolCall {
                 call_id: call_id.clone(),
                 tool: tool.clone(),
                 args,
                 parent_call_id: parent.clone(),
+                truncated,
             });
         }
     };
@@ -551,13 +553,7 @@ fn tool_replies(
                     state.error.clone().unwrap_or_else(|| "tool failed".into())
                 };
                 let truncated = result.len() > max_tool_result;
-                if truncated {
-                    let mut cut = max_tool_result;
-                    while !result.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    result.truncate(cut);
-                }
+                result.truncate(floor_char_boundary(&result, max_tool_result));
                 out.push(ReplyBody::ToolResult {
                     call_id: call_id.clone(),
                     tool: tool.clone(),
@@ -570,6 +566,38 @@ fn tool_replies(
         }
         _ => {}
     }
+}
+
+/// Cuts the longest strings of a tool call's arguments (halving the longest,
+/// on a char boundary, until the whole fits `max` bytes as JSON), so a call
+/// too large to publish still goes out before its result. Whether anything
+/// was cut.
+fn shrink_args(args: &mut Value, max: usize) -> bool {
+    fn longest(v: &mut Value) -> Option<&mut String> {
+        match v {
+            Value::String(s) => Some(s),
+            Value::Array(a) => a.iter_mut().filter_map(longest).max_by_key(|s| s.len()),
+            Value::Object(o) => o.values_mut().filter_map(longest).max_by_key(|s| s.len()),
+            _ => None,
+        }
+    }
+    let size = |v: &Value| serde_json::to_vec(v).map_or(0, |b| b.len());
+    let mut cut = false;
+    while size(args) > max {
+        match longest(args) {
+            Some(s) if !s.is_empty() => {
+                let keep = floor_char_boundary(s, s.len() / 2);
+                s.truncate(keep);
+                cut = true;
+            }
+            // Nothing left to cut (many keys or numbers): say so plainly.
+            _ => {
+                *args = serde_json::json!({});
+                return true;
+            }
+        }
+    }
+    cut
 }
 
 fn emit_suffix(track: &mut PartTrack, part_id: &str, text: &str, out: &mut Vec<ReplyBody>) {

@@ -581,3 +581,22 @@ fn long_tool_results_are_cut_on_a_char_boundary() {
         matches!(&out[1], ReplyBody::ToolResult { truncated: false, parent_call_id: Some(p), .. } if p == "parent")
     );
 }
+
+#[test]
+fn a_tool_call_too_large_to_publish_is_cut_not_lost() {
+    let big = "é".repeat(800_000); // 1.6 MB, two bytes a char
+    let mut args = serde_json::json!({"filePath": "/tmp/x", "content": big});
+    assert!(super::shrink_args(&mut args, 64 * 1024));
+    let size = serde_json::to_vec(&args).unwrap().len();
+    assert!(size <= 64 * 1024, "{size}");
+    assert_eq!(
+        args["filePath"], "/tmp/x",
+        "the short argument is kept whole"
+    );
+    let content = args["content"].as_str().unwrap();
+    assert!(!content.is_empty() && big.starts_with(content));
+    // Small arguments are left alone.
+    let mut small = serde_json::json!({"command": "ls"});
+    assert!(!super::shrink_args(&mut small, 64 * 1024));
+    assert_eq!(small, serde_json::json!({"command": "ls"}));
+}

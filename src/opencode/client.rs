@@ -76,6 +76,9 @@ impl OpenCodeError {
     }
 }
 
+/// The most of `GET /session` read at start-up (about 100,000 sessions).
+pub const MAX_SESSION_LIST_BYTES: usize = 64 << 20;
+
 /// A session as OpenCode lists it (only what the bridge reads).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct SessionInfo {
@@ -280,12 +283,31 @@ impl OpenCodeClient {
     }
 
     /// `GET /session`.
+    /// Bounded by [`MAX_SESSION_LIST_BYTES`]: a server with more sessions
+    /// than that is refused (the caller logs it) rather than read into
+    /// memory whole.
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>, OpenCodeError> {
-        self.json(
-            "listing sessions",
-            self.request(&self.http, Method::GET, "/session"),
-        )
-        .await
+        let what = "listing sessions";
+        let mut resp = self
+            .send(what, self.request(&self.http, Method::GET, "/session"))
+            .await?;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| OpenCodeError::Unavailable {
+            what: what.to_string(),
+            detail: error_chain(&e),
+        })? {
+            if body.len() + chunk.len() > MAX_SESSION_LIST_BYTES {
+                return Err(OpenCodeError::Decode {
+                    what: what.to_string(),
+                    detail: format!("the list is above {MAX_SESSION_LIST_BYTES} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|e| OpenCodeError::Decode {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })
     }
 
     /// `GET /session/{id}`.

@@ -53,8 +53,13 @@ async fn spawn_healthy(
     directory: &Path,
     client: &OpenCodeClient,
 ) -> Result<Child, EmbeddedError> {
-    let mut cmd = Command::new(&cfg.binary);
-    cmd.arg("serve")
+    let binary = find_binary(&cfg.binary).map_err(|source| EmbeddedError::Spawn {
+        binary: cfg.binary.clone(),
+        source,
+    })?;
+    let mut cmd = reaper_command();
+    cmd.arg(&binary)
+        .arg("serve")
         .arg("--hostname")
         .arg("127.0.0.1")
         .arg("--port")
@@ -62,6 +67,13 @@ async fn spawn_healthy(
         .current_dir(directory)
         .env("OPENCODE_SERVER_PASSWORD", password)
         .env("OPENCODE_SERVER_USERNAME", &cfg.username)
+        // OpenCode's own default allows nearly every tool without asking;
+        // asking for everything puts every tool use before the bridge's
+        // policy (docs/PROTOCOL.md, "Tenants and trust").
+        .env("OPENCODE_PERMISSION", ASK_EVERYTHING)
+        // Its own process group, so stopping it (or losing the daemon)
+        // ends the tool processes it started as well.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -183,21 +195,80 @@ impl EmbeddedServer {
         self.stop(Duration::from_secs(5)).await;
     }
 
-    /// SIGTERM, then SIGKILL after `grace`.
+    /// SIGTERM to the reaper (which stops the server and its tools), then
+    /// SIGKILL to the whole process group after `grace`.
     pub async fn stop(mut self, grace: Duration) {
-        if let Some(pid) = self.child.id() {
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            match tokio::time::timeout(grace, self.child.wait()).await {
-                Ok(_) => {
-                    info!("embedded OpenCode stopped");
-                    return;
-                }
-                Err(_) => warn!(?grace, "embedded OpenCode ignored SIGTERM; killing it"),
-            }
+        let Some(pid) = self.child.id() else { return };
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(_) => info!("embedded OpenCode stopped"),
+            Err(_) => warn!(?grace, "embedded OpenCode ignored SIGTERM; killing it"),
         }
-        let _ = self.child.kill().await;
+        // Whatever is left of the group (the leader's pid is its id).
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait().await;
     }
+}
+
+/// The permission config the embedded server runs with: ask for all.
+pub const ASK_EVERYTHING: &str = r#"{"*":"ask"}"#;
+
+/// A POSIX shell as the leader of the server's process group: it runs
+/// `opencode serve` (its arguments) and, on SIGTERM, passes SIGTERM to the
+/// whole group, waits for the server (at most 5 s), then SIGKILLs whatever
+/// is left in the group (tool processes the server started). The daemon
+/// sends that SIGTERM when it stops; `setpriv --pdeathsig TERM` sends it
+/// when the daemon dies without stopping (kill -9), so nothing outlives it.
+const REAPER: &str = r#"trap 'trap "" TERM; kill -TERM -$$ 2>/dev/null; (sleep 5; kill -KILL -$$ 2>/dev/null) & wait "$child"; kill -KILL -$$' TERM
+"$@" &
+child=$!
+wait "$child"
+status=$?
+exit "$status""#;
+
+/// `setpriv --pdeathsig TERM -- sh -c REAPER sh` (util-linux, on every
+/// Debian), or the bare reaper where `setpriv` is missing.
+fn reaper_command() -> Command {
+    let mut cmd = match find_binary(Path::new("setpriv")) {
+        Ok(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "TERM", "--", "sh"]);
+            c
+        }
+        Err(_) => {
+            warn!("`setpriv` not found: the embedded OpenCode is stopped with the daemon, but not if the daemon is killed");
+            Command::new("sh")
+        }
+    };
+    cmd.arg("-c").arg(REAPER).arg("sh");
+    cmd
+}
+
+/// `binary` as given when it has a `/`, else its first match on `PATH`.
+fn find_binary(binary: &Path) -> std::io::Result<PathBuf> {
+    let is_file = |p: &Path| p.is_file();
+    if binary.components().count() > 1 || binary.is_absolute() {
+        return if is_file(binary) {
+            Ok(binary.to_path_buf())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} does not exist", binary.display()),
+            ))
+        };
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(binary))
+        .find(|p| is_file(p))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not on PATH", binary.display()),
+            )
+        })
 }
 
 fn free_port() -> std::io::Result<u16> {

@@ -22,6 +22,10 @@ pub enum ReplyBody {
         /// `call_id` of the parent's `task` call that started it.
         #[serde(skip_serializing_if = "Option::is_none")]
         parent_call_id: Option<String>,
+        /// The arguments' longest strings were cut to fit
+        /// `limits.max_tool_result_bytes` (a 1.5 MB `write`, say).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     /// The outcome of a tool call; exactly one per `call_id`, after its call.
     ToolResult {
@@ -216,6 +220,19 @@ impl ErrorCode {
     }
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a char
+/// boundary.
+pub fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if max >= s.len() {
+        return s.len();
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    cut
+}
+
 /// A reply as it goes on the wire: the body stamped with the turn's identity.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reply<'a> {
@@ -331,10 +348,7 @@ pub fn split_utf8(content: &str, max: usize) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = content;
     while rest.len() > max {
-        let mut cut = max;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
+        let cut = floor_char_boundary(rest, max);
         out.push(&rest[..cut]);
         rest = &rest[cut..];
     }

@@ -143,10 +143,8 @@ impl ReplySink {
             ReplyBody::Final(fin) if fin.content.len() > self.max_content => {
                 // The deltas carry the whole text; the final keeps a prefix.
                 let mut fin = fin.clone();
-                let mut cut = self.max_content;
-                while !fin.content.is_char_boundary(cut) {
-                    cut -= 1;
-                }
+                let cut =
+                    crate::protocol::reply::floor_char_boundary(&fin.content, self.max_content);
                 let total = fin.content.len();
                 fin.content.truncate(cut);
                 fin.content_truncated = true;
