@@ -38,6 +38,16 @@ pub enum AppError {
     OpenCode(#[from] OpenCodeError),
     #[error(transparent)]
     Ops(#[from] OpsError),
+    /// `[opencode] require_ask` and OpenCode would run tools without asking.
+    #[error("OpenCode allows without asking what the bridge's policy would deny or ask ([opencode] require_ask): {0}")]
+    PolicyBypassed(String),
+}
+
+impl AppError {
+    /// A fault of the configuration (exit 78, no restart), not of the run.
+    pub fn is_config(&self) -> bool {
+        matches!(self, AppError::PolicyBypassed(_))
+    }
 }
 
 /// What a caller learns once the daemon is serving.
@@ -76,6 +86,14 @@ pub async fn run(
             (Some(server), client)
         }
     };
+
+    let permission_bypasses = audit_permissions(&client, &config).await;
+    if config.opencode.require_ask && !permission_bypasses.is_empty() {
+        if let Some(server) = embedded {
+            server.stop(Duration::from_secs(5)).await;
+        }
+        return Err(AppError::PolicyBypassed(permission_bypasses.join(", ")));
+    }
 
     let stream_cancel = CancellationToken::new();
     let embedded_restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -155,6 +173,7 @@ pub async fn run(
             embedded_restarts: embedded_restarts.clone(),
             opencode_url: client.base_url().to_string(),
             embedded: config.opencode.base_url.is_none(),
+            permission_bypasses,
         },
     );
     // The micro service, heartbeat, metrics listener; READY=1 to systemd.
@@ -252,4 +271,38 @@ async fn rebuild_sessions(client: &OpenCodeClient, config: &Config) -> MemorySto
         }
     }
     MemoryStore::with_capacity(config.turn.max_conversations)
+}
+
+/// Asks OpenCode which permissions its own rules allow without asking
+/// (`GET /agent`, every agent a prompt may choose) and names those the
+/// bridge's policy would deny or ask about: OpenCode would never ask, so
+/// the policy would never run. Logged at error level; shown in `status`.
+async fn audit_permissions(client: &OpenCodeClient, config: &Config) -> Vec<String> {
+    let agents = match client.agents().await {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cannot read OpenCode's agents to check its permission rules");
+            return vec![format!("unchecked: {}", e.public())];
+        }
+    };
+    let mut found = Vec::new();
+    for agent in agents.iter().filter(|a| !a.hidden) {
+        let allowed = &config.prompt.agents;
+        if !allowed.is_empty() && !allowed.contains(&agent.name) {
+            continue;
+        }
+        for b in
+            crate::protocol::interactive::bypasses(&config.permissions.rules, &agent.permission)
+        {
+            tracing::error!(agent = %agent.name, permission = %b, "OpenCode allows this without asking the bridge: its policy never sees it (set \"permission\": {{\"*\": \"ask\"}} in OpenCode's config)");
+            found.push(format!("agent {}: {b}", agent.name));
+        }
+    }
+    if found.is_empty() {
+        info!(
+            agents = agents.len(),
+            "OpenCode asks the bridge for every permission its policy does not allow"
+        );
+    }
+    found
 }

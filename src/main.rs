@@ -125,7 +125,11 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "exiting");
-                    ExitCode::from(EXIT_RUNTIME)
+                    if e.is_config() {
+                        ExitCode::from(EXIT_CONFIG)
+                    } else {
+                        ExitCode::from(EXIT_RUNTIME)
+                    }
                 }
             }
         }

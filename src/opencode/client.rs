@@ -89,6 +89,17 @@ pub struct SessionInfo {
     pub parent_id: Option<String>,
 }
 
+/// An agent as `GET /agent` lists it (only what the bridge reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentInfo {
+    pub name: String,
+    #[serde(default)]
+    pub hidden: bool,
+    /// Its merged rules, in order (the last match wins).
+    #[serde(default)]
+    pub permission: Vec<crate::protocol::interactive::OpenCodeRule>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Health {
     #[serde(default)]
@@ -318,6 +329,23 @@ impl OpenCodeClient {
             self.request(&self.http, Method::GET, &path),
         )
         .await
+    }
+
+    /// `GET /agent`: each agent with its merged permission rules.
+    pub async fn agents(&self) -> Result<Vec<AgentInfo>, OpenCodeError> {
+        self.json(
+            "listing agents",
+            self.request(&self.http, Method::GET, "/agent"),
+        )
+        .await
+    }
+
+    /// `POST /global/dispose`: OpenCode stops what its instances run, the
+    /// tool processes included (they run in their own process groups, so
+    /// stopping the server alone would leave them behind).
+    pub async fn dispose(&self) -> Result<(), OpenCodeError> {
+        let rb = self.request(&self.http, Method::POST, "/global/dispose");
+        self.send("disposing", rb).await.map(drop)
     }
 
     /// `DELETE /session/{id}`.

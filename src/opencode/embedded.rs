@@ -70,7 +70,10 @@ async fn spawn_healthy(
         // OpenCode's own default allows nearly every tool without asking;
         // asking for everything puts every tool use before the bridge's
         // policy (docs/PROTOCOL.md, "Tenants and trust").
-        .env("OPENCODE_PERMISSION", ASK_EVERYTHING)
+        .env(
+            "OPENCODE_CONFIG_CONTENT",
+            asking_config(std::env::var("OPENCODE_CONFIG_CONTENT").ok().as_deref()),
+        )
         // Its own process group, so stopping it (or losing the daemon)
         // ends the tool processes it started as well.
         .process_group(0)
@@ -198,6 +201,13 @@ impl EmbeddedServer {
     /// SIGTERM to the reaper (which stops the server and its tools), then
     /// SIGKILL to the whole process group after `grace`.
     pub async fn stop(mut self, grace: Duration) {
+        // Tool commands first: OpenCode ends them (they run in process
+        // groups of their own) when told to dispose.
+        if let Ok(Err(e)) =
+            tokio::time::timeout(Duration::from_secs(3), self.client.dispose()).await
+        {
+            debug!(error = %e, "disposing the embedded OpenCode failed");
+        }
         let Some(pid) = self.child.id() else { return };
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -211,16 +221,43 @@ impl EmbeddedServer {
     }
 }
 
-/// The permission config the embedded server runs with: ask for all.
-pub const ASK_EVERYTHING: &str = r#"{"*":"ask"}"#;
+/// The config the embedded server runs with: the operator's
+/// `OPENCODE_CONFIG_CONTENT` (a JSON object), its `permission` replaced by
+/// `{"*": "ask"}`, so OpenCode asks the bridge for every tool use. (A
+/// replacement, not a merge: OpenCode's last matching rule wins, and a
+/// merged object would keep the operator's keys after `*`.)
+pub fn asking_config(operator: Option<&str>) -> String {
+    let mut config = match operator.map(serde_json::from_str::<serde_json::Value>) {
+        Some(Ok(serde_json::Value::Object(m))) => m,
+        Some(_) => {
+            warn!("OPENCODE_CONFIG_CONTENT is not a JSON object; the embedded OpenCode starts without it");
+            serde_json::Map::new()
+        }
+        None => serde_json::Map::new(),
+    };
+    config.insert("permission".into(), serde_json::json!({"*": "ask"}));
+    serde_json::Value::Object(config).to_string()
+}
 
 /// A POSIX shell as the leader of the server's process group: it runs
-/// `opencode serve` (its arguments) and, on SIGTERM, passes SIGTERM to the
-/// whole group, waits for the server (at most 5 s), then SIGKILLs whatever
-/// is left in the group (tool processes the server started). The daemon
-/// sends that SIGTERM when it stops; `setpriv --pdeathsig TERM` sends it
-/// when the daemon dies without stopping (kill -9), so nothing outlives it.
-const REAPER: &str = r#"trap 'trap "" TERM; kill -TERM -$$ 2>/dev/null; (sleep 5; kill -KILL -$$ 2>/dev/null) & wait "$child"; kill -KILL -$$' TERM
+/// `opencode serve` (its arguments) and, on SIGTERM, first kills the
+/// server's children with their process groups (OpenCode starts each tool
+/// command detached, in a group of its own, and leaves it running when it
+/// exits itself), then passes SIGTERM to its own group, waits for the
+/// server (at most 5 s) and SIGKILLs whatever is left. The daemon sends
+/// that SIGTERM when it stops; `setpriv --pdeathsig TERM` sends it when the
+/// daemon dies without stopping (kill -9), so nothing outlives it.
+const REAPER: &str = r#"kill_tools() {
+  for f in /proc/[0-9]*/stat; do
+    s=$(cat "$f" 2>/dev/null) || continue
+    s=${s##*) }
+    set -- $s
+    [ "$2" = "$child" ] || continue
+    p=${f#/proc/}; p=${p%/stat}
+    kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
+  done
+}
+trap 'trap "" TERM; kill_tools; kill -TERM -$$ 2>/dev/null; (sleep 5; kill -KILL -$$ 2>/dev/null) & wait "$child"; kill -KILL -$$' TERM
 "$@" &
 child=$!
 wait "$child"
@@ -258,9 +295,9 @@ fn find_binary(binary: &Path) -> std::io::Result<PathBuf> {
             ))
         };
     }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
+    // No PATH: the default search path of a POSIX shell.
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
         .map(|dir| dir.join(binary))
         .find(|p| is_file(p))
         .ok_or_else(|| {

@@ -50,6 +50,11 @@ pub struct Status {
     pub opencode_restarts: u64,
     /// Where this daemon takes prompts.
     pub prompt_subject: String,
+    /// Permissions OpenCode's own config allows without asking, although
+    /// the bridge's policy would deny or ask (empty: none; see
+    /// `[opencode] require_ask`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permission_bypasses: Vec<String>,
 }
 
 /// The live parts the health is read from.
@@ -62,6 +67,8 @@ pub struct Sources {
     pub embedded_restarts: Arc<AtomicU64>,
     pub opencode_url: String,
     pub embedded: bool,
+    /// Found at start-up ([`Status::permission_bypasses`]).
+    pub permission_bypasses: Vec<String>,
 }
 
 pub struct Health {
@@ -148,6 +155,7 @@ impl Health {
             opencode_reconnects: s.hub.stats.reconnects.load(Ordering::Relaxed),
             opencode_restarts: s.embedded_restarts.load(Ordering::Relaxed),
             prompt_subject: self.prompt_subject.clone(),
+            permission_bypasses: self.sources.permission_bypasses.clone(),
         }
     }
 

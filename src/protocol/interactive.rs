@@ -32,19 +32,77 @@ fn star() -> String {
     "*".to_string()
 }
 
-/// OpenCode 1.18's permissions that only read the project or the agent's
-/// own to-do list: allowed by the built-in policy when no configured rule
-/// matches. Everything else (bash, edit, webfetch, websearch, task,
-/// external_directory, ...) is denied unless a rule allows or asks.
-pub const READ_ONLY: &[&str] = &[
+/// OpenCode 1.18's permissions that only read the project, load a skill's
+/// instructions or keep the agent's own to-do list: allowed by the built-in
+/// policy when no configured rule matches (`read` of `*.env` files
+/// excepted, as OpenCode's own default does). Everything else (bash, edit
+/// and write, webfetch, websearch, task, external_directory, doom_loop, MCP
+/// tools) is denied unless a rule allows or asks. A read outside the project
+/// comes as `external_directory` first, so it is denied too.
+pub const READ_ONLY: &[&str] = &["read", "glob", "grep", "list", "lsp", "todowrite", "skill"];
+
+/// Patterns of `read` the built-in policy does not allow (secrets).
+const SECRET_FILES: &[&str] = &["*.env", "*.env.*"];
+
+/// The permissions OpenCode 1.18's tools ask for (MCP tools ask under their
+/// own names), checked against OpenCode's own rules at start-up.
+pub const OPENCODE_PERMISSIONS: &[&str] = &[
+    "bash",
+    "edit",
+    "webfetch",
+    "websearch",
+    "external_directory",
+    "task",
+    "doom_loop",
+    "skill",
     "read",
     "glob",
     "grep",
     "list",
-    "todoread",
-    "todowrite",
     "lsp",
+    "todowrite",
 ];
+
+/// One rule of OpenCode's own merged ruleset (an agent's `permission` in
+/// `GET /agent`); the last matching rule wins, no match means ask.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OpenCodeRule {
+    pub permission: String,
+    #[serde(default = "star")]
+    pub pattern: String,
+    pub action: String,
+}
+
+/// Where OpenCode would allow, without asking, a permission the bridge's
+/// policy would deny or ask about for some caller (the operator or a tenant
+/// named in `rules`): the bridge's policy would never see it. Each finding
+/// names the permission and the pattern OpenCode allows.
+pub fn bypasses(rules: &[Rule], opencode: &[OpenCodeRule]) -> Vec<String> {
+    let mut tenants: Vec<Option<&str>> = vec![None];
+    tenants.extend(rules.iter().filter_map(|r| r.tenant.as_deref()).map(Some));
+    let mut found = Vec::new();
+    for p in OPENCODE_PERMISSIONS {
+        let policy_allows = tenants
+            .iter()
+            .all(|t| decide(rules, *t, p, &["*".to_string()]) == Action::Allow);
+        if policy_allows {
+            continue;
+        }
+        let applies = |r: &OpenCodeRule| glob(&r.permission, p);
+        // The last catch-all rule decides for every pattern, unless a
+        // narrower rule after it says otherwise; no catch-all: ask.
+        let from = opencode
+            .iter()
+            .rposition(|r| applies(r) && r.pattern == "*")
+            .unwrap_or(0);
+        for r in &opencode[from..] {
+            if applies(r) && r.action == "allow" {
+                found.push(format!("`{p}` (pattern {:?})", r.pattern));
+            }
+        }
+    }
+    found
+}
 
 /// The configured rules first (first match wins; a rule matches when its
 /// tenant, if any, is the caller's, its permission matches and its pattern
@@ -73,7 +131,11 @@ pub fn decide(
             return r.action;
         }
     }
-    if READ_ONLY.contains(&permission) {
+    let secret = permission == "read"
+        && patterns
+            .iter()
+            .any(|p| SECRET_FILES.iter().any(|g| glob(g, p)));
+    if READ_ONLY.contains(&permission) && !secret {
         Action::Allow
     } else {
         Action::Deny
@@ -288,6 +350,68 @@ mod tests {
         // A configured rule comes first, even against the built-in allow.
         let no_read = vec![rule("read", "*", Action::Deny)];
         assert_eq!(decide(&no_read, None, "read", &p("x")), Action::Deny);
+    }
+
+    #[test]
+    fn secrets_are_not_read_by_default() {
+        let p = |s: &str| vec![s.to_string()];
+        assert_eq!(decide(&[], None, "read", &p(".env")), Action::Deny);
+        assert_eq!(
+            decide(&[], None, "read", &p("app/.env.local")),
+            Action::Deny
+        );
+        assert_eq!(decide(&[], None, "read", &p("src/env.rs")), Action::Allow);
+    }
+
+    fn oc(p: &str, pat: &str, a: &str) -> OpenCodeRule {
+        OpenCodeRule {
+            permission: p.into(),
+            pattern: pat.into(),
+            action: a.into(),
+        }
+    }
+
+    #[test]
+    fn opencode_rules_that_skip_the_policy_are_found() {
+        // OpenCode 1.18's stock build agent: allow everything.
+        let stock = vec![oc("*", "*", "allow"), oc("doom_loop", "*", "ask")];
+        let found = bypasses(&[], &stock);
+        assert!(found.iter().any(|f| f.contains("`bash`")), "{found:?}");
+        assert!(found.iter().any(|f| f.contains("`edit`")), "{found:?}");
+        assert!(
+            !found.iter().any(|f| f.contains("`doom_loop`")),
+            "{found:?}"
+        );
+        assert!(
+            !found.iter().any(|f| f.contains("`read`")),
+            "read-only is allowed by the policy too: {found:?}"
+        );
+        // With "*": "ask" last, nothing is skipped.
+        let asked = vec![
+            oc("*", "*", "allow"),
+            oc("bash", "*", "allow"),
+            oc("*", "*", "ask"),
+        ];
+        assert_eq!(bypasses(&[], &asked), Vec::<String>::new());
+        // A narrow allow after the catch-all still skips the policy.
+        let narrow = vec![oc("*", "*", "ask"), oc("bash", "git status*", "allow")];
+        assert_eq!(
+            bypasses(&[], &narrow),
+            vec!["`bash` (pattern \"git status*\")".to_string()]
+        );
+        // A permission the policy allows for every caller is no finding.
+        let allow_bash = vec![rule("bash", "*", Action::Allow)];
+        assert!(!bypasses(&allow_bash, &narrow)
+            .iter()
+            .any(|f| f.contains("bash")));
+        // ... but one allowed for a tenant only is.
+        let ops_bash = vec![Rule {
+            tenant: Some("ops".into()),
+            ..rule("bash", "*", Action::Allow)
+        }];
+        assert!(bypasses(&ops_bash, &narrow)
+            .iter()
+            .any(|f| f.contains("bash")));
     }
 
     #[test]

@@ -68,9 +68,25 @@ struct Daemon {
 /// Starts the binary on the embedded default: no OpenCode URL, the
 /// daemon spawns `opencode serve` (hermetic env, fake LLM) itself.
 async fn start_daemon(nats_url: &str, llm_url: &str, grace: &str) -> Daemon {
+    start_daemon_with(nats_url, llm_url, grace, None).await
+}
+
+/// As [`start_daemon`], with a config file of `toml` (in the temp dir).
+async fn start_daemon_with(
+    nats_url: &str,
+    llm_url: &str,
+    grace: &str,
+    toml: Option<&str>,
+) -> Daemon {
     let env = isolated_env(&default_config(llm_url));
-    let mut child = Command::new(BIN)
-        .arg("run")
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run");
+    if let Some(toml) = toml {
+        let file = env.tmp.path().join("bridge.toml");
+        std::fs::write(&file, toml).unwrap();
+        cmd.arg("--config").arg(file);
+    }
+    let mut child = cmd
         .env_clear()
         .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_os_str())))
         .env("OPENCODE_BRIDGE__NATS__URL", nats_url)
@@ -314,4 +330,149 @@ async fn embedded_opencode_crash_is_survived() {
     );
     let status = sigterm_and_wait(&mut d).await;
     assert!(status.success());
+}
+
+/// The embedded OpenCode runs with `"permission": {"*": "ask"}` whatever
+/// its config says (this one allows bash), so the bridge's built-in policy
+/// decides: a bash call is denied, the turn ends at once with the denial in
+/// `notes`, and the command never ran. `tools: {"bash": true}` is refused
+/// before OpenCode sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builtin_policy_denies_bash_on_a_stock_embedded_opencode() {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let mut d = start_daemon(&nats.url(), &llm.base_url(), "5s").await;
+    let c = client(&nats.url()).await;
+    let pwned = d.env.work_dir.join("pwned");
+    let started = std::time::Instant::now();
+    let r = request(
+        &c,
+        "opencode.prompt.chat.C1",
+        &format!("[tool:bash touch {}] please", pwned.display()),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_well_formed(&r);
+    let t = terminal(&r);
+    assert_eq!(t["kind"], "final", "{r:#?}");
+    let notes = t["notes"].to_string();
+    assert!(
+        notes.contains("permission `bash`") && notes.contains("rejected"),
+        "{t}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "ended on the rejection, not a deadline: {:?}",
+        started.elapsed()
+    );
+    assert!(!pwned.exists(), "the denied command ran");
+
+    let r = request(
+        &c,
+        "opencode.prompt.chat.C1",
+        r#"{"text": "hi", "tools": {"bash": true}}"#,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(terminal(&r)["code"], "forbidden", "{r:#?}");
+    let status = sigterm_and_wait(&mut d).await;
+    assert!(status.success());
+}
+
+/// A rule scoped to the `ops` tenant lets its prompts run bash; a
+/// `kill -9` of the daemon then leaves no `opencode` process and no tool
+/// process behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_rule_runs_bash_and_kill_9_of_the_daemon_leaves_nothing_behind() {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let rules =
+        "[[permissions.rules]]\ntenant = \"ops\"\npermission = \"bash\"\naction = \"allow\"\n";
+    let mut d = start_daemon_with(&nats.url(), &llm.base_url(), "5s", Some(rules)).await;
+    let work_dir = d.env.work_dir.canonicalize().unwrap();
+    let c = client(&nats.url()).await;
+    let r = request(
+        &c,
+        "opencode.prompt.ops.shell",
+        "[tool:bash echo ran-$((40+2))] go",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_well_formed(&r);
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+    let results: Vec<_> = r
+        .iter()
+        .filter(|(_, v)| v["kind"] == "tool_result")
+        .collect();
+    assert_eq!(results.len(), 1, "{r:#?}");
+    assert!(
+        results[0].1["result"].as_str().unwrap().contains("ran-42"),
+        "{r:#?}"
+    );
+    // The same command from another tenant is denied.
+    let r = request(
+        &c,
+        "opencode.prompt.public.x",
+        "[tool:bash echo ran-$((40+2))] go",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+    assert!(
+        terminal(&r)["notes"].to_string().contains("rejected"),
+        "{r:#?}"
+    );
+
+    // A long tool command, then the daemon dies without stopping.
+    let inbox = c.new_inbox();
+    let mut sub = crate::support::nats::subscribe_ready(&c, inbox.clone()).await;
+    c.publish_with_reply(
+        "opencode.prompt.ops.shell",
+        inbox,
+        "[tool:bash sleep 300] wait".into(),
+    )
+    .await
+    .unwrap();
+    let call = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(m) = futures::StreamExt::next(&mut sub).await {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["kind"] == "tool_call" {
+                return v;
+            }
+        }
+        panic!("replies ended")
+    })
+    .await
+    .expect("the tool call");
+    assert_eq!(call["tool"], "bash");
+    // The tool process is up (its working directory is the project).
+    let sleeping = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let n = processes_in(&work_dir).len();
+            if n >= 3 {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("opencode, its reaper and the tool process");
+    assert!(sleeping >= 3);
+    kill(Pid::from_raw(d.child.id().unwrap() as i32), Signal::SIGKILL).unwrap();
+    let _ = d.child.wait().await;
+    let left = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let left = processes_in(&work_dir);
+            if left.is_empty() {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        left.is_ok(),
+        "processes outlived the daemon: {:?}",
+        processes_in(&work_dir)
+    );
 }

@@ -160,9 +160,21 @@ async fn always_is_applied_as_once_and_reject_stops_the_tool() {
     assert_eq!(terminal(&r)["kind"], "final");
     // `always` was not granted server-wide: the next call is asked again,
     // and rejected this time.
+    let started = std::time::Instant::now();
     let (r, _) =
         interactive_turn(&s.client, "[tool:bash echo not-allowed] go", Some("reject")).await;
     assert_well_formed_with_extensions(&r);
+    // OpenCode stops its loop after a rejection (finish "tool-calls", idle):
+    // that is the end, well before the 30 s idle deadline.
+    let t = terminal(&r);
+    assert_eq!(t["kind"], "final", "{r:#?}");
+    assert_eq!(t["finish"], "tool-calls", "{t}");
+    assert!(t["notes"].to_string().contains("answered `reject`"), "{t}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(
         kinds(&r).contains(&"permission".to_string()),
         "asked again: {r:#?}"
@@ -194,12 +206,11 @@ async fn unanswered_permission_times_out_and_the_turn_ends() {
         .expect("tool_result");
     assert_eq!(res.1["success"], false);
     let t = terminal(&r);
-    if t["kind"] == "final" {
-        assert!(
-            t["notes"].to_string().contains("not answered within 2s"),
-            "{t}"
-        );
-    }
+    assert_eq!(t["kind"], "final", "{r:#?}");
+    assert!(
+        t["notes"].to_string().contains("not answered within 2s"),
+        "{t}"
+    );
     s.bridge.stop().await.unwrap();
 }
 
@@ -207,6 +218,7 @@ async fn unanswered_permission_times_out_and_the_turn_ends() {
 async fn headless_policy_allows_or_denies_without_asking() {
     // Not interactive and no rule: denied, and the turn still ends.
     let s = stack(vec![], Duration::from_secs(30)).await;
+    let started = std::time::Instant::now();
     let r = request(
         &s.client,
         "opencode.prompt",
@@ -216,6 +228,17 @@ async fn headless_policy_allows_or_denies_without_asking() {
     .await;
     assert_well_formed(&r);
     assert!(!kinds(&r).contains(&"permission".to_string()));
+    let t = terminal(&r);
+    assert_eq!(t["kind"], "final", "{r:#?}");
+    assert!(
+        t["notes"].to_string().contains("no policy rule allows it"),
+        "{t}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
     let res = r
         .iter()
         .find(|(_, v)| v["kind"] == "tool_result")
@@ -334,7 +357,7 @@ async fn models_usage_and_cost() {
 }
 
 /// `assert_well_formed` for turns that may carry the extension kinds.
-fn assert_well_formed_with_extensions(replies: &[Reply]) {
+pub(crate) fn assert_well_formed_with_extensions(replies: &[Reply]) {
     let core = replies;
     for (i, (_, v)) in core.iter().enumerate() {
         assert_eq!(v["seq"], i as u64, "seq gap at {i}: {replies:#?}");

@@ -15,3 +15,4 @@ mod ops_service;
 mod ops_systemd;
 mod real_opencode_smoke;
 mod record_fixtures;
+mod trust;

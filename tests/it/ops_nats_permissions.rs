@@ -19,13 +19,13 @@ use crate::support::nats::{collect_until_terminal, NatsServer, Reply};
 
 const TURN: Duration = Duration::from_secs(10);
 
-fn conf() -> String {
+pub(crate) fn conf() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats-server.conf"))
         .expect("read deploy/nats-server.conf")
 }
 
 /// The password of `user` as the example file defines it.
-fn password(user: &str) -> String {
+pub(crate) fn password(user: &str) -> String {
     let var = format!("{}_PASSWORD:", user.to_uppercase());
     let line = conf()
         .lines()
@@ -37,7 +37,7 @@ fn password(user: &str) -> String {
 
 /// A client as `user` with its own inbox prefix; server errors (permission
 /// violations) arrive on the receiver.
-async fn user(url: &str, user: &str) -> (Client, mpsc::UnboundedReceiver<String>) {
+pub(crate) async fn user(url: &str, user: &str) -> (Client, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let c = ConnectOptions::new()
         .user_and_password(user.into(), password(user))
@@ -59,7 +59,12 @@ async fn user(url: &str, user: &str) -> (Client, mpsc::UnboundedReceiver<String>
 /// Request style without a round-trip barrier (these users may not publish
 /// to their own inbox): the inbox is subscribed on the same connection
 /// before the prompt goes out, so the server has it when replies come.
-async fn request(c: &Client, subject: &str, text: &str, timeout: Duration) -> Vec<Reply> {
+pub(crate) async fn request(
+    c: &Client,
+    subject: &str,
+    text: &str,
+    timeout: Duration,
+) -> Vec<Reply> {
     let inbox = c.new_inbox();
     let mut sub = c.subscribe(inbox.clone()).await.unwrap();
     c.publish_with_reply(subject.to_string(), inbox, text.to_string().into())
@@ -70,7 +75,10 @@ async fn request(c: &Client, subject: &str, text: &str, timeout: Duration) -> Ve
 }
 
 /// Waits for a server error that contains `needle`.
-async fn violation(errors: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+pub(crate) async fn violation(
+    errors: &mut mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
     let wait = async {
         while let Some(e) = errors.recv().await {
             if e.contains(needle) {
