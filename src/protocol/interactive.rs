@@ -96,7 +96,11 @@ pub fn bypasses(rules: &[Rule], opencode: &[OpenCodeRule]) -> Vec<String> {
             .rposition(|r| applies(r) && r.pattern == "*")
             .unwrap_or(0);
         for r in &opencode[from..] {
-            if applies(r) && r.action == "allow" {
+            // OpenCode always lets its tools read back their own saved
+            // output (a folder of its data directory): not a bypass.
+            let own_output = r.permission == "external_directory"
+                && r.pattern.ends_with("/opencode/tool-output/*");
+            if applies(r) && r.action == "allow" && !own_output {
                 found.push(format!("`{p}` (pattern {:?})", r.pattern));
             }
         }
@@ -386,11 +390,17 @@ mod tests {
             !found.iter().any(|f| f.contains("`read`")),
             "read-only is allowed by the policy too: {found:?}"
         );
-        // With "*": "ask" last, nothing is skipped.
+        // With "*": "ask" last, nothing is skipped (OpenCode's own output
+        // folder, which it always appends, is no bypass).
         let asked = vec![
             oc("*", "*", "allow"),
             oc("bash", "*", "allow"),
             oc("*", "*", "ask"),
+            oc(
+                "external_directory",
+                "/home/u/.local/share/opencode/tool-output/*",
+                "allow",
+            ),
         ];
         assert_eq!(bypasses(&[], &asked), Vec::<String>::new());
         // A narrow allow after the catch-all still skips the policy.

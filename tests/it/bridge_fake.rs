@@ -1111,6 +1111,9 @@ async fn opencode_unreachable_is_a_retryable_error() {
     let e = terminal(&r);
     assert_eq!(e["code"], "opencode_unavailable", "{e}");
     assert_eq!(e["retryable"], true);
+    // The reply says what failed, never where OpenCode is (the log has it).
+    let msg = e["error"].as_str().unwrap();
+    assert!(!msg.contains("127.0.0.1") && !msg.contains("http"), "{msg}");
     assert!(started.elapsed() < Duration::from_secs(35));
     // Also for a conversation (the session map is empty: OpenCode was down
     // at start).

@@ -560,3 +560,76 @@ async fn a_permission_the_policy_denies_ends_a_headless_turn_at_once() {
     );
     rig.stop().await;
 }
+
+/// A one-off prompt (no conversation, no session) leaves no session behind
+/// (`[opencode] one_off_sessions = "delete"`, the default); `keep` keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_off_sessions_are_deleted_after_the_terminal_reply() {
+    for keep in [false, true] {
+        let nats = NatsServer::start();
+        let fake = FakeOpenCode::start().await;
+        let mut cfg = test_config(&nats.url(), &fake.url(), None);
+        if keep {
+            cfg.opencode.one_off_sessions = opencode_nats_bridge::config::OneOffSessions::Keep;
+        }
+        let bridge = Bridge::start(cfg).await;
+        let c = crate::support::nats::client(&nats.url()).await;
+        let r = crate::support::bridge::request(&c, "opencode.prompt", "just once", TURN).await;
+        assert_well_formed(&r);
+        assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+        let sid = terminal(&r)["session_id"].as_str().unwrap().to_string();
+        // A conversation's session stays.
+        let r =
+            crate::support::bridge::request(&c, "opencode.prompt.team.c1", "keep me", TURN).await;
+        let conv_sid = terminal(&r)["session_id"].as_str().unwrap().to_string();
+        bridge.stop().await.unwrap();
+        let deleted: Vec<String> = fake
+            .requests_to("DELETE", "/session/")
+            .iter()
+            .map(|r| r.path.clone())
+            .collect();
+        let ids: Vec<String> = fake.sessions().iter().map(|s| s.id.clone()).collect();
+        assert!(ids.contains(&conv_sid), "{ids:?}");
+        if keep {
+            assert!(deleted.is_empty(), "{deleted:?}");
+            assert!(ids.contains(&sid), "{ids:?}");
+        } else {
+            assert_eq!(deleted, vec![format!("/session/{sid}")]);
+            assert!(!ids.contains(&sid), "{ids:?}");
+        }
+    }
+}
+
+/// With `[opencode] require_ask`, a server whose own rules would run a tool
+/// without asking (the real OpenCode 1.18 with bash allowed in its config)
+/// is refused at start-up: a configuration error (exit 78), naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_ask_refuses_an_opencode_that_would_not_ask() {
+    use crate::support::fake_llm::FakeLlm;
+    use crate::support::real_opencode::{default_config, RealOpenCode};
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    // default_config allows bash, edit and read in OpenCode itself.
+    let opencode = RealOpenCode::start_with_config(default_config(&llm.base_url())).await;
+    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+    cfg.opencode.require_ask = true;
+    let run = opencode_nats_bridge::app::run(cfg, std::future::pending(), None);
+    let err = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("refused at start-up, not served")
+        .expect_err("refused");
+    assert!(err.is_config(), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("`bash`") && msg.contains("`edit`"), "{msg}");
+
+    // Asking for everything in OpenCode's own config passes the check.
+    let mut asking = default_config(&llm.base_url());
+    asking["permission"] = json!({"*": "ask"});
+    let opencode = RealOpenCode::start_with_config(asking).await;
+    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+    cfg.opencode.require_ask = true;
+    let bridge = Bridge::start(cfg).await;
+    bridge.stop().await.unwrap();
+}

@@ -14,6 +14,8 @@
 //! | `GET /session/{id}/message` | the session's message list (see below) |
 //! | `GET /config/providers` | `{"providers":[{id, models:{...}}], "default":{...}}` from [`FakeOptions::providers`] |
 //! | `GET /session/status` | `{"<sid>":{"type":"busy"}}` for busy sessions |
+//! | `DELETE /session/{id}` | 200 `true`, the session removed; unknown: 404 |
+//! | `GET /agent` | one agent, `build`, whose rules ask for every permission |
 //! | `POST /session/{id}/abort` | 200 `true`; cancels the running scripts of the session and, if it was busy, emits what OpenCode emits on abort ([`FakeOptions::abort_delay`] later) |
 //! | `POST /permission/{id}/reply`, `POST /session/{sid}/permissions/{id}` | 200 `true` for a permission asked on the stream, else 404 |
 //! | `POST /question/{id}/reject`, `POST /question/{id}/reply` | 200 `true` for a question asked, else 404 |
@@ -869,6 +871,22 @@ async fn route(shared: Arc<Shared>, req: Request) -> Response {
             let id = id.to_string();
             prompt_async(shared, id, req).await
         }
+        ("DELETE", ["session", id]) => {
+            let mut st = lock(&shared.state);
+            let before = st.sessions.len();
+            st.sessions.retain(|s| s.id != *id);
+            if st.sessions.len() != before {
+                Response::json(200, &json!(true))
+            } else {
+                not_found(&format!("Session not found: {id}"))
+            }
+        }
+        // Every agent asks for every permission, as the bridge wants.
+        ("GET", ["agent"]) => Response::json(
+            200,
+            &json!([{"name": "build", "mode": "primary", "hidden": false,
+                     "permission": [{"permission": "*", "pattern": "*", "action": "ask"}]}]),
+        ),
         ("POST", ["session", id, "abort"]) => {
             let id = id.to_string();
             abort(shared, id).await;
