@@ -57,7 +57,14 @@ pub async fn run(
     ready: Option<oneshot::Sender<Ready>>,
 ) -> Result<(), AppError> {
     let config = Arc::new(config);
-    let nats = bus::connect(&config.nats).await?;
+    // A signal during start-up (waiting for NATS, OpenCode starting) stops
+    // the daemon at once: nothing is serving yet, so nothing is drained.
+    tokio::pin!(shutdown);
+    let Some(nats) = unless_shutdown(&mut shutdown, bus::connect(&config.nats)).await else {
+        info!("stopped during start-up, before NATS was connected");
+        return Ok(());
+    };
+    let nats = nats?;
     let publisher = Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
 
     let (embedded, client) = match &config.opencode.base_url {
@@ -75,7 +82,15 @@ pub async fn run(
             (None, client)
         }
         None => {
-            let (server, client) = EmbeddedServer::start(&config.opencode).await?;
+            // Dropping the start stops the half-started `opencode serve`
+            // (its child is killed on drop).
+            let Some(started) =
+                unless_shutdown(&mut shutdown, EmbeddedServer::start(&config.opencode)).await
+            else {
+                info!("stopped during start-up, while OpenCode was starting");
+                return Ok(());
+            };
+            let (server, client) = started?;
             (Some(server), client)
         }
     };
@@ -179,7 +194,6 @@ pub async fn run(
     }
     info!("opencode-nats-bridge is serving");
 
-    tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             biased;
@@ -231,6 +245,18 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// `step`, unless `shutdown` resolves first (then `None`).
+async fn unless_shutdown<T>(
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    step: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.as_mut() => None,
+        r = step => Some(r),
+    }
 }
 
 /// Routes one control message: an abort, or an answer to a permission or

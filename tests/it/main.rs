@@ -7,6 +7,7 @@ mod daemon_binary;
 mod e2e_interactive;
 mod e2e_real_opencode;
 mod faults_load;
+mod first_hour;
 mod nats_harness;
 mod ops_cli;
 mod ops_common;
