@@ -89,9 +89,9 @@ fn main() -> ExitCode {
             init_client_tracing();
             cli::status(args)
         }
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(_) => {
-                println!("config OK");
+        Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref()) {
+            Ok((_, sources)) => {
+                println!("config OK; read: {sources}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
