@@ -497,6 +497,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
             Err(code) => return code,
         };
         let subject = &cfg.subjects.status;
+        let asked = std::time::Instant::now();
         let answers = caller
             .gather(
                 subject,
@@ -514,10 +515,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
         };
         if answers.is_empty() {
-            eprintln!(
-                "no bridge answered on {subject} within {}",
-                humantime::format_duration(args.timeout)
-            );
+            // Before the timeout only NATS' "no responders" ends the wait.
+            let waited = asked.elapsed();
+            if waited < args.timeout {
+                eprintln!(
+                    "no bridge answered on {subject}: NATS says nothing subscribes to it (after {} ms); is a daemon running on this NATS server?",
+                    waited.as_millis()
+                );
+            } else {
+                eprintln!(
+                    "no bridge answered on {subject} within {}",
+                    humantime::format_duration(args.timeout)
+                );
+            }
             return ExitCode::from(EXIT_TIMEOUT);
         }
         let mut all: Vec<(Status, &[u8])> = answers
@@ -575,7 +585,10 @@ fn table<'a>(all: impl Iterator<Item = &'a Status>) -> String {
                 }
             ),
             s.turns_in_flight.to_string(),
-            s.conversations.to_string(),
+            match s.conversations_known {
+                Some(known) => format!("{known} ({} active)", s.conversations),
+                None => format!("{} active", s.conversations),
+            },
             humantime::format_duration(Duration::from_secs(s.uptime_s)).to_string(),
         ]);
     }
@@ -698,6 +711,7 @@ mod tests {
             opencode_connected: true,
             turns_in_flight: 2,
             conversations: 1,
+            conversations_known: Some(4),
             uptime_s: 3700,
             ..Status::default()
         };
@@ -707,5 +721,6 @@ mod tests {
         assert!(lines[1].starts_with("h1    0.1.0    ok"), "{t}");
         assert!(lines[1].contains("http://127.0.0.1:4096 (up)"), "{t}");
         assert!(lines[1].ends_with("1h 1m 40s"), "{t}");
+        assert!(lines[1].contains("4 (1 active)"), "{t}");
     }
 }

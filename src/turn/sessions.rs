@@ -18,6 +18,11 @@ pub trait SessionStore: Send + Sync {
     fn get<'a>(&'a self, conversation: &'a str) -> BoxFuture<'a, Option<String>>;
     fn put<'a>(&'a self, conversation: &'a str, session_id: &'a str) -> BoxFuture<'a, ()>;
     fn remove<'a>(&'a self, conversation: &'a str) -> BoxFuture<'a, ()>;
+    /// How many conversations the store knows, when it can say cheaply
+    /// (`status` shows it).
+    fn known(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The in-memory store (rebuilt from session titles at start).
@@ -93,5 +98,9 @@ impl SessionStore for MemoryStore {
             .unwrap_or_else(|p| p.into_inner())
             .remove(conversation);
         async {}.boxed()
+    }
+
+    fn known(&self) -> Option<usize> {
+        Some(self.len())
     }
 }
