@@ -164,7 +164,8 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
         Err(code) => return code,
     };
     let trace_id = uuid::Uuid::new_v4().to_string();
-    let mut body = json!({"text": text, "trace_id": trace_id});
+    // `progress`: hear of provider retries while waiting (`status` replies).
+    let mut body = json!({"text": text, "trace_id": trace_id, "progress": true});
     for (k, v) in [("model", &args.model), ("agent", &args.agent)] {
         if let Some(v) = v {
             body[k] = json!(v);
@@ -344,6 +345,21 @@ impl View {
                     out,
                     err,
                     &format!("→ {} {}", text("tool"), clip(&args, 200)),
+                );
+            }
+            "status" if v["event"] == "provider_retry" => {
+                let limit = match v["retry_limit"].as_u64() {
+                    Some(n) if n > 0 => format!(" (the bridge gives up at {n})"),
+                    _ => String::new(),
+                };
+                self.side(
+                    out,
+                    err,
+                    &format!(
+                        "the model provider failed; OpenCode retries it: attempt {}{limit}: {}",
+                        v["attempt"],
+                        clip(&text("reason"), 200)
+                    ),
                 );
             }
             "tool_result" => {
@@ -698,6 +714,21 @@ mod tests {
     fn clip_respects_characters() {
         assert_eq!(clip("héllo", 2), "h…");
         assert_eq!(clip("abc", 3), "abc");
+    }
+
+    #[test]
+    fn provider_retries_are_shown_on_stderr() {
+        let replies = [
+            json!({"kind": "status", "seq": 0, "event": "provider_retry", "attempt": 1, "reason": "Internal Server Error", "retry_limit": 3}),
+            json!({"kind": "error", "seq": 1, "code": "provider_error", "error": "failed", "retryable": true}),
+        ];
+        let (out, err, end) = run(&mut View::new(false, false, false), &replies);
+        assert_eq!(out, "");
+        assert_eq!(end, Some(Terminal::Error));
+        assert!(
+            err.starts_with("the model provider failed; OpenCode retries it: attempt 1 (the bridge gives up at 3): Internal Server Error\n"),
+            "{err}"
+        );
     }
 
     #[test]

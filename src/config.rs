@@ -83,7 +83,9 @@ pub struct NatsConfig {
     /// Require TLS even without a CA file.
     pub tls_required: bool,
     /// Keep retrying when the server is not up yet at start (a sidecar may
-    /// start before its server).
+    /// start before its server): the daemon logs the URL once, then one line
+    /// per retry (250 ms doubling to 8 s), until NATS answers or a signal
+    /// stops it (exit 0). `false`: exit 1 at once when NATS is unreachable.
     pub retry_on_initial_connect: bool,
     /// Give up an initial connection attempt after this long.
     #[serde(with = "humantime_serde")]
@@ -277,6 +279,12 @@ pub struct TurnConfig {
     /// Bound on waiting for OpenCode to confirm an abort.
     #[serde(with = "humantime_serde")]
     pub abort_timeout: Duration,
+    /// When the model provider fails, OpenCode retries it with growing
+    /// pauses (five times, over about 70 s, before it reports an error).
+    /// The bridge ends the turn with `provider_error` at OpenCode's
+    /// `provider_retry_limit`-th retry instead, so a caller hears of a
+    /// broken provider in seconds. `0`: wait for OpenCode to give up.
+    pub provider_retry_limit: u32,
 }
 
 impl Default for TurnConfig {
@@ -289,6 +297,7 @@ impl Default for TurnConfig {
             max_in_flight: 1024,
             event_buffer: 1024,
             abort_timeout: Duration::from_secs(10),
+            provider_retry_limit: 3,
         }
     }
 }

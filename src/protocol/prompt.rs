@@ -28,6 +28,8 @@ pub struct Prompt {
     /// The caller answers permission requests and questions over NATS
     /// (`permission` / `question` replies); else the policy decides alone.
     pub interactive: bool,
+    /// The caller wants `status` replies (provider retries) while it waits.
+    pub progress: bool,
 }
 
 impl Prompt {
@@ -107,6 +109,7 @@ struct JsonPrompt {
     tools: Option<Value>,
     reply_to: Option<Value>,
     interactive: Option<Value>,
+    progress: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -179,6 +182,7 @@ struct Fields {
     tools: Option<BTreeMap<String, bool>>,
     reply_to: Option<String>,
     interactive: bool,
+    progress: bool,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -241,6 +245,16 @@ impl Fields {
             Some(other) => {
                 return Err(format!(
                     "`interactive` must be a boolean, got {}",
+                    json_type(&other)
+                ))
+            }
+        };
+        self.progress = match j.progress {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(other) => {
+                return Err(format!(
+                    "`progress` must be a boolean, got {}",
                     json_type(&other)
                 ))
             }
@@ -321,6 +335,7 @@ impl Fields {
             tools: self.tools,
             reply_to: self.reply_to,
             interactive: self.interactive,
+            progress: self.progress,
         })
     }
 }
@@ -391,6 +406,7 @@ impl Salvage {
             tools: None,
             reply_to: get("reply_to"),
             interactive: None,
+            progress: None,
         });
     }
 
@@ -441,6 +457,15 @@ mod tests {
             })
         );
         assert_eq!(p.agent.as_deref(), Some("plan"));
+    }
+
+    #[test]
+    fn progress_is_asked_for_with_a_boolean() {
+        assert!(!parse("hi").unwrap().progress);
+        assert!(!parse(r#"{"text":"hi"}"#).unwrap().progress);
+        assert!(parse(r#"{"text":"hi","progress":true}"#).unwrap().progress);
+        let r = parse(r#"{"text":"hi","progress":"yes"}"#).unwrap_err();
+        assert_eq!(r.reason, "`progress` must be a boolean, got a string");
     }
 
     #[test]

@@ -91,6 +91,11 @@ impl ReplySink {
         self.session_id = Some(session_id.to_string());
     }
 
+    /// The OpenCode session the turn drives, once known.
+    pub fn session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
+    }
+
     pub fn subject(&self) -> &str {
         &self.subject
     }

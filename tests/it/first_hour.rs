@@ -208,3 +208,114 @@ async fn a_signal_while_opencode_starts_stops_it_too() {
         assert!(left.is_empty(), "opencode left behind: {left:?}");
     }
 }
+
+mod provider_trouble {
+    //! The real OpenCode, a fake LLM that fails: the caller hears of the
+    //! provider's retries and gets a `provider_error` that says what failed
+    //! and what to do, after `[turn] provider_retry_limit` retries instead
+    //! of OpenCode's ~70 s.
+
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
+    use crate::support::fake_llm::{self, FakeLlm, Scenario};
+    use crate::support::nats::{client, NatsServer};
+    use crate::support::real_opencode::RealOpenCode;
+
+    const TURN: Duration = Duration::from_secs(120);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn provider_retries_are_told_and_cut_at_the_limit() {
+        let nats = NatsServer::start();
+        let llm = FakeLlm::start().await;
+        let opencode = RealOpenCode::start(&llm.base_url()).await;
+        let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+        cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+        assert_eq!(cfg.turn.provider_retry_limit, 3, "the default");
+        let bridge = Bridge::start(cfg).await;
+        let c = client(&nats.url()).await;
+        let llm_host = llm
+            .base_url()
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+
+        // With "progress": a `status` reply per retry, then the error.
+        let prompt =
+            json!({"text": "[error500] hello", "conversation": "fh.retry", "progress": true});
+        let r = request(&c, "opencode.prompt", &prompt.to_string(), TURN).await;
+        assert_well_formed(&r);
+        let statuses: Vec<_> = r.iter().filter(|(_, v)| v["kind"] == "status").collect();
+        let attempts: Vec<u64> = statuses
+            .iter()
+            .map(|(_, v)| v["attempt"].as_u64().unwrap())
+            .collect();
+        assert_eq!(attempts, vec![1, 2, 3], "{r:#?}");
+        for (_, s) in &statuses {
+            assert_eq!(s["event"], "provider_retry", "{s}");
+            assert_eq!(s["retry_limit"], 3, "{s}");
+            assert!(!s["reason"].as_str().unwrap().is_empty(), "{s}");
+        }
+        let t = terminal(&r);
+        assert_eq!(t["kind"], "error", "{r:#?}");
+        assert_eq!(t["code"], "provider_error", "{t}");
+        assert_eq!(t["retryable"], true, "{t}");
+        let msg = t["error"].as_str().unwrap();
+        eprintln!("provider_error after the retry limit: {msg}");
+        eprintln!("a status reply: {}", statuses[0].1);
+        for needle in [
+            "failed 3 times in a row",
+            "provider_retry_limit = 3",
+            "model fake/m1",
+            llm_host.as_str(),
+            "can help",
+            "What to do:",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+        }
+        // OpenCode was stopped: no fourth call to the provider.
+        let calls = llm
+            .recorded()
+            .iter()
+            .filter(|x| x.scenario == Scenario::Error500)
+            .count();
+        assert_eq!(calls, 3, "provider calls");
+
+        // The conversation goes on afterwards.
+        let r = request(&c, "opencode.prompt.fh.retry", "after the failure", TURN).await;
+        assert_well_formed(&r);
+        assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+        assert_eq!(
+            terminal(&r)["content"],
+            fake_llm::text_reply("after the failure")
+        );
+
+        // Without "progress": no status replies, the same error.
+        let r = request(&c, "opencode.prompt", "[error500] quietly", TURN).await;
+        assert_well_formed(&r);
+        assert!(r.iter().all(|(_, v)| v["kind"] != "status"), "{r:#?}");
+        assert_eq!(terminal(&r)["code"], "provider_error", "{r:#?}");
+
+        // A refused key: not retryable, and says how to give OpenCode one.
+        let r = request(&c, "opencode.prompt", "[error401] key?", TURN).await;
+        assert_well_formed(&r);
+        let t = terminal(&r);
+        assert_eq!(t["code"], "provider_error", "{t}");
+        assert_eq!(t["retryable"], false, "{t}");
+        let msg = t["error"].as_str().unwrap();
+        eprintln!("provider_error on a refused key: {msg}");
+        for needle in [
+            fake_llm::ERROR_401_MESSAGE,
+            "model fake/m1",
+            "will not help",
+            "opencode auth login",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+        }
+        bridge.stop().await.unwrap();
+    }
+}
