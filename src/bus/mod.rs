@@ -107,7 +107,7 @@ async fn connect_with(
         });
     if cfg.retry_on_initial_connect {
         opts = opts.retry_on_initial_connect();
-        info!(url = %cfg.urls().join(","), "waiting for NATS (nats.retry_on_initial_connect = true)");
+        info!(url = %cfg.urls().join(","), "connecting to NATS; retrying until it answers (nats.retry_on_initial_connect)");
     }
     if let Some(path) = &cfg.credentials_file {
         opts = opts
