@@ -16,15 +16,25 @@ pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[nats]`: how to reach NATS.
     pub nats: NatsConfig,
+    /// `[subjects]`: the subjects of the wire contract.
     pub subjects: SubjectsConfig,
+    /// `[opencode]`: which OpenCode server to drive, or how to start one.
     pub opencode: OpenCodeConfig,
+    /// `[turn]`: per-turn deadlines, queues and the provider retry limit.
     pub turn: TurnConfig,
+    /// `[limits]`: sizes.
     pub limits: LimitsConfig,
+    /// `[shutdown]`: the grace period on SIGTERM/SIGINT.
     pub shutdown: ShutdownConfig,
+    /// `[log]`: format and level.
     pub log: LogConfig,
+    /// `[service]`: the NATS micro service and heartbeats.
     pub service: ServiceConfig,
+    /// `[metrics]`: Prometheus over HTTP.
     pub metrics: MetricsConfig,
+    /// `[permissions]`: answers to OpenCode's permission requests.
     pub permissions: PermissionsConfig,
 }
 
@@ -74,11 +84,13 @@ pub struct NatsConfig {
     pub token: Option<String>,
     /// User name, for user/password auth (with `password`).
     pub user: Option<String>,
+    /// Password, for user/password auth (with `user`). Never logged.
     pub password: Option<String>,
     /// A CA bundle to verify the server's certificate (enables TLS).
     pub tls_ca_file: Option<PathBuf>,
-    /// Client certificate and key, for mutual TLS.
+    /// Client certificate, for mutual TLS (with `tls_key_file`).
     pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (with `tls_cert_file`).
     pub tls_key_file: Option<PathBuf>,
     /// Require TLS even without a CA file.
     pub tls_required: bool,
@@ -226,6 +238,7 @@ pub struct OpenCodeConfig {
     /// jitter) up to `reconnect_max`, and resets after a good connection.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
+    /// The longest delay between event-stream reconnects.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
     /// Session titles are `<title_prefix><conversation>`, so the

@@ -104,7 +104,8 @@ async fn a_signal_while_waiting_for_nats_stops_the_daemon() {
         let url = format!("nats://127.0.0.1:{}", dead_port());
         let mut d = spawn(&[("OPENCODE_BRIDGE__NATS__URL", &url)], dir.path());
         // One line with the URL, then one per backoff step.
-        d.wait_for("connecting to NATS; retrying until it answers").await;
+        d.wait_for("connecting to NATS; retrying until it answers")
+            .await;
         assert!(d.log().contains(&url), "{}", d.log());
         d.wait_for("NATS not reachable; retrying").await;
         d.wait_for("NATS not reachable; retrying").await;
