@@ -6,6 +6,7 @@ mod bridge_fake;
 mod daemon_binary;
 mod e2e_interactive;
 mod e2e_real_opencode;
+mod examples;
 mod faults_load;
 mod first_hour;
 mod nats_harness;
