@@ -64,7 +64,14 @@ pub async fn run(
     ready: Option<oneshot::Sender<Ready>>,
 ) -> Result<(), AppError> {
     let config = Arc::new(config);
-    let nats = bus::connect(&config.nats).await?;
+    // A signal during start-up (waiting for NATS, OpenCode starting) stops
+    // the daemon at once: nothing is serving yet, so nothing is drained.
+    tokio::pin!(shutdown);
+    let Some(nats) = unless_shutdown(&mut shutdown, bus::connect(&config.nats)).await else {
+        info!("stopped during start-up, before NATS was connected");
+        return Ok(());
+    };
+    let nats = nats?;
     let publisher = Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
 
     let (embedded, client) = match &config.opencode.base_url {
@@ -82,7 +89,15 @@ pub async fn run(
             (None, client)
         }
         None => {
-            let (server, client) = EmbeddedServer::start(&config.opencode).await?;
+            // Dropping the start stops the half-started `opencode serve`
+            // (its child is killed on drop).
+            let Some(started) =
+                unless_shutdown(&mut shutdown, EmbeddedServer::start(&config.opencode)).await
+            else {
+                info!("stopped during start-up, while OpenCode was starting");
+                return Ok(());
+            };
+            let (server, client) = started?;
             (Some(server), client)
         }
     };
@@ -185,7 +200,6 @@ pub async fn run(
     }
     info!("opencode-nats-bridge is serving");
 
-    tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             biased;
@@ -305,4 +319,16 @@ async fn audit_permissions(client: &OpenCodeClient, config: &Config) -> Vec<Stri
         );
     }
     found
+}
+
+/// `step`, unless `shutdown` resolves first (then `None`).
+async fn unless_shutdown<T>(
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    step: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.as_mut() => None,
+        r = step => Some(r),
+    }
 }

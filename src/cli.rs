@@ -164,7 +164,8 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
         Err(code) => return code,
     };
     let trace_id = uuid::Uuid::new_v4().to_string();
-    let mut body = json!({"text": text, "trace_id": trace_id});
+    // `progress`: hear of provider retries while waiting (`status` replies).
+    let mut body = json!({"text": text, "trace_id": trace_id, "progress": true});
     for (k, v) in [("model", &args.model), ("agent", &args.agent)] {
         if let Some(v) = v {
             body[k] = json!(v);
@@ -346,6 +347,21 @@ impl View {
                     &format!("→ {} {}", text("tool"), clip(&args, 200)),
                 );
             }
+            "status" if v["event"] == "provider_retry" => {
+                let limit = match v["retry_limit"].as_u64() {
+                    Some(n) if n > 0 => format!(" (the bridge gives up at {n})"),
+                    _ => String::new(),
+                };
+                self.side(
+                    out,
+                    err,
+                    &format!(
+                        "the model provider failed; OpenCode retries it: attempt {}{limit}: {}",
+                        v["attempt"],
+                        clip(&text("reason"), 200)
+                    ),
+                );
+            }
             "tool_result" => {
                 let how = if v["success"].as_bool() == Some(true) {
                     "ok"
@@ -494,6 +510,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
             Err(code) => return code,
         };
         let subject = &cfg.subjects.status;
+        let asked = std::time::Instant::now();
         let answers = caller
             .gather(
                 subject,
@@ -511,10 +528,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
         };
         if answers.is_empty() {
-            eprintln!(
-                "no bridge answered on {subject} within {}",
-                humantime::format_duration(args.timeout)
-            );
+            // Before the timeout only NATS' "no responders" ends the wait.
+            let waited = asked.elapsed();
+            if waited < args.timeout {
+                eprintln!(
+                    "no bridge answered on {subject}: NATS says nothing subscribes to it (after {} ms); is a daemon running on this NATS server?",
+                    waited.as_millis()
+                );
+            } else {
+                eprintln!(
+                    "no bridge answered on {subject} within {}",
+                    humantime::format_duration(args.timeout)
+                );
+            }
             return ExitCode::from(EXIT_TIMEOUT);
         }
         let mut all: Vec<(Status, &[u8])> = answers
@@ -572,7 +598,10 @@ fn table<'a>(all: impl Iterator<Item = &'a Status>) -> String {
                 }
             ),
             s.turns_in_flight.to_string(),
-            s.conversations.to_string(),
+            match s.conversations_known {
+                Some(known) => format!("{known} ({} active)", s.conversations),
+                None => format!("{} active", s.conversations),
+            },
             humantime::format_duration(Duration::from_secs(s.uptime_s)).to_string(),
         ]);
     }
@@ -685,6 +714,21 @@ mod tests {
     }
 
     #[test]
+    fn provider_retries_are_shown_on_stderr() {
+        let replies = [
+            json!({"kind": "status", "seq": 0, "event": "provider_retry", "attempt": 1, "reason": "Internal Server Error", "retry_limit": 3}),
+            json!({"kind": "error", "seq": 1, "code": "provider_error", "error": "failed", "retryable": true}),
+        ];
+        let (out, err, end) = run(&mut View::new(false, false, false), &replies);
+        assert_eq!(out, "");
+        assert_eq!(end, Some(Terminal::Error));
+        assert!(
+            err.starts_with("the model provider failed; OpenCode retries it: attempt 1 (the bridge gives up at 3): Internal Server Error\n"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_table_aligns() {
         let s = Status {
             host: "h1".into(),
@@ -695,6 +739,7 @@ mod tests {
             opencode_connected: true,
             turns_in_flight: 2,
             conversations: 1,
+            conversations_known: Some(4),
             uptime_s: 3700,
             ..Status::default()
         };
@@ -704,5 +749,6 @@ mod tests {
         assert!(lines[1].starts_with("h1    0.1.0    ok"), "{t}");
         assert!(lines[1].contains("http://127.0.0.1:4096 (up)"), "{t}");
         assert!(lines[1].ends_with("1h 1m 40s"), "{t}");
+        assert!(lines[1].contains("4 (1 active)"), "{t}");
     }
 }

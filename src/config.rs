@@ -16,15 +16,25 @@ pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[nats]`: how to reach NATS.
     pub nats: NatsConfig,
+    /// `[subjects]`: the subjects of the wire contract.
     pub subjects: SubjectsConfig,
+    /// `[opencode]`: which OpenCode server to drive, or how to start one.
     pub opencode: OpenCodeConfig,
+    /// `[turn]`: per-turn deadlines, queues and the provider retry limit.
     pub turn: TurnConfig,
+    /// `[limits]`: sizes.
     pub limits: LimitsConfig,
+    /// `[shutdown]`: the grace period on SIGTERM/SIGINT.
     pub shutdown: ShutdownConfig,
+    /// `[log]`: format and level.
     pub log: LogConfig,
+    /// `[service]`: the NATS micro service and heartbeats.
     pub service: ServiceConfig,
+    /// `[metrics]`: Prometheus over HTTP.
     pub metrics: MetricsConfig,
+    /// `[permissions]`: answers to OpenCode's permission requests.
     pub permissions: PermissionsConfig,
     pub tenancy: TenancyConfig,
     pub prompt: PromptConfig,
@@ -121,16 +131,20 @@ pub struct NatsConfig {
     pub token: Option<String>,
     /// User name, for user/password auth (with `password`).
     pub user: Option<String>,
+    /// Password, for user/password auth (with `user`). Never logged.
     pub password: Option<String>,
     /// A CA bundle to verify the server's certificate (enables TLS).
     pub tls_ca_file: Option<PathBuf>,
-    /// Client certificate and key, for mutual TLS.
+    /// Client certificate, for mutual TLS (with `tls_key_file`).
     pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (with `tls_cert_file`).
     pub tls_key_file: Option<PathBuf>,
     /// Require TLS even without a CA file.
     pub tls_required: bool,
     /// Keep retrying when the server is not up yet at start (a sidecar may
-    /// start before its server).
+    /// start before its server): the daemon logs the URL once, then one line
+    /// per retry (250 ms doubling to 8 s), until NATS answers or a signal
+    /// stops it (exit 0). `false`: exit 1 at once when NATS is unreachable.
     pub retry_on_initial_connect: bool,
     /// Give up an initial connection attempt after this long.
     #[serde(with = "humantime_serde")]
@@ -271,6 +285,7 @@ pub struct OpenCodeConfig {
     /// jitter) up to `reconnect_max`, and resets after a good connection.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
+    /// The longest delay between event-stream reconnects.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
     /// Session titles are `<title_prefix><conversation>`, so the
@@ -348,6 +363,12 @@ pub struct TurnConfig {
     /// session titles: a forgotten conversation is found again by title at
     /// the next start, or starts a new session).
     pub max_conversations: usize,
+    /// When the model provider fails, OpenCode retries it with growing
+    /// pauses (five times, over about 70 s, before it reports an error).
+    /// The bridge ends the turn with `provider_error` at OpenCode's
+    /// `provider_retry_limit`-th retry instead, so a caller hears of a
+    /// broken provider in seconds. `0`: wait for OpenCode to give up.
+    pub provider_retry_limit: u32,
 }
 
 impl Default for TurnConfig {
@@ -361,6 +382,7 @@ impl Default for TurnConfig {
             event_buffer: 1024,
             abort_timeout: Duration::from_secs(10),
             max_conversations: 10_000,
+            provider_retry_limit: 3,
         }
     }
 }
@@ -473,19 +495,54 @@ impl Default for LogConfig {
     }
 }
 
-/// A configuration that could not be loaded, naming what is wrong.
+/// A configuration that could not be loaded, naming where (file or
+/// environment variable), the key, what was given and what is valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {source}")]
-    File {
-        path: PathBuf,
-        source: config::ConfigError,
-    },
-    #[error("config: {0}")]
-    Parse(config::ConfigError),
+    #[error("config file {} does not exist", path.display())]
+    Missing { path: PathBuf },
+    /// The file cannot be read or is not TOML.
+    #[error("config file {}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    /// One key's value (or name) is wrong; `origin` says where it came from.
+    #[error("{origin}: {reason}")]
+    Key { origin: String, reason: String },
     #[error("config: {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
+
+/// Which sources a configuration was read from (`check-config` says it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// The file given with `--config`, if any.
+    pub file: Option<PathBuf>,
+    /// The `OPENCODE_BRIDGE__*` variables that were set, sorted.
+    pub env: Vec<String>,
+}
+
+impl std::fmt::Display for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.file, self.env.is_empty()) {
+            (None, true) => write!(
+                f,
+                "built-in defaults only (no --config file, no {ENV_PREFIX}__* environment variables)"
+            ),
+            (file, _) => {
+                write!(f, "built-in defaults")?;
+                if let Some(p) = file {
+                    write!(f, ", config file {}", p.display())?;
+                }
+                if !self.env.is_empty() {
+                    write!(f, ", environment {}", self.env.join(" "))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// How a duration is written, for error messages.
+const DURATION_EXAMPLE: &str = "a duration such as \"10m\", \"90s\" or \"1h 30m\"";
 
 impl Config {
     /// The daemon's own subjects, for routing incoming messages.
@@ -526,39 +583,153 @@ impl Config {
         Self::load_with_env(path, None)
     }
 
+    /// As [`load`](Self::load), also saying which sources were read.
+    pub fn load_with_sources(path: Option<&Path>) -> Result<(Config, Sources), ConfigError> {
+        Self::load_inner(path, None)
+    }
+
     /// As [`load`](Self::load), with an explicit environment (for tests).
     pub fn load_with_env(
         path: Option<&Path>,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Config, ConfigError> {
-        let mut b = config::Config::builder();
+        Self::load_inner(path, env).map(|(c, _)| c)
+    }
+
+    /// Layers file and environment into one TOML table, checking every key
+    /// on its own as it is added (so an error names its source), then
+    /// deserialises and validates the whole.
+    fn load_inner(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<(Config, Sources), ConfigError> {
+        let mut sources = Sources::default();
+        let mut table = toml::Table::new();
+        // Where each `section.key` came from, for validation errors.
+        let mut origins: std::collections::HashMap<String, String> = Default::default();
         if let Some(p) = path {
             if !p.exists() {
-                return Err(ConfigError::File {
+                return Err(ConfigError::Missing {
                     path: p.to_path_buf(),
-                    source: config::ConfigError::NotFound(p.display().to_string()),
                 });
             }
-            b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
-        }
-        let mut e = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true);
-        if let Some(env) = env {
-            e = e.source(Some(env.into_iter().collect()));
-        }
-        b = b.add_source(e);
-        let built = b.build().map_err(|source| match path {
-            Some(p) => ConfigError::File {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
                 path: p.to_path_buf(),
-                source,
+                reason: e.to_string(),
+            })?;
+            let file: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::File {
+                        path: p.to_path_buf(),
+                        reason: format!("not valid TOML: {}", e.to_string().trim_end()),
+                    })?;
+            for (section, keys) in file {
+                let origin = |key: Option<&str>| match key {
+                    Some(k) => format!("config file {}, [{section}] {k}", p.display()),
+                    None => format!("config file {}, [{section}]", p.display()),
+                };
+                let toml::Value::Table(keys) = keys else {
+                    let reason = match check_key(&section, None, keys.clone()) {
+                        Err(r) => r,
+                        Ok(()) => "must be a [section] of keys".into(),
+                    };
+                    return Err(ConfigError::Key {
+                        origin: format!("config file {}, {section}", p.display()),
+                        reason,
+                    });
+                };
+                if keys.is_empty() {
+                    check_key(&section, None, toml::Value::Table(keys.clone())).map_err(
+                        |reason| ConfigError::Key {
+                            origin: origin(None),
+                            reason,
+                        },
+                    )?;
+                }
+                for (key, value) in keys {
+                    let shown = value.to_string();
+                    check_key(&section, Some(&key), value.clone()).map_err(|reason| {
+                        ConfigError::Key {
+                            origin: format!("{} = {shown}", origin(Some(&key))),
+                            reason,
+                        }
+                    })?;
+                    origins.insert(format!("{section}.{key}"), origin(Some(&key)));
+                    insert(&mut table, &section, key, value);
+                }
+            }
+            sources.file = Some(p.to_path_buf());
+        }
+        let env: Vec<(String, String)> = match env {
+            Some(e) => e.into_iter().collect(),
+            None => std::env::vars().collect(),
+        };
+        let prefix = format!("{ENV_PREFIX}__");
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .collect();
+        env.sort();
+        for (name, raw) in env {
+            let origin = format!("environment variable {name}={raw:?}");
+            let parts: Vec<String> = name[prefix.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let [section, key] = parts.as_slice() else {
+                return Err(ConfigError::Key {
+                    origin,
+                    reason: format!(
+                        "the name must be {ENV_PREFIX}__<SECTION>__<KEY> (as in {ENV_PREFIX}__NATS__URL)"
+                    ),
+                });
+            };
+            // A value is taken as a string first; a number or a boolean
+            // only where the key wants one.
+            let typed = parse_scalar(&raw);
+            let string_check = check_key(section, Some(key), toml::Value::String(raw.clone()));
+            let value = match (string_check, typed) {
+                (Ok(()), _) => toml::Value::String(raw),
+                (Err(e), None) => {
+                    return Err(ConfigError::Key {
+                        origin: format!("{origin} ([{section}] {key})"),
+                        reason: e,
+                    })
+                }
+                (Err(_), Some(v)) => {
+                    check_key(section, Some(key), v.clone()).map_err(|reason| {
+                        ConfigError::Key {
+                            origin: format!("{origin} ([{section}] {key})"),
+                            reason,
+                        }
+                    })?;
+                    v
+                }
+            };
+            origins.insert(
+                format!("{section}.{key}"),
+                format!("environment variable {name} ([{section}] {key})"),
+            );
+            insert(&mut table, section, key.clone(), value);
+            sources.env.push(name);
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Key {
+                origin: "config".into(),
+                reason: explain(e.message(), None),
+            })?;
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, reason } => match origins.get(key) {
+                Some(origin) => ConfigError::Key {
+                    origin: origin.clone(),
+                    reason,
+                },
+                None => ConfigError::Invalid { key, reason },
             },
-            None => ConfigError::Parse(source),
+            other => other,
         })?;
-        let cfg: Config = built.try_deserialize().map_err(ConfigError::Parse)?;
-        cfg.validate()?;
-        Ok(cfg)
+        Ok((cfg, sources))
     }
 
     /// Checks what serde cannot.
@@ -566,6 +737,18 @@ impl Config {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         if self.nats.urls().is_empty() {
             return invalid("nats.url", "no server URL given".into());
+        }
+        for url in self.nats.urls() {
+            if let Some((scheme, _)) = url.split_once("://") {
+                if !["nats", "tls", "ws", "wss"].contains(&scheme) {
+                    return invalid(
+                        "nats.url",
+                        format!(
+                            "{url:?} is not a NATS URL: use nats://, tls://, ws:// or wss:// (as in nats://127.0.0.1:4222)"
+                        ),
+                    );
+                }
+            }
         }
         for (key, s) in [
             ("subjects.prompt", &self.subjects.prompt),
@@ -668,6 +851,96 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Puts `section.key = value` into the layered table.
+fn insert(table: &mut toml::Table, section: &str, key: String, value: toml::Value) {
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(key, value);
+    }
+}
+
+/// An environment value read as TOML would read it, when it is a boolean
+/// or a number.
+fn parse_scalar(raw: &str) -> Option<toml::Value> {
+    let t = raw.trim();
+    match t {
+        "true" => return Some(toml::Value::Boolean(true)),
+        "false" => return Some(toml::Value::Boolean(false)),
+        _ => {}
+    }
+    if let Ok(i) = t.parse::<i64>() {
+        return Some(toml::Value::Integer(i));
+    }
+    t.parse::<f64>().ok().map(toml::Value::Float)
+}
+
+/// Checks one key on its own (`None`: only the section's name) by
+/// deserialising a config that has just it; the error in plain words.
+fn check_key(section: &str, key: Option<&str>, value: toml::Value) -> Result<(), String> {
+    let inner = match key {
+        Some(k) => {
+            let mut t = toml::Table::new();
+            t.insert(k.to_string(), value);
+            toml::Value::Table(t)
+        }
+        None => value,
+    };
+    let mut outer = toml::Table::new();
+    outer.insert(section.to_string(), inner);
+    toml::Value::Table(outer)
+        .try_into::<Config>()
+        .map(drop)
+        .map_err(|e| explain(e.message(), Some(section)))
+}
+
+/// serde's message, said for a person editing a config: unknown keys and
+/// enum values list what is valid; a bad duration shows how to write one.
+fn explain(message: &str, section: Option<&str>) -> String {
+    // serde: "unknown field `x`, expected one of `a`, `b`" / "expected `a` or `b`".
+    let valid = || -> Vec<&str> {
+        message
+            .split_once("expected")
+            .map(|(_, rest)| rest.split('`').skip(1).step_by(2).collect())
+            .unwrap_or_default()
+    };
+    if message.starts_with("unknown field") {
+        let name = message.split('`').nth(1).unwrap_or("?");
+        let list = valid().join(", ");
+        return match section {
+            Some(s) if name == s => {
+                format!("[{name}] is not a known section; the sections are {list}")
+            }
+            Some(s) => format!("{name} is not a key of [{s}]; its keys are {list}"),
+            None => format!("unknown key {name}; valid here: {list}"),
+        };
+    }
+    if message.starts_with("unknown variant") {
+        let list: Vec<String> = valid().iter().map(|v| format!("{v:?}")).collect();
+        return format!("not a valid value; valid values are {}", list.join(", "));
+    }
+    if message.contains("expected a duration") {
+        return format!("not a duration; write {DURATION_EXAMPLE}");
+    }
+    let wanted = [
+        ("expected usize", "a whole number (0 or more)"),
+        ("expected u64", "a whole number (0 or more)"),
+        ("expected a boolean", "true or false"),
+        ("expected a string", "a string in quotes"),
+        (
+            "invalid socket address",
+            "an address such as \"127.0.0.1:9464\"",
+        ),
+    ];
+    for (needle, what) in wanted {
+        if message.contains(needle) {
+            return format!("expected {what} ({message})");
+        }
+    }
+    message.to_string()
 }
 
 impl NatsConfig {
@@ -830,16 +1103,16 @@ mod tests {
     fn bad_values_are_named() {
         let cases = [
             ("[turn]\nidle_timeout = \"soon\"\n", "idle_timeout"),
-            ("[turn]\nidle_timeout = \"0s\"\n", "turn.idle_timeout"),
-            ("[subjects]\nprompt = \"a.*\"\n", "subjects.prompt"),
+            ("[turn]\nidle_timeout = \"0s\"\n", "[turn] idle_timeout"),
+            ("[subjects]\nprompt = \"a.*\"\n", "[subjects] prompt"),
             (
                 "[opencode]\nbase_url = \"localhost:4096\"\n",
-                "opencode.base_url",
+                "[opencode] base_url",
             ),
-            ("[nats]\nurl = \" , \"\n", "nats.url"),
+            ("[nats]\nurl = \" , \"\n", "[nats] url"),
             ("[log]\nformat = \"xml\"\n", "xml"),
-            ("[service]\nname = \"a.b\"\n", "service.name"),
-            ("[subjects]\nstatus = \"a.>\"\n", "subjects.status"),
+            ("[service]\nname = \"a.b\"\n", "[service] name"),
+            ("[subjects]\nstatus = \"a.>\"\n", "[subjects] status"),
             ("[metrics]\nlisten = \"localhost\"\n", "listen"),
         ];
         for (text, needle) in cases {
@@ -849,6 +1122,139 @@ mod tests {
         }
         let e = Config::load_with_env(Some(Path::new("/nonexistent.toml")), env(&[])).unwrap_err();
         assert!(e.to_string().contains("/nonexistent.toml"), "{e}");
+    }
+
+    /// Each message names the source, the key, what was given and what is
+    /// valid.
+    #[test]
+    fn config_errors_in_plain_words() {
+        let msg = |text: &str| {
+            let f = write(text);
+            let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+            (e.to_string(), f.path().display().to_string())
+        };
+        let (e, path) = msg("[turn]\nidle_timeout = 600\n");
+        assert_eq!(
+            e,
+            format!("config file {path}, [turn] idle_timeout = 600: not a duration; write a duration such as \"10m\", \"90s\" or \"1h 30m\"")
+        );
+        let (e, path) = msg("[turn]\nidle_timeout = \"soon\"\n");
+        assert_eq!(
+            e,
+            format!("config file {path}, [turn] idle_timeout = \"soon\": not a duration; write a duration such as \"10m\", \"90s\" or \"1h 30m\"")
+        );
+        let (e, path) = msg("[log]\nformat = \"yaml\"\n");
+        assert_eq!(
+            e,
+            format!("config file {path}, [log] format = \"yaml\": not a valid value; valid values are \"text\", \"json\"")
+        );
+        let (e, path) = msg("[subjects]\nreply_headers = \"thin\"\n");
+        assert_eq!(
+            e,
+            format!("config file {path}, [subjects] reply_headers = \"thin\": not a valid value; valid values are \"full\", \"lean\"")
+        );
+        let (e, _) = msg("[turn]\nidel_timeout = \"1s\"\n");
+        assert!(
+            e.contains("[turn] idel_timeout = \"1s\": idel_timeout is not a key of [turn]; its keys are first_event_timeout, idle_timeout,"),
+            "{e}"
+        );
+        let (e, path) = msg("[natz]\nurl = \"x\"\n");
+        assert!(
+            e.starts_with(&format!("config file {path}, [natz] url = \"x\": [natz] is not a known section; the sections are nats, subjects,")),
+            "{e}"
+        );
+        let (e, _) = msg("[turn]\nconversation_queue = \"eight\"\n");
+        assert!(
+            e.contains("[turn] conversation_queue = \"eight\": expected a whole number"),
+            "{e}"
+        );
+        let (e, path) = msg("[nats]\nurl = \"http://foo\"\n");
+        assert_eq!(
+            e,
+            format!("config file {path}, [nats] url: \"http://foo\" is not a NATS URL: use nats://, tls://, ws:// or wss:// (as in nats://127.0.0.1:4222)")
+        );
+        let (e, path) = msg("[turn\n");
+        assert!(
+            e.starts_with(&format!("config file {path}: not valid TOML")),
+            "{e}"
+        );
+
+        // A missing file is a missing file.
+        let e = Config::load_with_env(Some(Path::new("/nonexistent.toml")), env(&[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config file /nonexistent.toml does not exist"
+        );
+
+        // From the environment: the variable is named, with its value.
+        let e = Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT", "600")]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "environment variable OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT=\"600\" ([turn] idle_timeout): not a duration; write a duration such as \"10m\", \"90s\" or \"1h 30m\""
+        );
+        let e = Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__LOG__FORMAT", "yaml")]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "environment variable OPENCODE_BRIDGE__LOG__FORMAT=\"yaml\" ([log] format): not a valid value; valid values are \"text\", \"json\""
+        );
+        let e = Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__NATS__URL", "http://foo")]))
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "environment variable OPENCODE_BRIDGE__NATS__URL ([nats] url): \"http://foo\" is not a NATS URL"
+            ),
+            "{e}"
+        );
+        let e =
+            Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__URL", "nats://x")])).unwrap_err();
+        assert!(
+            e.to_string().contains("OPENCODE_BRIDGE__<SECTION>__<KEY>"),
+            "{e}"
+        );
+        // Numbers and booleans from the environment where a key wants them;
+        // a numeric string where it wants a string.
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("OPENCODE_BRIDGE__NATS__RETRY_ON_INITIAL_CONNECT", "false"),
+                ("OPENCODE_BRIDGE__NATS__PASSWORD", "1234"),
+                ("OPENCODE_BRIDGE__NATS__USER", "u"),
+                (
+                    "OPENCODE_BRIDGE__NATS__URL",
+                    "tls://a:4222, ws://b:80, c:4222",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.nats.retry_on_initial_connect);
+        assert_eq!(c.nats.password.as_deref(), Some("1234"));
+    }
+
+    #[test]
+    fn the_sources_read_are_said() {
+        let (_, s) = Config::load_inner(None, env(&[])).unwrap();
+        assert_eq!(
+            s.to_string(),
+            "built-in defaults only (no --config file, no OPENCODE_BRIDGE__* environment variables)"
+        );
+        let f = write("[turn]\nidle_timeout = \"90s\"\n");
+        let (_, s) = Config::load_inner(
+            Some(f.path()),
+            env(&[
+                ("OPENCODE_BRIDGE__NATS__URL", "nats://n:4222"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.to_string(),
+            format!(
+                "built-in defaults, config file {}, environment OPENCODE_BRIDGE__NATS__URL",
+                f.path().display()
+            )
+        );
     }
 
     #[test]
@@ -874,7 +1280,7 @@ mod tests {
             )]),
         )
         .unwrap_err();
-        assert!(e.to_string().contains("opencode.password_file"), "{e}");
+        assert!(e.to_string().contains("[opencode] password_file"), "{e}");
         assert!(e.to_string().contains("/nonexistent/pw"), "{e}");
     }
 

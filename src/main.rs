@@ -89,9 +89,9 @@ fn main() -> ExitCode {
             init_client_tracing();
             cli::status(args)
         }
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(_) => {
-                println!("config OK");
+        Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref()) {
+            Ok((_, sources)) => {
+                println!("config OK; read: {sources}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -137,11 +137,14 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(cfg: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| EnvFilter::try_new(quiet_nats(&spec)).ok())
+        .or_else(|| EnvFilter::try_new(quiet_nats(&cfg.log.level)).ok())
+        .unwrap_or_else(|| EnvFilter::new(quiet_nats("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder
@@ -153,11 +156,30 @@ fn init_tracing(cfg: &Config) {
     }
 }
 
+/// async-nats logs every connection event at info, and the bus logs each
+/// one again with more context: keep async-nats to warnings unless the
+/// filter names it.
+fn quiet_nats(spec: &str) -> String {
+    if spec.contains("async_nats") {
+        spec.to_string()
+    } else {
+        format!("{spec},async_nats=warn")
+    }
+}
+
+/// ANSI colour only on a terminal, and never with `NO_COLOR` set
+/// (no-color.org): a file or journald gets plain text.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// The client commands log only when `RUST_LOG` asks for it.
 fn init_client_tracing() {
     if let Ok(filter) = EnvFilter::try_from_default_env() {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(colour())
             .with_writer(std::io::stderr)
             .init();
     }

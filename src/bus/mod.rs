@@ -13,7 +13,7 @@ use async_nats::{HeaderMap, ServerAddr};
 use bytes::Bytes;
 use futures::stream::SelectAll;
 use futures::StreamExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{NatsConfig, ReplyHeaders, SubjectsConfig};
 use crate::ops::traceparent::TraceParent;
@@ -29,7 +29,7 @@ pub enum BusError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot connect to NATS at {urls}: {detail}")]
+    #[error("cannot connect to NATS at {urls}: {detail} (is a nats-server running there? `[nats] url` / OPENCODE_BRIDGE__NATS__URL says where)")]
     Connect { urls: String, detail: String },
     #[error("cannot subscribe to {subject}: {detail}")]
     Subscribe { subject: String, detail: String },
@@ -60,8 +60,24 @@ async fn connect_with(
         })?;
         addrs.push(addr);
     }
+    let urls = cfg.urls().join(",");
+    let backoff_urls = urls.clone();
     let mut opts = async_nats::ConnectOptions::new()
         .name(&cfg.name)
+        // One line per backoff step, with the URL (async-nats itself only
+        // reports a bare "IO error" per failed attempt, logged at debug).
+        .reconnect_delay_callback(move |attempt| {
+            let delay = reconnect_delay(attempt);
+            if attempt > 1 {
+                warn!(
+                    url = %backoff_urls,
+                    attempt = attempt - 1,
+                    retry_in = %humantime::format_duration(delay),
+                    "NATS not reachable; retrying"
+                );
+            }
+            delay
+        })
         .custom_inbox_prefix(&cfg.inbox_prefix)
         .subscription_capacity(cfg.subscription_capacity)
         .client_capacity(cfg.client_capacity)
@@ -69,9 +85,10 @@ async fn connect_with(
         .require_tls(cfg.tls_required)
         .event_callback(move |event| {
             let errors = errors.clone();
+            let urls = urls.clone();
             async move {
                 match event {
-                    async_nats::Event::Connected => info!("NATS connected"),
+                    async_nats::Event::Connected => info!(url = %urls, "NATS connected"),
                     async_nats::Event::ServerError(e) => {
                         warn!(error = %e, "NATS server error");
                         if let Some(tx) = errors {
@@ -82,12 +99,15 @@ async fn connect_with(
                     async_nats::Event::SlowConsumer(sid) => {
                         warn!(sid, "NATS slow consumer: the server dropped prompts for us")
                     }
+                    // A failed connection attempt: the backoff line says it.
+                    async_nats::Event::ClientError(e) => debug!(error = %e, "NATS client error"),
                     other => info!(event = %other, "NATS event"),
                 }
             }
         });
     if cfg.retry_on_initial_connect {
         opts = opts.retry_on_initial_connect();
+        info!(url = %cfg.urls().join(","), "connecting to NATS; retrying until it answers (nats.retry_on_initial_connect)");
     }
     if let Some(path) = &cfg.credentials_file {
         opts = opts
@@ -113,10 +133,30 @@ async fn connect_with(
     if let (Some(c), Some(k)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
         opts = opts.add_client_certificate(c.clone(), k.clone());
     }
-    opts.connect(addrs).await.map_err(|e| BusError::Connect {
+    let client = opts.connect(addrs).await.map_err(|e| BusError::Connect {
         urls: cfg.url.clone(),
         detail: e.to_string(),
-    })
+    })?;
+    if cfg.retry_on_initial_connect {
+        // async-nats returns at once and connects in the background: wait
+        // here (a flush is answered only once connected), so the caller can
+        // race this against a shutdown signal.
+        client.flush().await.map_err(|e| BusError::Connect {
+            urls: cfg.url.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(client)
+}
+
+/// Delay before connection attempt `attempt` (1-based): none for the first,
+/// then 250 ms doubling to 8 s. Also used between reconnects.
+fn reconnect_delay(attempt: usize) -> Duration {
+    if attempt <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = u32::try_from(attempt - 2).unwrap_or(u32::MAX).min(5);
+    Duration::from_millis(250 * 2u64.pow(exp))
 }
 
 /// A prompt as it came off the bus.

@@ -465,6 +465,43 @@ impl OpenCodeClient {
         Ok(out)
     }
 
+    /// Where a provider's model is served (`GET /config/providers`): the
+    /// provider's `options.baseURL`, else the model's `api.url`; `None`
+    /// when OpenCode does not say.
+    pub async fn provider_endpoint(
+        &self,
+        provider: &str,
+        model: &str,
+    ) -> Result<Option<String>, OpenCodeError> {
+        let v: Value = self
+            .json(
+                "listing providers",
+                self.request(&self.http, Method::GET, "/config/providers"),
+            )
+            .await?;
+        let Some(p) = v
+            .get("providers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("id").and_then(Value::as_str) == Some(provider))
+        else {
+            return Ok(None);
+        };
+        let url = p
+            .pointer("/options/baseURL")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                p.get("models")?
+                    .get(model)?
+                    .pointer("/api/url")
+                    .and_then(Value::as_str)
+            })
+            .filter(|u| !u.is_empty())
+            .map(str::to_string);
+        Ok(url)
+    }
+
     /// Rejects a question: `POST /question/{id}/reject`.
     pub async fn reject_question(&self, request_id: &str) -> Result<(), OpenCodeError> {
         let path = format!("/question/{request_id}/reject");

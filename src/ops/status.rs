@@ -41,6 +41,11 @@ pub struct Status {
     pub turns_in_flight: u64,
     /// Conversations with a turn running or queued.
     pub conversations: usize,
+    /// Conversations the bridge has a session for (its conversation map,
+    /// rebuilt from OpenCode at start), idle ones included; absent when the
+    /// store cannot count them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversations_known: Option<usize>,
     pub uptime_s: u64,
     /// Start time, seconds since the Unix epoch.
     pub started_unix: u64,
@@ -148,6 +153,7 @@ impl Health {
             opencode_connected: self.opencode_connected(),
             turns_in_flight: s.metrics.in_flight(),
             conversations: s.dispatcher.active_conversations(),
+            conversations_known: s.dispatcher.context().sessions.known(),
             uptime_s: self.started.elapsed().as_secs(),
             started_unix: self.started_unix,
             turns: s.metrics.turns(),

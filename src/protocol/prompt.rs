@@ -32,6 +32,8 @@ pub struct Prompt {
     /// Who sent it: the tenant named by the subject's first tail token, or
     /// the operator on the bare subject ([`super::tenant`]).
     pub caller: Caller,
+    /// The caller wants `status` replies (provider retries) while it waits.
+    pub progress: bool,
 }
 
 impl Prompt {
@@ -111,6 +113,7 @@ struct JsonPrompt {
     tools: Option<Value>,
     reply_to: Option<Value>,
     interactive: Option<Value>,
+    progress: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -187,6 +190,7 @@ struct Fields {
     tools: Option<BTreeMap<String, bool>>,
     reply_to: Option<String>,
     interactive: bool,
+    progress: bool,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -249,6 +253,16 @@ impl Fields {
             Some(other) => {
                 return Err(format!(
                     "`interactive` must be a boolean, got {}",
+                    json_type(&other)
+                ))
+            }
+        };
+        self.progress = match j.progress {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(other) => {
+                return Err(format!(
+                    "`progress` must be a boolean, got {}",
                     json_type(&other)
                 ))
             }
@@ -336,6 +350,7 @@ impl Fields {
             reply_to: self.reply_to,
             interactive: self.interactive,
             caller,
+            progress: self.progress,
         })
     }
 }
@@ -406,6 +421,7 @@ impl Salvage {
             tools: None,
             reply_to: get("reply_to"),
             interactive: None,
+            progress: None,
         });
     }
 
@@ -456,6 +472,15 @@ mod tests {
             })
         );
         assert_eq!(p.agent.as_deref(), Some("plan"));
+    }
+
+    #[test]
+    fn progress_is_asked_for_with_a_boolean() {
+        assert!(!parse("hi").unwrap().progress);
+        assert!(!parse(r#"{"text":"hi"}"#).unwrap().progress);
+        assert!(parse(r#"{"text":"hi","progress":true}"#).unwrap().progress);
+        let r = parse(r#"{"text":"hi","progress":"yes"}"#).unwrap_err();
+        assert_eq!(r.reason, "`progress` must be a boolean, got a string");
     }
 
     #[test]

@@ -61,6 +61,17 @@ pub enum ReplyBody {
         call_id: Option<String>,
         reply_subject: String,
     },
+    /// Extension kind, only for prompts with `"progress": true`: what the
+    /// turn is waiting on. `event` is `provider_retry`: the model provider
+    /// failed and OpenCode retries it (`attempt` from 1, OpenCode's
+    /// `reason`); at attempt `retry_limit` the bridge ends the turn with a
+    /// `provider_error` (`retry_limit` 0: it waits for OpenCode to give up).
+    Status {
+        event: &'static str,
+        attempt: u64,
+        reason: String,
+        retry_limit: u32,
+    },
     /// The authoritative end of a successful turn.
     Final(Box<FinalReply>),
     /// The end of a failed turn.
@@ -81,6 +92,7 @@ impl ReplyBody {
             ReplyBody::ToolResult { .. } => "tool_result",
             ReplyBody::Permission { .. } => "permission",
             ReplyBody::Question { .. } => "question",
+            ReplyBody::Status { .. } => "status",
             ReplyBody::Final(_) => "final",
             ReplyBody::Error { .. } => "error",
         }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::interactive::{AnswerRegistry, Interactive};
+use super::provider::ProviderRetries;
 use super::sessions::SessionStore;
 use super::sink::ReplySink;
 use crate::bus::Publisher;
@@ -130,7 +131,10 @@ pub async fn run_turn(
             let r = drive(ctx, &prompt, &mut sink, &cancel, &abort, &mut inter).await;
             // Nothing may stay pending at OpenCode once the turn is over.
             inter.reject_all().await;
-            r
+            match r {
+                Err(e) => Err(super::provider::explain(ctx, &prompt, sink.session_id(), e).await),
+                ok => ok,
+            }
         };
         let elapsed = started.elapsed();
         match outcome {
@@ -331,6 +335,7 @@ async fn drive(
         }
     }
     let mut got_first = false;
+    let mut retries = ProviderRetries::new(cfg.provider_retry_limit, prompt.progress);
     let mut idle_deadline = Instant::now() + cfg.first_event_timeout;
     // When to look at the message list again without waiting for an event.
     let mut recheck_at: Option<Instant> = None;
@@ -400,7 +405,10 @@ async fn drive(
                         Signal::Retry { attempt, message } => {
                             got_first = true;
                             idle_deadline = Instant::now() + cfg.idle_timeout;
-                            info!(?attempt, message = message.as_deref().unwrap_or(""), "OpenCode is retrying the provider");
+                            if let Some(e) = retries.on_retry(sink, attempt, message).await {
+                                abort_quietly(ctx, &mut sub, &session_id).await;
+                                return Err(e);
+                            }
                             false
                         }
                         Signal::Idle => true,

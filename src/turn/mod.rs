@@ -3,6 +3,7 @@
 
 pub mod driver;
 pub mod interactive;
+pub mod provider;
 pub mod queue;
 pub mod sessions;
 pub mod sink;

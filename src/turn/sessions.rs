@@ -18,6 +18,11 @@ pub trait SessionStore: Send + Sync {
     fn get<'a>(&'a self, conversation: &'a str) -> BoxFuture<'a, Option<String>>;
     fn put<'a>(&'a self, conversation: &'a str, session_id: &'a str) -> BoxFuture<'a, ()>;
     fn remove<'a>(&'a self, conversation: &'a str) -> BoxFuture<'a, ()>;
+    /// How many conversations the store knows, when it can say cheaply
+    /// (`status` shows it).
+    fn known(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The in-memory store (rebuilt from session titles at start), bounded:
@@ -158,6 +163,10 @@ impl SessionStore for MemoryStore {
     fn remove<'a>(&'a self, conversation: &'a str) -> BoxFuture<'a, ()> {
         self.lock().entries.remove(conversation);
         async {}.boxed()
+    }
+
+    fn known(&self) -> Option<usize> {
+        Some(self.len())
     }
 }
 

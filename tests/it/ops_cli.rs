@@ -309,4 +309,11 @@ async fn status_lists_every_running_bridge() {
     let out = cli(&["status", "--server", &url, "--timeout", "500ms"], FAKE).await;
     assert_eq!(out.code, Some(3), "{out:#?}");
     assert!(out.stderr.contains("no bridge answered"), "{}", out.stderr);
+    // NATS said at once that nobody listens: the message does not claim
+    // it waited the whole timeout.
+    assert!(
+        out.stderr.contains("NATS says nothing subscribes"),
+        "{}",
+        out.stderr
+    );
 }

@@ -121,6 +121,8 @@ async fn status_counts_turns_in_flight_and_done() {
     let t = &s[0]["turns"];
     assert_eq!(s[0]["turns_in_flight"], 0, "{}", s[0]);
     assert_eq!(s[0]["conversations"], 0, "{}", s[0]);
+    // The conversation is still known (idle), the one-off prompt is not one.
+    assert_eq!(s[0]["conversations_known"], 1, "{}", s[0]);
     assert_eq!(t["started"], 2, "{t}");
     assert_eq!(t["completed"], 1, "{t}");
     assert_eq!(t["failed"]["provider_error"], 1, "{t}");

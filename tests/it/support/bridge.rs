@@ -167,6 +167,7 @@ pub fn assert_well_formed(replies: &[Reply]) {
                 "reasoning",
                 "tool_call",
                 "tool_result",
+                "status",
                 "final",
                 "error"
             ]

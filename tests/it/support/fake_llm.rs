@@ -12,6 +12,7 @@
 //! | `[reasoning]` | reasoning [`REASONING_TEXT`] (`delta.reasoning_content`), then text [`REASONING_ANSWER`] |
 //! | `[tool:bash <cmd>]` | a `bash` tool call, arguments `{"command": <cmd>, "description": TOOL_DESCRIPTION}` streamed in fragments, `finish_reason: "tool_calls"`; the follow-up request (its last message has `role: "tool"`) gets text [`tool_followup_reply`]`(tool output)` |
 //! | `[error401]` | HTTP 401 with an OpenAI-style JSON error ([`ERROR_401_MESSAGE`]) |
+//! | `[error500]` | HTTP 500 with an OpenAI-style JSON error ([`ERROR_500_MESSAGE`]); OpenCode retries it |
 //! | `[slow]` | text [`slow_reply`]`()`: [`SLOW_CHUNKS`] chunks, [`SLOW_CHUNK_DELAY`] apart |
 //! | `[recall]` | text [`recall_reply`]`(first user message of the conversation)` |
 //!
@@ -54,6 +55,8 @@ pub const REASONING_ANSWER: &str = "After thinking: the answer is 42.";
 pub const TOOL_DESCRIPTION: &str = "Run the command the fake LLM was told to run";
 /// The `message` of the `[error401]` error body.
 pub const ERROR_401_MESSAGE: &str = "Incorrect API key provided (fake LLM)";
+/// The `message` of the `[error500]` error body.
+pub const ERROR_500_MESSAGE: &str = "The server had an error (fake LLM)";
 /// Chunks of the `[slow]` answer.
 pub const SLOW_CHUNKS: usize = 25;
 /// Delay before each chunk of the `[slow]` answer (the first one included).
@@ -96,6 +99,7 @@ pub enum Scenario {
     /// The request after the tool ran: answer with its output.
     ToolFollowup,
     Error401,
+    Error500,
     Slow,
     Recall,
     /// Call OpenCode's `question` tool with [`question_args`].
@@ -233,6 +237,8 @@ pub fn scenario_for(body: &Value) -> Scenario {
     }
     if last_user.contains("[error401]") {
         Scenario::Error401
+    } else if last_user.contains("[error500]") {
+        Scenario::Error500
     } else if last_user.contains("[reasoning]") {
         Scenario::Reasoning
     } else if last_user.contains("[slow]") {
@@ -275,6 +281,14 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
             401,
             &json!({"error": {"message": ERROR_401_MESSAGE, "type": "invalid_request_error",
                                "param": null, "code": "invalid_api_key"}}),
+        );
+    }
+
+    if scenario == Scenario::Error500 {
+        return Response::json(
+            500,
+            &json!({"error": {"message": ERROR_500_MESSAGE, "type": "server_error",
+                               "param": null, "code": null}}),
         );
     }
 
@@ -334,7 +348,7 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
             let args = question_args().to_string();
             steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
         }
-        Scenario::Error401 => unreachable!(),
+        Scenario::Error401 | Scenario::Error500 => unreachable!(),
     }
 
     if !stream {

@@ -1,0 +1,322 @@
+//! What a new user meets in the first hour: start-up that obeys signals,
+//! waiting for NATS with one line per backoff step, and a clear exit when
+//! NATS is absent and retrying is off.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_opencode-nats-bridge");
+
+/// A loopback port where nothing listens (bound, then released).
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+struct Started {
+    child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+fn spawn(envs: &[(&str, &str)], dir: &Path) -> Started {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("RUST_LOG", "info")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn the daemon");
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut r = BufReader::new(stderr).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            if std::env::var_os("SHOW_DAEMON_LOG").is_some() {
+                eprintln!("daemon: {l}");
+            }
+            let _ = tx.send(l);
+        }
+    });
+    Started {
+        child,
+        lines,
+        seen: Vec::new(),
+    }
+}
+
+impl Started {
+    /// Reads the log until a line contains `needle` (bounded).
+    async fn wait_for(&mut self, needle: &str) {
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(l) = self.lines.recv().await {
+                let hit = l.contains(needle);
+                self.seen.push(l);
+                if hit {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(found, Ok(true)),
+            "no log line with {needle:?}; log:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    async fn signal_and_wait(&mut self, sig: Signal) -> std::process::ExitStatus {
+        kill(Pid::from_raw(self.child.id().unwrap() as i32), sig).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the daemon ignored {sig}; log:\n{}", self.seen.join("\n")))
+            .unwrap();
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        status
+    }
+
+    fn log(&self) -> String {
+        self.seen.join("\n")
+    }
+}
+
+#[tokio::test]
+async fn a_signal_while_waiting_for_nats_stops_the_daemon() {
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("nats://127.0.0.1:{}", dead_port());
+        let mut d = spawn(&[("OPENCODE_BRIDGE__NATS__URL", &url)], dir.path());
+        // One line with the URL, then one per backoff step.
+        d.wait_for("connecting to NATS; retrying until it answers")
+            .await;
+        assert!(d.log().contains(&url), "{}", d.log());
+        d.wait_for("NATS not reachable; retrying").await;
+        d.wait_for("NATS not reachable; retrying").await;
+        let status = d.signal_and_wait(sig).await;
+        let log = d.log();
+        assert_eq!(status.code(), Some(0), "{sig}: {status}; log:\n{log}");
+        assert!(log.contains("stopped during start-up"), "{log}");
+        // The retry lines name the URL; async-nats' own per-attempt
+        // "IO error" lines are not at info.
+        assert!(
+            log.lines()
+                .filter(|l| l.contains("NATS not reachable"))
+                .all(|l| l.contains(&url)),
+            "{log}"
+        );
+        assert!(!log.contains("IO error"), "{log}");
+        assert!(!log.contains("event: "), "{log}");
+        // stderr is a pipe here: plain text, no ANSI colour.
+        assert!(!log.contains('\x1b'), "{log:?}");
+    }
+}
+
+#[tokio::test]
+async fn without_retry_an_absent_nats_exits_1_naming_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("nats://127.0.0.1:{}", dead_port());
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(BIN)
+            .arg("run")
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("OPENCODE_BRIDGE__NATS__URL", &url)
+            .env("OPENCODE_BRIDGE__NATS__RETRY_ON_INITIAL_CONNECT", "false")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the daemon exits by itself")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&url), "{err}");
+}
+
+/// Processes whose working directory is `dir`.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).ok().as_deref() == Some(dir) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_signal_while_opencode_starts_stops_it_too() {
+    let nats = crate::support::nats::NatsServer::start();
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().canonicalize().unwrap().join("work");
+        std::fs::create_dir(&work).unwrap();
+        // An `opencode` that never becomes healthy.
+        let fake = work.join("never-healthy-opencode");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut d = spawn(
+            &[
+                ("OPENCODE_BRIDGE__NATS__URL", &nats.url()),
+                ("OPENCODE_BRIDGE__OPENCODE__BINARY", fake.to_str().unwrap()),
+                (
+                    "OPENCODE_BRIDGE__OPENCODE__DIRECTORY",
+                    work.to_str().unwrap(),
+                ),
+            ],
+            dir.path(),
+        );
+        d.wait_for("started embedded `opencode serve`").await;
+        assert!(!processes_in(&work).is_empty(), "the fake opencode runs");
+        let status = d.signal_and_wait(sig).await;
+        let log = d.log();
+        assert_eq!(status.code(), Some(0), "{sig}: {status}; log:\n{log}");
+        assert!(
+            log.contains("stopped during start-up, while OpenCode was starting"),
+            "{log}"
+        );
+        let mut left = processes_in(&work);
+        for _ in 0..50 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = processes_in(&work);
+        }
+        assert!(left.is_empty(), "opencode left behind: {left:?}");
+    }
+}
+
+mod provider_trouble {
+    //! The real OpenCode, a fake LLM that fails: the caller hears of the
+    //! provider's retries and gets a `provider_error` that says what failed
+    //! and what to do, after `[turn] provider_retry_limit` retries instead
+    //! of OpenCode's ~70 s.
+
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
+    use crate::support::fake_llm::{self, FakeLlm, Scenario};
+    use crate::support::nats::{client, NatsServer};
+    use crate::support::real_opencode::RealOpenCode;
+
+    const TURN: Duration = Duration::from_secs(120);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn provider_retries_are_told_and_cut_at_the_limit() {
+        let nats = NatsServer::start();
+        let llm = FakeLlm::start().await;
+        let opencode = RealOpenCode::start(&llm.base_url()).await;
+        let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+        cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+        assert_eq!(cfg.turn.provider_retry_limit, 3, "the default");
+        let bridge = Bridge::start(cfg).await;
+        let c = client(&nats.url()).await;
+        let llm_host = llm
+            .base_url()
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+
+        // With "progress": a `status` reply per retry, then the error.
+        let prompt =
+            json!({"text": "[error500] hello", "conversation": "fh.retry", "progress": true});
+        let r = request(&c, "opencode.prompt", &prompt.to_string(), TURN).await;
+        assert_well_formed(&r);
+        let statuses: Vec<_> = r.iter().filter(|(_, v)| v["kind"] == "status").collect();
+        let attempts: Vec<u64> = statuses
+            .iter()
+            .map(|(_, v)| v["attempt"].as_u64().unwrap())
+            .collect();
+        assert_eq!(attempts, vec![1, 2, 3], "{r:#?}");
+        for (_, s) in &statuses {
+            assert_eq!(s["event"], "provider_retry", "{s}");
+            assert_eq!(s["retry_limit"], 3, "{s}");
+            assert!(!s["reason"].as_str().unwrap().is_empty(), "{s}");
+        }
+        let t = terminal(&r);
+        assert_eq!(t["kind"], "error", "{r:#?}");
+        assert_eq!(t["code"], "provider_error", "{t}");
+        assert_eq!(t["retryable"], true, "{t}");
+        let msg = t["error"].as_str().unwrap();
+        eprintln!("provider_error after the retry limit: {msg}");
+        eprintln!("a status reply: {}", statuses[0].1);
+        for needle in [
+            "failed 3 times in a row",
+            "provider_retry_limit = 3",
+            "model fake/m1",
+            llm_host.as_str(),
+            "can help",
+            "What to do:",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+        }
+        // OpenCode was stopped: no fourth call to the provider.
+        let calls = llm
+            .recorded()
+            .iter()
+            .filter(|x| x.scenario == Scenario::Error500)
+            .count();
+        assert_eq!(calls, 3, "provider calls");
+
+        // The conversation goes on afterwards.
+        let r = request(&c, "opencode.prompt.fh.retry", "after the failure", TURN).await;
+        assert_well_formed(&r);
+        assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+        assert_eq!(
+            terminal(&r)["content"],
+            fake_llm::text_reply("after the failure")
+        );
+
+        // Without "progress": no status replies, the same error.
+        let r = request(&c, "opencode.prompt", "[error500] quietly", TURN).await;
+        assert_well_formed(&r);
+        assert!(r.iter().all(|(_, v)| v["kind"] != "status"), "{r:#?}");
+        assert_eq!(terminal(&r)["code"], "provider_error", "{r:#?}");
+
+        // A refused key: not retryable, and says how to give OpenCode one.
+        let r = request(&c, "opencode.prompt", "[error401] key?", TURN).await;
+        assert_well_formed(&r);
+        let t = terminal(&r);
+        assert_eq!(t["code"], "provider_error", "{t}");
+        assert_eq!(t["retryable"], false, "{t}");
+        let msg = t["error"].as_str().unwrap();
+        eprintln!("provider_error on a refused key: {msg}");
+        for needle in [
+            fake_llm::ERROR_401_MESSAGE,
+            "model fake/m1",
+            "will not help",
+            "opencode auth login",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+        }
+        bridge.stop().await.unwrap();
+    }
+}
