@@ -34,9 +34,24 @@ pub enum EmbeddedError {
     Client(#[from] OpenCodeError),
 }
 
+/// The reaper's handle. Dropping it ends the whole process group with
+/// SIGTERM (the reaper then stops the server and its tools), where tokio's
+/// `kill_on_drop` would SIGKILL the reaper alone and orphan the server: a
+/// start abandoned half-way (a signal during start-up) leaves nothing.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let (Some(pid), Ok(None)) = (self.0.id(), self.0.try_wait()) {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
 /// A running `opencode serve` child.
 pub struct EmbeddedServer {
-    child: Child,
+    child: Group,
     port: u16,
     pub base_url: String,
     password: String,
@@ -52,7 +67,7 @@ async fn spawn_healthy(
     password: &str,
     directory: &Path,
     client: &OpenCodeClient,
-) -> Result<Child, EmbeddedError> {
+) -> Result<Group, EmbeddedError> {
     let binary = find_binary(&cfg.binary).map_err(|source| EmbeddedError::Spawn {
         binary: cfg.binary.clone(),
         source,
@@ -81,16 +96,17 @@ async fn spawn_healthy(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| EmbeddedError::Spawn {
+    let child = cmd.spawn().map_err(|source| EmbeddedError::Spawn {
         binary: cfg.binary.clone(),
         source,
     })?;
-    forward_output(&mut child);
+    let mut child = Group(child);
+    forward_output(&mut child.0);
     info!(binary = %cfg.binary.display(), base_url = client.base_url(), directory = %directory.display(), "started embedded `opencode serve`");
     let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
     let mut last;
     loop {
-        if let Some(status) = child.try_wait().ok().flatten() {
+        if let Some(status) = child.0.try_wait().ok().flatten() {
             return Err(EmbeddedError::Exited(status));
         }
         // A server still starting can accept the connection and not answer:
@@ -104,7 +120,7 @@ async fn spawn_healthy(
             Err(e) => last = e.to_string(),
         }
         if tokio::time::Instant::now() >= deadline {
-            let _ = child.start_kill();
+            drop(child);
             return Err(EmbeddedError::NotHealthy(cfg.startup_timeout, last));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -162,7 +178,7 @@ impl EmbeddedServer {
             let status = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                s = self.child.wait() => s,
+                s = self.child.0.wait() => s,
             };
             error!(status = ?status, "embedded `opencode serve` exited; restarting it");
             loop {
@@ -208,16 +224,16 @@ impl EmbeddedServer {
         {
             debug!(error = %e, "disposing the embedded OpenCode failed");
         }
-        let Some(pid) = self.child.id() else { return };
+        let Some(pid) = self.child.0.id() else { return };
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        match tokio::time::timeout(grace, self.child.wait()).await {
+        match tokio::time::timeout(grace, self.child.0.wait()).await {
             Ok(_) => info!("embedded OpenCode stopped"),
             Err(_) => warn!(?grace, "embedded OpenCode ignored SIGTERM; killing it"),
         }
         // Whatever is left of the group (the leader's pid is its id).
         let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait().await;
+        let _ = self.child.0.wait().await;
     }
 }
 
