@@ -1,6 +1,9 @@
 //! One agent turn from prompt to `final`/`error`, the per-conversation
 //! queue, and the conversation -> session map.
 
+pub mod begin;
+pub mod context;
+pub mod deadlines;
 pub mod driver;
 pub mod interactive;
 pub mod provider;
@@ -8,7 +11,8 @@ pub mod queue;
 pub mod sessions;
 pub mod sink;
 
-pub use driver::{run_turn, TurnContext, TurnError};
+pub use context::{TurnContext, TurnError};
+pub use driver::run_turn;
 pub use queue::{Dispatcher, Job};
 pub use sessions::{MemoryStore, SessionStore};
 pub use sink::ReplySink;

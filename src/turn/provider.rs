@@ -6,7 +6,7 @@
 
 use tracing::{info, warn};
 
-use super::driver::{TurnContext, TurnError};
+use super::context::{TurnContext, TurnError};
 use super::sink::ReplySink;
 use crate::protocol::{ErrorCode, Prompt, ReplyBody};
 

@@ -10,7 +10,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::driver::{run_turn, TurnContext};
+use super::context::TurnContext;
+use super::driver::run_turn;
 use super::sink::ReplySink;
 use crate::protocol::control::{AbortAnswer, AbortRequest, AbortTarget};
 use crate::protocol::tenant::Caller;

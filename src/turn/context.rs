@@ -1,0 +1,84 @@
+//! What every turn shares, and why a turn fails.
+
+use std::sync::Arc;
+
+use tracing::warn;
+
+use super::interactive::AnswerRegistry;
+use super::sessions::SessionStore;
+use super::sink::ReplySink;
+use crate::bus::Publisher;
+use crate::config::Config;
+use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
+use crate::protocol::{ErrorCode, Prompt};
+
+/// What every turn shares.
+pub struct TurnContext {
+    pub client: OpenCodeClient,
+    pub hub: Arc<EventHub>,
+    pub publisher: Publisher,
+    pub sessions: Arc<dyn SessionStore>,
+    pub config: Arc<Config>,
+    /// Answers to permission / question replies, by request id.
+    pub answers: Arc<AnswerRegistry>,
+}
+
+impl TurnContext {
+    pub fn new(
+        client: OpenCodeClient,
+        hub: Arc<EventHub>,
+        publisher: Publisher,
+        sessions: Arc<dyn SessionStore>,
+        config: Arc<Config>,
+    ) -> Self {
+        TurnContext {
+            client,
+            hub,
+            publisher,
+            sessions,
+            config,
+            answers: Arc::new(AnswerRegistry::default()),
+        }
+    }
+
+    /// A sink for one prompt's replies.
+    pub fn sink(&self, prompt: &Prompt, subject: String) -> ReplySink {
+        ReplySink::new(
+            self.publisher.clone(),
+            subject,
+            prompt.trace_id.clone(),
+            prompt.conversation.clone(),
+            self.config.limits.max_reply_bytes,
+        )
+    }
+}
+
+/// Why a turn failed: the `error` reply's fields.
+#[derive(Debug, Clone)]
+pub struct TurnError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl TurnError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        TurnError {
+            code,
+            message: message.into(),
+            retryable: code.retryable(),
+        }
+    }
+}
+
+impl From<OpenCodeError> for TurnError {
+    /// The reply says what failed; the detail (URL, body) is logged only.
+    fn from(e: OpenCodeError) -> Self {
+        warn!(error = %e, "OpenCode call failed");
+        TurnError {
+            code: e.code(),
+            retryable: e.retryable(),
+            message: e.public(),
+        }
+    }
+}
