@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::bus::{Incoming, Publisher};
 use crate::config::Config;
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::protocol::control::parse_abort;
 use crate::protocol::tenant::{authorize, Caller, Route};
 use crate::protocol::{parse_prompt, validate_subject, ErrorCode, PromptLimits, ReplyBody};

@@ -33,6 +33,7 @@ pub mod config;
 pub mod intake;
 mod jsonscan;
 pub mod mapper;
+pub mod metrics;
 pub mod opencode;
 pub mod ops;
 pub mod protocol;

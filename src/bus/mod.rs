@@ -16,7 +16,7 @@ use futures::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::config::{NatsConfig, ReplyHeaders, SubjectsConfig};
-use crate::ops::traceparent::TraceParent;
+use crate::protocol::traceparent::TraceParent;
 use crate::protocol::{PromptHeaders, Reply, ReplyBody};
 
 /// What went wrong on the NATS side.

@@ -2,19 +2,17 @@
 //! operator see. None of it is on a prompt's path except the counters the
 //! reply sink feeds.
 //!
-//! - [`metrics`]: turn counters and histograms, Prometheus text.
+//! - [`crate::metrics`] (a leaf module, so `turn/` and `bus/` record into it
+//!   without importing `ops/`): turn counters and histograms, Prometheus text.
 //! - [`status`]: the health read from the live parts: the `status`
 //!   document, the Prometheus text, the watchdog's yes/no.
 //! - [`systemd`]: `sd_notify` (`READY=1`, `WATCHDOG=1`, `STOPPING=1`).
 //! - [`http`]: the optional loopback `/metrics` listener.
-//! - [`traceparent`] *(pure)*: W3C trace context.
 //! - [`Ops`]: starts all of it next to the prompt loop and stops it.
 
 pub mod http;
-pub mod metrics;
 pub mod status;
 pub mod systemd;
-pub mod traceparent;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -10,9 +10,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::metrics::{counter, gauge, label, Metrics, TurnCounts};
 use crate::bus::Publisher;
 use crate::config::Config;
+use crate::metrics::{counter, gauge, label, Metrics, TurnCounts};
 use crate::opencode::EventHub;
 use crate::turn::Dispatcher;
 

@@ -9,6 +9,7 @@ pub mod prompt;
 pub mod reply;
 pub mod subject;
 pub mod tenant;
+pub mod traceparent;
 
 pub use prompt::{parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, Rejection};
 pub use reply::{ErrorCode, Reply, ReplyBody, Usage};

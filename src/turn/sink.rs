@@ -1,6 +1,6 @@
 //! Where a turn's replies go: stamps trace id and `seq`, splits long text
 //! under the payload limit, and guarantees that nothing follows the
-//! terminal reply. It also counts the turn (`ops::metrics`: replies by
+//! terminal reply. It also counts the turn (`crate::metrics`: replies by
 //! kind, time to first token, duration, outcome) and echoes the prompt's
 //! W3C `traceparent`.
 
@@ -9,9 +9,9 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use crate::bus::Publisher;
-use crate::ops::metrics::{Metrics, TurnObserver};
-use crate::ops::traceparent::TraceParent;
+use crate::metrics::{Metrics, TurnObserver};
 use crate::protocol::reply::split_utf8;
+use crate::protocol::traceparent::TraceParent;
 use crate::protocol::{ErrorCode, Reply, ReplyBody};
 
 /// Room left in a payload for the JSON envelope and headers around the text.

@@ -86,7 +86,10 @@ impl Started {
             .await
             .unwrap_or_else(|_| panic!("the daemon ignored {sig}; log:\n{}", self.seen.join("\n")))
             .unwrap();
-        while let Ok(l) = self.lines.try_recv() {
+        // The rest of the log: the reader ends at the pipe's EOF.
+        while let Ok(Some(l)) =
+            tokio::time::timeout(Duration::from_secs(5), self.lines.recv()).await
+        {
             self.seen.push(l);
         }
         status

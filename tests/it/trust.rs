@@ -526,7 +526,7 @@ async fn only_the_asking_tenant_answers_its_permission_and_a_rejection_ends_the_
         "{t}"
     );
     assert!(
-        answered.elapsed() < Duration::from_secs(5),
+        answered.elapsed() < Duration::from_secs(15),
         "the rejected turn ended promptly, not at a deadline ({:?})",
         answered.elapsed()
     );
@@ -554,7 +554,7 @@ async fn a_permission_the_policy_denies_ends_a_headless_turn_at_once() {
     assert_eq!(t["kind"], "final", "{r:#?}");
     assert!(t["notes"].to_string().contains("not interactive"), "{t}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
     );
