@@ -122,7 +122,7 @@ async fn opencode(config: &Config) -> Result<(Option<EmbeddedServer>, OpenCodeCl
 /// Everything that runs while the daemon serves, for the shutdown tree.
 struct Daemon {
     config: Arc<Config>,
-    nats: async_nats::Client,
+    nats: bus::Connection,
     publisher: Publisher,
     intake: Arc<Intake>,
     prompts: PromptSubscription,
@@ -145,7 +145,7 @@ impl Daemon {
     /// subscriptions and the operations side.
     async fn start(
         config: Arc<Config>,
-        nats: async_nats::Client,
+        nats: bus::Connection,
         embedded: Option<EmbeddedServer>,
         client: OpenCodeClient,
         permission_bypasses: Vec<String>,
@@ -285,7 +285,7 @@ impl Daemon {
 /// Aborts and answers: every daemon listens (no queue group), until
 /// `cancel`.
 async fn spawn_control(
-    nats: &async_nats::Client,
+    nats: &bus::Connection,
     config: &Config,
     intake: Arc<Intake>,
     cancel: CancellationToken,

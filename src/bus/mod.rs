@@ -14,6 +14,9 @@ pub mod publish;
 pub mod service;
 pub mod subscribe;
 
+/// A NATS connection, for the wiring that hands it from [`connect`] to the
+/// subscriptions and the publisher.
+pub use async_nats::Client as Connection;
 pub use caller::{Caller, Received, ReplyStream};
 pub use connect::connect;
 pub use incoming::Incoming;

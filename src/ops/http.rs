@@ -22,6 +22,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 16;
 
 /// Serves until `cancel`.
+/// The loopback listener of `[metrics] listen`.
+pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
 pub async fn serve(listener: TcpListener, health: Arc<Health>, cancel: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving metrics on http://{addr}/metrics");

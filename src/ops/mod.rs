@@ -63,7 +63,7 @@ impl Ops {
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         if let Some(addr) = config.metrics.listen {
-            let listener = tokio::net::TcpListener::bind(addr)
+            let listener = http::bind(addr)
                 .await
                 .map_err(|source| OpsError::Listen { addr, source })?;
             tasks.push(tokio::spawn(http::serve(
