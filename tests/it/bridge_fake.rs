@@ -1233,7 +1233,11 @@ async fn provider_retries_keep_the_turn_alive() {
             t.end();
             t.build()
         },
-        |c| c.turn.idle_timeout = Duration::from_secs(1),
+        |c| {
+            c.turn.idle_timeout = Duration::from_secs(1);
+            // Four retries, under the limit (first_hour.rs tests the limit).
+            c.turn.provider_retry_limit = 5;
+        },
     )
     .await;
     let r = rig.ask("opencode.prompt", "retry please").await;
