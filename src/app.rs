@@ -193,6 +193,11 @@ pub async fn run(
         });
     }
     info!("opencode-nats-bridge is serving");
+    info!(
+        "try it: opencode-nats-bridge prompt --server {} 'Say hello' (or any NATS client on {}: docs/PROTOCOL.md)",
+        config.nats.urls().first().map(String::as_str).unwrap_or_default(),
+        config.subjects.prompt
+    );
 
     loop {
         let permit = tokio::select! {
