@@ -86,7 +86,10 @@ impl Started {
             .await
             .unwrap_or_else(|_| panic!("the daemon ignored {sig}; log:\n{}", self.seen.join("\n")))
             .unwrap();
-        while let Ok(l) = self.lines.try_recv() {
+        // Every line up to the end of stderr (the reader may lag the exit).
+        while let Ok(Some(l)) =
+            tokio::time::timeout(Duration::from_secs(10), self.lines.recv()).await
+        {
             self.seen.push(l);
         }
         status
