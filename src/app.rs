@@ -93,6 +93,11 @@ pub async fn run(
         });
     }
     info!("opencode-nats-bridge is serving");
+    info!(
+        "try it: opencode-nats-bridge prompt --server {} 'Say hello' (or any NATS client on {}: docs/PROTOCOL.md)",
+        daemon.config.nats.urls().first().map(String::as_str).unwrap_or_default(),
+        daemon.config.subjects.prompt
+    );
     daemon.serve(&mut shutdown).await;
     daemon.stop().await;
     Ok(())

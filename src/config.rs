@@ -1033,6 +1033,8 @@ mod tests {
             "service.heartbeat_interval",
             "metrics.listen",
             "opencode.password_file",
+            "turn.provider_retry_limit",
+            "nats.retry_on_initial_connect",
         ] {
             assert!(
                 example.iter().any(|k| k == key),

@@ -97,13 +97,25 @@ fn pure_modules_do_no_io() {
         // Their unit tests may read fixtures.
         let text = text.split("#[cfg(test)]").next().unwrap_or_default();
         let code = code(text);
-        for needle in ["tokio", "reqwest", "async_nats", ".await", "async fn", "std::fs", "std::net"] {
+        for needle in [
+            "tokio",
+            "reqwest",
+            "async_nats",
+            ".await",
+            "async fn",
+            "std::fs",
+            "std::net",
+        ] {
             if code.contains(needle) {
                 bad.push(format!("{path} uses `{needle}`"));
             }
         }
     }
-    assert!(bad.is_empty(), "pure modules doing I/O:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "pure modules doing I/O:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -126,7 +138,9 @@ fn only_opencode_talks_http_and_only_it_and_the_metrics_listener_open_sockets() 
         }
         if path != "src/ops/http.rs"
             && !path.starts_with("src/opencode/")
-            && (code.contains("TcpListener") || code.contains("TcpStream") || code.contains("UdpSocket"))
+            && (code.contains("TcpListener")
+                || code.contains("TcpStream")
+                || code.contains("UdpSocket"))
         {
             bad.push(format!("{path} opens a socket"));
         }
@@ -158,9 +172,18 @@ fn functions() -> Vec<(String, String, usize)> {
                 break;
             }
             let t = l.trim_start();
-            let is_fn = ["fn ", "pub fn ", "async fn ", "pub async fn ", "pub(crate) fn ", "pub(super) fn ", "pub(crate) async fn ", "pub(super) async fn "]
-                .iter()
-                .any(|p| t.starts_with(p));
+            let is_fn = [
+                "fn ",
+                "pub fn ",
+                "async fn ",
+                "pub async fn ",
+                "pub(crate) fn ",
+                "pub(super) fn ",
+                "pub(crate) async fn ",
+                "pub(super) async fn ",
+            ]
+            .iter()
+            .any(|p| t.starts_with(p));
             if !is_fn {
                 i += 1;
                 continue;
@@ -175,7 +198,8 @@ fn functions() -> Vec<(String, String, usize)> {
                 .collect();
             // A declaration without a body (a trait's) ends with `;`.
             let mut j = i;
-            while j < lines.len() && !lines[j].contains('{') && !lines[j].trim_end().ends_with(';') {
+            while j < lines.len() && !lines[j].contains('{') && !lines[j].trim_end().ends_with(';')
+            {
                 j += 1;
             }
             if j >= lines.len() || lines[j].trim_end().ends_with(';') {
@@ -184,7 +208,9 @@ fn functions() -> Vec<(String, String, usize)> {
             }
             let closing = format!("{}}}", " ".repeat(indent));
             let mut k = j;
-            if !lines[j].trim_end().ends_with('}') || j == i && lines[j].matches('{').count() != lines[j].matches('}').count() {
+            if !lines[j].trim_end().ends_with('}')
+                || j == i && lines[j].matches('{').count() != lines[j].matches('}').count()
+            {
                 k = j + 1;
                 while k < lines.len() && !lines[k].starts_with(&closing) {
                     k += 1;
@@ -235,11 +261,16 @@ fn the_code_map_names_every_module() {
         let module = file.trim_end_matches(".rs");
         // A file is named by its path, or (inside a folder's row) by its name.
         let named = map.contains(&path)
-            || (dir != "src" && map.contains(&format!("{dir}/")) && map.contains(&format!("`{module}")))
+            || (dir != "src"
+                && map.contains(&format!("{dir}/"))
+                && map.contains(&format!("`{module}")))
             || (module == "mod" && map.contains(&format!("{dir}/")));
         if !named {
             missing.push(path);
         }
     }
-    assert!(missing.is_empty(), "README's code map does not name: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "README's code map does not name: {missing:?}"
+    );
 }
