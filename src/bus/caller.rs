@@ -12,6 +12,7 @@ use async_nats::HeaderMap;
 
 use super::connect::connect_with;
 use super::publish::publish_failed;
+use super::subscribe::subscribe_one;
 use super::BusError;
 use crate::config::NatsConfig;
 
@@ -77,14 +78,7 @@ impl Caller {
     ) -> Result<ReplyStream, BusError> {
         let errors = self.errors.subscribe();
         let inbox = self.client.new_inbox();
-        let sub = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| BusError::Subscribe {
-                subject: inbox.clone(),
-                source: e.into(),
-            })?;
+        let sub = subscribe_one(&self.client, &inbox, None).await?;
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.insert(*k, *v);

@@ -27,18 +27,7 @@ impl PromptSubscription {
         cfg: &SubjectsConfig,
     ) -> Result<Self, BusError> {
         let subjects = vec![cfg.prompt.clone(), format!("{}.>", cfg.prompt)];
-        let mut subs = Vec::new();
-        for s in &subjects {
-            let sub = client
-                .queue_subscribe(s.clone(), cfg.queue_group.clone())
-                .await
-                .map_err(|e| BusError::Subscribe {
-                    subject: s.clone(),
-                    source: e.into(),
-                })?;
-            subs.push(sub);
-        }
-        barrier(client).await?;
+        let subs = subscribe_all(client, &subjects, Some(&cfg.queue_group)).await?;
         info!(subjects = ?subjects, queue_group = %cfg.queue_group, "listening for prompts");
         Ok(PromptSubscription {
             subs: futures::stream::select_all(subs),
@@ -82,18 +71,7 @@ impl ControlSubscription {
         client: &async_nats::Client,
         subjects: &[String],
     ) -> Result<Self, BusError> {
-        let mut subs = Vec::new();
-        for subject in subjects {
-            let sub = client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|e| BusError::Subscribe {
-                    subject: subject.clone(),
-                    source: e.into(),
-                })?;
-            subs.push(sub);
-        }
-        barrier(client).await?;
+        let subs = subscribe_all(client, subjects, None).await?;
         Ok(ControlSubscription {
             subs: futures::stream::select_all(subs),
         })
@@ -104,17 +82,46 @@ impl ControlSubscription {
     }
 }
 
+/// Subscribes to each subject (in `queue` when given), then proves the
+/// server has them all.
+async fn subscribe_all(
+    client: &async_nats::Client,
+    subjects: &[String],
+    queue: Option<&str>,
+) -> Result<Vec<async_nats::Subscriber>, BusError> {
+    let mut subs = Vec::new();
+    for subject in subjects {
+        subs.push(subscribe_one(client, subject, queue).await?);
+    }
+    barrier(client).await?;
+    Ok(subs)
+}
+
+/// One subscription, its error naming the subject.
+pub(super) async fn subscribe_one(
+    client: &async_nats::Client,
+    subject: &str,
+    queue: Option<&str>,
+) -> Result<async_nats::Subscriber, BusError> {
+    let sub = match queue {
+        Some(q) => {
+            client
+                .queue_subscribe(subject.to_string(), q.to_string())
+                .await
+        }
+        None => client.subscribe(subject.to_string()).await,
+    };
+    sub.map_err(|e| BusError::Subscribe {
+        subject: subject.to_string(),
+        source: e.into(),
+    })
+}
+
 /// Proves the server has registered our subscriptions: a round trip through
 /// a fresh inbox on the same connection (`flush()` alone only writes bytes).
 pub async fn barrier(client: &async_nats::Client) -> Result<(), BusError> {
     let inbox = client.new_inbox();
-    let mut sub = client
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|e| BusError::Subscribe {
-            subject: inbox.clone(),
-            source: e.into(),
-        })?;
+    let mut sub = subscribe_one(client, &inbox, None).await?;
     client
         .publish(inbox.clone(), Bytes::new())
         .await
