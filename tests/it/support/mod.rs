@@ -8,3 +8,4 @@ pub mod http;
 pub mod nats;
 pub mod ops;
 pub mod real_opencode;
+pub mod rig;
