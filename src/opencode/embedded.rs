@@ -260,7 +260,8 @@ pub fn asking_config(operator: Option<&str>) -> String {
 /// server's children with their process groups (OpenCode starts each tool
 /// command detached, in a group of its own, and leaves it running when it
 /// exits itself), then passes SIGTERM to its own group, waits for the
-/// server (at most 5 s) and SIGKILLs whatever is left. The daemon sends
+/// server (at most 5 s; not at all when the signal came before the server's
+/// pid was known) and SIGKILLs whatever is left. The daemon sends
 /// that SIGTERM when it stops; `setpriv --pdeathsig TERM` sends it when the
 /// daemon dies without stopping (kill -9), so nothing outlives it.
 const REAPER: &str = r#"kill_tools() {
@@ -273,7 +274,7 @@ const REAPER: &str = r#"kill_tools() {
     kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
   done
 }
-trap 'trap "" TERM; kill_tools; kill -TERM -$$ 2>/dev/null; (sleep 5; kill -KILL -$$ 2>/dev/null) & wait "$child"; kill -KILL -$$' TERM
+trap 'trap "" TERM; kill_tools; kill -TERM -$$ 2>/dev/null; if [ -n "$child" ]; then (sleep 5; kill -KILL -$$ 2>/dev/null) & wait "$child"; fi; kill -KILL -$$' TERM
 "$@" &
 child=$!
 wait "$child"
