@@ -369,8 +369,17 @@ impl Default for TurnConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// A prompt payload above this gets `bad_request`.
+    /// A prompt payload above this gets `bad_request`. It bounds the
+    /// attachments too: base64 makes them a third larger on the wire, and
+    /// the NATS server's `max_payload` (1 MB by default) bounds it in turn.
     pub max_prompt_bytes: usize,
+    /// One attachment above this (decoded bytes) gets `bad_request`.
+    pub max_attachment_bytes: usize,
+    /// A prompt whose attachments add up to more than this (decoded bytes)
+    /// gets `bad_request`. The default (768 KiB) is what a prompt of the
+    /// default `max_prompt_bytes` can carry in base64; raise all three (and
+    /// the NATS server's `max_payload`) together to take larger files.
+    pub max_attachments_bytes: usize,
     /// An SSE event from OpenCode above this is skipped (logged).
     pub max_event_bytes: usize,
     /// A tool result above this is cut on a UTF-8 boundary and marked
@@ -385,9 +394,22 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_prompt_bytes: 1024 * 1024,
+            max_attachment_bytes: 768 * 1024,
+            max_attachments_bytes: 768 * 1024,
             max_event_bytes: 16 * 1024 * 1024,
             max_tool_result_bytes: 64 * 1024,
             max_reply_bytes: 512 * 1024,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The limits the prompt parser applies.
+    pub fn prompt_limits(&self) -> crate::protocol::PromptLimits {
+        crate::protocol::PromptLimits {
+            max_prompt_bytes: self.max_prompt_bytes,
+            max_attachment_bytes: self.max_attachment_bytes,
+            max_attachments_bytes: self.max_attachments_bytes,
         }
     }
 }
@@ -621,6 +643,14 @@ impl Config {
             ("turn.event_buffer", self.turn.event_buffer),
             ("turn.max_conversations", self.turn.max_conversations),
             ("limits.max_prompt_bytes", self.limits.max_prompt_bytes),
+            (
+                "limits.max_attachment_bytes",
+                self.limits.max_attachment_bytes,
+            ),
+            (
+                "limits.max_attachments_bytes",
+                self.limits.max_attachments_bytes,
+            ),
             ("limits.max_event_bytes", self.limits.max_event_bytes),
             (
                 "nats.subscription_capacity",
@@ -653,6 +683,12 @@ impl Config {
             .is_some_and(|h| h.trim().is_empty())
         {
             return invalid("service.host", "must not be empty when set".into());
+        }
+        if self.limits.max_attachment_bytes > self.limits.max_attachments_bytes {
+            return invalid(
+                "limits.max_attachment_bytes",
+                "must not be above limits.max_attachments_bytes (one attachment could never reach it)".into(),
+            );
         }
         if self.limits.max_reply_bytes < 1024 {
             return invalid("limits.max_reply_bytes", "must be at least 1024".into());
@@ -750,6 +786,8 @@ mod tests {
             "opencode.password",
             "turn.first_event_timeout",
             "limits.max_prompt_bytes",
+            "limits.max_attachment_bytes",
+            "limits.max_attachments_bytes",
             "shutdown.grace",
             "log.format",
             "nats.inbox_prefix",

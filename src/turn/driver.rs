@@ -21,7 +21,7 @@ use super::sink::ReplySink;
 use crate::bus::Publisher;
 use crate::config::{Config, OneOffSessions};
 use crate::mapper::{Conclusion, Signal, TurnMapper};
-use crate::opencode::client::{ModelBody, PromptBody, SessionInfo, TextPart};
+use crate::opencode::client::{ModelBody, PromptBody, PromptPart, SessionInfo};
 use crate::opencode::stream::StreamState;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError, Subscription};
 use crate::protocol::reply::FinalReply;
@@ -233,10 +233,7 @@ fn session_belongs(s: &SessionInfo, tenant: Option<&str>, title_prefix: &str) ->
 fn prompt_body(prompt: &Prompt) -> PromptBody {
     PromptBody {
         message_id: crate::opencode::ids::ascending("msg"),
-        parts: vec![TextPart {
-            kind: "text",
-            text: prompt.text.clone(),
-        }],
+        parts: PromptPart::of(&prompt.text, &prompt.attachments),
         model: prompt.model.as_ref().map(ModelBody::from),
         agent: prompt.agent.clone(),
         system: prompt.system.clone(),
