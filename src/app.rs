@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::bus::{self, BusError, ControlSubscription, PromptSubscription, Publisher};
 use crate::config::Config;
 use crate::intake::Intake;
+use crate::opencode::compat::{self, Probe, SeenVersion};
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
 use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
@@ -38,6 +39,10 @@ pub enum AppError {
     OpenCode(#[from] OpenCodeError),
     #[error(transparent)]
     Ops(#[from] OpsError),
+    /// An OpenCode the bridge cannot drive: a known-broken or 2.x version,
+    /// or a server without the v1 routes (`opencode::compat`).
+    #[error("{0}")]
+    UnsupportedOpenCode(String),
     /// `[opencode] require_ask` and OpenCode would run tools without asking.
     #[error("OpenCode allows without asking what the bridge's policy would deny or ask ([opencode] require_ask): {0}")]
     PolicyBypassed(String),
@@ -46,7 +51,10 @@ pub enum AppError {
 impl AppError {
     /// A fault of the configuration (exit 78, no restart), not of the run.
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::PolicyBypassed(_))
+        matches!(
+            self,
+            AppError::PolicyBypassed(_) | AppError::UnsupportedOpenCode(_)
+        )
     }
 }
 
@@ -87,6 +95,14 @@ pub async fn run(
         }
     };
 
+    let seen_version = Arc::new(SeenVersion::default());
+    if let Err(reason) = check_version(&client, &seen_version).await {
+        if let Some(server) = embedded {
+            server.stop(Duration::from_secs(5)).await;
+        }
+        return Err(AppError::UnsupportedOpenCode(reason));
+    }
+
     let permission_bypasses = audit_permissions(&client, &config).await;
     if config.opencode.require_ask && !permission_bypasses.is_empty() {
         if let Some(server) = embedded {
@@ -109,6 +125,13 @@ pub async fn run(
             reconnect_min: config.opencode.reconnect_min,
             reconnect_max: config.opencode.reconnect_max,
         },
+        stream_cancel.clone(),
+    ));
+
+    let version_watch = tokio::spawn(compat::watch_reconnects(
+        client.clone(),
+        hub.state(),
+        seen_version.clone(),
         stream_cancel.clone(),
     ));
 
@@ -174,6 +197,7 @@ pub async fn run(
             opencode_url: client.base_url().to_string(),
             embedded: config.opencode.base_url.is_none(),
             permission_bypasses,
+            opencode_version: seen_version,
         },
     );
     // The micro service, heartbeat, metrics listener; READY=1 to systemd.
@@ -227,6 +251,7 @@ pub async fn run(
     publisher.flush().await;
     stream_cancel.cancel();
     let _ = reader.await;
+    let _ = version_watch.await;
     let _ = abort_task.await;
     if let Some(s) = supervisor {
         let _ = s.await;
@@ -237,6 +262,20 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Reads OpenCode's version and probes its v1 routes ([`compat::probe`]);
+/// `Err` with the reason when the server is one the bridge cannot drive. A
+/// server that does not answer yet is looked at again when the event stream
+/// connects.
+async fn check_version(client: &OpenCodeClient, seen: &SeenVersion) -> Result<(), String> {
+    let p = compat::probe(client).await;
+    seen.record(&p);
+    compat::log(&p, "start-up");
+    match p {
+        Probe::Refused { reason, .. } => Err(reason),
+        _ => Ok(()),
+    }
 }
 
 /// The conversation map from OpenCode's session titles, retried with

@@ -8,6 +8,7 @@ mod e2e_interactive;
 mod e2e_real_opencode;
 mod faults_load;
 mod nats_harness;
+mod opencode_versions;
 mod ops_cli;
 mod ops_common;
 mod ops_nats_permissions;
