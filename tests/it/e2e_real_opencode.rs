@@ -353,3 +353,29 @@ async fn attachments_reach_the_llm_and_bad_ones_are_refused() {
     assert_eq!(s.llm.chat_requests().len(), before);
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_service_metadata_show_the_opencode_version() {
+    let s = stack().await;
+    let health = s.opencode.get_json("/global/health").await;
+    let version = health["version"].as_str().expect("a version").to_string();
+    let status = s
+        .client
+        .request("opencode.bridge.status", bytes::Bytes::new())
+        .await
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
+    assert_eq!(status["opencode_version"], version.as_str(), "{status}");
+    let info = s
+        .client
+        .request("$SRV.INFO.opencode-bridge", bytes::Bytes::new())
+        .await
+        .expect("service info");
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(
+        info["metadata"]["opencode_version"],
+        version.as_str(),
+        "{info}"
+    );
+    s.bridge.stop().await.unwrap();
+}
