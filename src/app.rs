@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::bus::{self, BusError, ControlSubscription, PromptSubscription, Publisher};
 use crate::config::Config;
 use crate::intake::Intake;
-use crate::opencode::compat::{self, Probe, SeenVersion};
+use crate::opencode::compat::{self, SeenVersion};
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
 use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
@@ -96,7 +96,7 @@ pub async fn run(
     };
 
     let seen_version = Arc::new(SeenVersion::default());
-    if let Err(reason) = check_version(&client, &seen_version).await {
+    if let Err(reason) = compat::check_at_start(&client, &seen_version).await {
         if let Some(server) = embedded {
             server.stop(Duration::from_secs(5)).await;
         }
@@ -262,20 +262,6 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
-}
-
-/// Reads OpenCode's version and probes its v1 routes ([`compat::probe`]);
-/// `Err` with the reason when the server is one the bridge cannot drive. A
-/// server that does not answer yet is looked at again when the event stream
-/// connects.
-async fn check_version(client: &OpenCodeClient, seen: &SeenVersion) -> Result<(), String> {
-    let p = compat::probe(client).await;
-    seen.record(&p);
-    compat::log(&p, "start-up");
-    match p {
-        Probe::Refused { reason, .. } => Err(reason),
-        _ => Ok(()),
-    }
 }
 
 /// The conversation map from OpenCode's session titles, retried with

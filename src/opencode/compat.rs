@@ -69,6 +69,20 @@ pub async fn probe(client: &OpenCodeClient) -> Probe {
     }
 }
 
+/// The start-up look: reads the version and probes the v1 routes, records
+/// and logs what it found. `Err` with the reason when the server is one the
+/// bridge cannot drive. A server that does not answer yet is looked at
+/// again when the event stream connects ([`watch_reconnects`]).
+pub async fn check_at_start(client: &OpenCodeClient, seen: &SeenVersion) -> Result<(), String> {
+    let p = probe(client).await;
+    seen.record(&p);
+    log(&p, "start-up");
+    match p {
+        Probe::Refused { reason, .. } => Err(reason),
+        _ => Ok(()),
+    }
+}
+
 /// The version last seen, for `status` and the micro service metadata.
 #[derive(Debug, Default)]
 pub struct SeenVersion {
