@@ -41,7 +41,7 @@ pub async fn probe(client: &OpenCodeClient) -> Probe {
             return Probe::Refused {
                 version: None,
                 reason: format!(
-                    "{} has no GET /global/health: it is not an OpenCode server the bridge can drive (OpenCode {})",
+                    "{} has no GET /global/health: it is not an OpenCode server the bridge can drive (supported: OpenCode {})",
                     client.base_url(),
                     supported_range()
                 ),

@@ -103,31 +103,31 @@ pub fn classify(reported: &str) -> Verdict {
     }
     if v < OLDEST_WORKING {
         return Verdict::Refused(format!(
-            "OpenCode {v} is too old: before 1.2 its event stream has no message.part.delta, which the bridge reads; upgrade to {FIXED_IN} or newer ({range})"
+            "OpenCode {v} is too old: before 1.2 its event stream has no message.part.delta, which the bridge reads; upgrade to {FIXED_IN} or newer (supported: {range})"
         ));
     }
     if (BROKEN_FROM..=BROKEN_TO).contains(&v) {
         return Verdict::Refused(format!(
-            "OpenCode {v} is known not to work: {BROKEN_FROM} to {BROKEN_TO} do not send message.updated / message.part.updated on /event, so turns never end; upgrade to {FIXED_IN} or newer ({range})"
+            "OpenCode {v} is known not to work: {BROKEN_FROM} to {BROKEN_TO} do not send message.updated / message.part.updated on /event, so turns never end; upgrade to {FIXED_IN} or newer (supported: {range})"
         ));
     }
     if v < OLDEST_TESTED {
         return Verdict::Untested(format!(
-            "OpenCode {v} is older than the oldest tested version ({OLDEST_TESTED}); upgrading to {range} is advised"
+            "OpenCode {v} is older than the oldest tested version ({OLDEST_TESTED}); an upgrade is advised (supported: {range})"
         ));
     }
     if (v.major, v.minor) > NEWEST_TESTED_MINOR {
         return Verdict::Untested(format!(
-            "OpenCode {v} is newer than the versions tested ({range}); run .ci/compat against it"
+            "OpenCode {v} is newer than the versions tested ({range}); .ci/compat runs the tests against it"
         ));
     }
     Verdict::Supported
 }
 
-/// `1.14.34 to 1.18.x` (the broken range excepted), for messages.
+/// `1.14.34 to 1.18.x, except 1.14.42 to 1.15.4`, for messages.
 pub fn supported_range() -> String {
     format!(
-        "{OLDEST_TESTED} to {}.{}.x (except {BROKEN_FROM} to {BROKEN_TO})",
+        "{OLDEST_TESTED} to {}.{}.x, except {BROKEN_FROM} to {BROKEN_TO}",
         NEWEST_TESTED_MINOR.0, NEWEST_TESTED_MINOR.1
     )
 }
