@@ -21,6 +21,7 @@ use crate::bus::{self, BusError, ControlSubscription, PromptSubscription, Publis
 use crate::config::Config;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
+use crate::opencode::compat::{self, SeenVersion};
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
 use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
@@ -39,6 +40,10 @@ pub enum AppError {
     OpenCode(#[from] OpenCodeError),
     #[error(transparent)]
     Ops(#[from] OpsError),
+    /// An OpenCode the bridge cannot drive: a known-broken or 2.x version,
+    /// or a server without the v1 routes (`opencode::compat`).
+    #[error("{0}")]
+    UnsupportedOpenCode(String),
     /// `[opencode] require_ask` and OpenCode would run tools without asking.
     #[error("OpenCode allows without asking what the bridge's policy would deny or ask ([opencode] require_ask): {0}")]
     PolicyBypassed(String),
@@ -47,7 +52,10 @@ pub enum AppError {
 impl AppError {
     /// A fault of the configuration (exit 78, no restart), not of the run.
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::PolicyBypassed(_))
+        matches!(
+            self,
+            AppError::PolicyBypassed(_) | AppError::UnsupportedOpenCode(_)
+        )
     }
 }
 
@@ -79,6 +87,13 @@ pub async fn run(
         return Ok(());
     };
     let (embedded, client) = opencode?;
+    let seen_version = Arc::new(SeenVersion::default());
+    if let Err(reason) = compat::check_at_start(&client, &seen_version).await {
+        if let Some(server) = embedded {
+            server.stop(Duration::from_secs(5)).await;
+        }
+        return Err(AppError::UnsupportedOpenCode(reason));
+    }
     let bypasses = audit_permissions(&client, &config).await;
     if config.opencode.require_ask && !bypasses.is_empty() {
         if let Some(server) = embedded {
@@ -86,7 +101,13 @@ pub async fn run(
         }
         return Err(AppError::PolicyBypassed(bypasses.join(", ")));
     }
-    let mut daemon = Daemon::start(config, nats, embedded, client, bypasses).await?;
+    let opencode = Started {
+        embedded,
+        client,
+        permission_bypasses: bypasses,
+        seen_version,
+    };
+    let mut daemon = Daemon::start(config, nats, opencode).await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
             opencode_url: daemon.opencode_url.clone(),
@@ -124,6 +145,14 @@ async fn opencode(config: &Config) -> Result<(Option<EmbeddedServer>, OpenCodeCl
     Ok((None, client))
 }
 
+/// OpenCode as start-up found it: checked, audited.
+struct Started {
+    embedded: Option<EmbeddedServer>,
+    client: OpenCodeClient,
+    permission_bypasses: Vec<String>,
+    seen_version: Arc<SeenVersion>,
+}
+
 /// Everything that runs while the daemon serves, for the shutdown tree.
 struct Daemon {
     config: Arc<Config>,
@@ -139,6 +168,8 @@ struct Daemon {
     /// Stops the stream reader, the control task and the supervisor.
     stream_cancel: CancellationToken,
     reader: JoinHandle<()>,
+    /// Reads OpenCode's version again after every reconnect.
+    version_watch: JoinHandle<()>,
     control: JoinHandle<()>,
     supervisor: Option<JoinHandle<()>>,
     ops: Ops,
@@ -151,10 +182,14 @@ impl Daemon {
     async fn start(
         config: Arc<Config>,
         nats: bus::Connection,
-        embedded: Option<EmbeddedServer>,
-        client: OpenCodeClient,
-        permission_bypasses: Vec<String>,
+        opencode: Started,
     ) -> Result<Daemon, AppError> {
+        let Started {
+            embedded,
+            client,
+            permission_bypasses,
+            seen_version,
+        } = opencode;
         let publisher =
             Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
         let stream_cancel = CancellationToken::new();
@@ -162,12 +197,8 @@ impl Daemon {
         let supervisor = embedded.map(|server| {
             tokio::spawn(server.supervise(stream_cancel.clone(), embedded_restarts.clone()))
         });
-        let hub = EventHub::new(config.turn.event_buffer);
-        let reader = tokio::spawn(hub.clone().run(
-            client.clone(),
-            StreamOptions::from(&config.opencode, &config.limits),
-            stream_cancel.clone(),
-        ));
+        let (hub, reader, version_watch) =
+            spawn_reader(&config, &client, &seen_version, &stream_cancel);
         let sessions: Arc<dyn SessionStore> = Arc::new(rebuild_sessions(&client, &config).await);
         let ctx = Arc::new(TurnContext::new(
             client.clone(),
@@ -199,6 +230,7 @@ impl Daemon {
             opencode_url: opencode_url.clone(),
             embedded: config.opencode.base_url.is_none(),
             permission_bypasses,
+            opencode_version: seen_version,
         };
         // The micro service, heartbeat, metrics listener; READY=1 to systemd.
         let ops = Ops::start(&config, Health::new(&config, sources), publisher.clone()).await?;
@@ -213,6 +245,7 @@ impl Daemon {
             turn_cancel,
             stream_cancel,
             reader,
+            version_watch,
             control,
             supervisor,
             ops,
@@ -275,6 +308,7 @@ impl Daemon {
         self.publisher.flush().await;
         self.stream_cancel.cancel();
         let _ = self.reader.await;
+        let _ = self.version_watch.await;
         let _ = self.control.await;
         if let Some(s) = self.supervisor {
             let _ = s.await;
@@ -285,6 +319,29 @@ impl Daemon {
         }
         info!("stopped");
     }
+}
+
+/// The one reader of OpenCode's event stream, and the task that reads
+/// OpenCode's version again after every reconnect.
+fn spawn_reader(
+    config: &Config,
+    client: &OpenCodeClient,
+    seen_version: &Arc<SeenVersion>,
+    cancel: &CancellationToken,
+) -> (Arc<EventHub>, JoinHandle<()>, JoinHandle<()>) {
+    let hub = EventHub::new(config.turn.event_buffer);
+    let reader = tokio::spawn(hub.clone().run(
+        client.clone(),
+        StreamOptions::from(&config.opencode, &config.limits),
+        cancel.clone(),
+    ));
+    let version_watch = tokio::spawn(compat::watch_reconnects(
+        client.clone(),
+        hub.state(),
+        seen_version.clone(),
+        cancel.clone(),
+    ));
+    (hub, reader, version_watch)
 }
 
 /// Aborts and answers: every daemon listens (no queue group), until

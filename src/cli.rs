@@ -603,6 +603,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
     })
 }
 
+/// `http://127.0.0.1:4096 (1.18.34, up, embedded)`.
+fn opencode_cell(s: &Status) -> String {
+    let mut about = Vec::new();
+    if !s.opencode_version.is_empty() {
+        about.push(s.opencode_version.as_str());
+    }
+    about.push(if s.opencode_connected { "up" } else { "down" });
+    if s.opencode_embedded {
+        about.push("embedded");
+    }
+    format!("{} ({})", s.opencode_url, about.join(", "))
+}
+
 /// The status documents as an aligned table.
 fn table<'a>(all: impl Iterator<Item = &'a Status>) -> String {
     let mut rows = vec![[
@@ -629,16 +642,7 @@ fn table<'a>(all: impl Iterator<Item = &'a Status>) -> String {
             s.version.clone(),
             health,
             if s.nats_connected { "up" } else { "down" }.to_string(),
-            format!(
-                "{} ({}{})",
-                s.opencode_url,
-                if s.opencode_connected { "up" } else { "down" },
-                if s.opencode_embedded {
-                    ", embedded"
-                } else {
-                    ""
-                }
-            ),
+            opencode_cell(s),
             s.turns_in_flight.to_string(),
             match s.conversations_known {
                 Some(known) => format!("{known} ({} active)", s.conversations),
@@ -779,6 +783,7 @@ mod tests {
             nats_connected: true,
             opencode_url: "http://127.0.0.1:4096".into(),
             opencode_connected: true,
+            opencode_version: "1.18.34".into(),
             turns_in_flight: 2,
             conversations: 1,
             conversations_known: Some(4),
@@ -789,7 +794,10 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("HOST  VERSION  HEALTH"), "{t}");
         assert!(lines[1].starts_with("h1    0.1.0    ok"), "{t}");
-        assert!(lines[1].contains("http://127.0.0.1:4096 (up)"), "{t}");
+        assert!(
+            lines[1].contains("http://127.0.0.1:4096 (1.18.34, up)"),
+            "{t}"
+        );
         assert!(lines[1].ends_with("1h 1m 40s"), "{t}");
         assert!(lines[1].contains("4 (1 active)"), "{t}");
     }

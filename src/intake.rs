@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::control::parse_abort;
 use crate::protocol::tenant::{authorize, Caller, Route};
-use crate::protocol::{parse_prompt, validate_subject, ErrorCode, Prompt, PromptLimits, ReplyBody};
+use crate::protocol::{parse_prompt, validate_subject, ErrorCode, Prompt, ReplyBody};
 use crate::turn::interactive::{AnswerMsg, AnswerRegistry};
 use crate::turn::queue::Refused;
 use crate::turn::{Dispatcher, Job, ReplySink};
@@ -113,9 +113,7 @@ impl Intake {
         tail: Option<&str>,
     ) -> Result<(Prompt, String), Refusal> {
         let config = &self.config;
-        let limits = PromptLimits {
-            max_prompt_bytes: config.limits.max_prompt_bytes,
-        };
+        let limits = config.limits.prompt_limits();
         let inbox_error = msg.reply.as_deref().and_then(|r| {
             validate_subject(r)
                 .err()

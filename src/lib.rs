@@ -17,8 +17,8 @@
 //! - [`turn`]: one turn from prompt to `final`/`error`; the per-conversation
 //!   FIFO; the conversation -> session map.
 //! - [`opencode`]: the HTTP client, the single event-stream reader and its
-//!   per-session routes, the embedded `opencode serve`; *(pure)* the SSE
-//!   decoder and the typed events.
+//!   per-session routes, the embedded `opencode serve`, the version check;
+//!   *(pure)* the SSE decoder, the typed events and the version rules.
 //! - [`mapper`] *(pure)*: OpenCode events -> replies, and the end of a turn
 //!   read from the message list.
 //! - `jsonscan` *(pure)*: the JSON string scan the event parser and the

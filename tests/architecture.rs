@@ -28,6 +28,7 @@ const PURE: &[&str] = &[
     "src/opencode/sse.rs",
     "src/opencode/events.rs",
     "src/opencode/ids.rs",
+    "src/opencode/version.rs",
 ];
 
 fn root() -> PathBuf {

@@ -389,8 +389,17 @@ impl Default for TurnConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// A prompt payload above this gets `bad_request`.
+    /// A prompt payload above this gets `bad_request`. It bounds the
+    /// attachments too: base64 makes them a third larger on the wire, and
+    /// the NATS server's `max_payload` (1 MB by default) bounds it in turn.
     pub max_prompt_bytes: usize,
+    /// One attachment above this (decoded bytes) gets `bad_request`.
+    pub max_attachment_bytes: usize,
+    /// A prompt whose attachments add up to more than this (decoded bytes)
+    /// gets `bad_request`. The default (768 KiB) is what a prompt of the
+    /// default `max_prompt_bytes` can carry in base64; raise all three (and
+    /// the NATS server's `max_payload`) together to take larger files.
+    pub max_attachments_bytes: usize,
     /// An SSE event from OpenCode above this is skipped (logged).
     pub max_event_bytes: usize,
     /// A tool result above this is cut on a UTF-8 boundary and marked
@@ -405,9 +414,22 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_prompt_bytes: 1024 * 1024,
+            max_attachment_bytes: 768 * 1024,
+            max_attachments_bytes: 768 * 1024,
             max_event_bytes: 16 * 1024 * 1024,
             max_tool_result_bytes: 64 * 1024,
             max_reply_bytes: 512 * 1024,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The limits the prompt parser applies.
+    pub fn prompt_limits(&self) -> crate::protocol::PromptLimits {
+        crate::protocol::PromptLimits {
+            max_prompt_bytes: self.max_prompt_bytes,
+            max_attachment_bytes: self.max_attachment_bytes,
+            max_attachments_bytes: self.max_attachments_bytes,
         }
     }
 }

@@ -40,6 +40,8 @@ fn example_file_is_valid_and_complete() {
         "opencode.password",
         "turn.first_event_timeout",
         "limits.max_prompt_bytes",
+        "limits.max_attachment_bytes",
+        "limits.max_attachments_bytes",
         "shutdown.grace",
         "log.format",
         "nats.inbox_prefix",

@@ -115,6 +115,14 @@ impl Config {
             ("turn.event_buffer", self.turn.event_buffer),
             ("turn.max_conversations", self.turn.max_conversations),
             ("limits.max_prompt_bytes", self.limits.max_prompt_bytes),
+            (
+                "limits.max_attachment_bytes",
+                self.limits.max_attachment_bytes,
+            ),
+            (
+                "limits.max_attachments_bytes",
+                self.limits.max_attachments_bytes,
+            ),
             ("limits.max_event_bytes", self.limits.max_event_bytes),
             (
                 "nats.subscription_capacity",
@@ -125,6 +133,12 @@ impl Config {
             if n == 0 {
                 return invalid(key, "must be above zero".into());
             }
+        }
+        if self.limits.max_attachment_bytes > self.limits.max_attachments_bytes {
+            return invalid(
+                "limits.max_attachment_bytes",
+                "must not be above limits.max_attachments_bytes (one attachment could never reach it)".into(),
+            );
         }
         if self.limits.max_reply_bytes < 1024 {
             return invalid("limits.max_reply_bytes", "must be at least 1024".into());

@@ -126,7 +126,7 @@ pub struct PromptBody {
     /// The id of the user message OpenCode creates for this prompt.
     #[serde(rename = "messageID")]
     pub message_id: String,
-    pub parts: Vec<TextPart>,
+    pub parts: Vec<PromptPart>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelBody>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,11 +137,36 @@ pub struct PromptBody {
     pub tools: Option<std::collections::BTreeMap<String, bool>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct TextPart {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub text: String,
+/// One part of a prompt: the text, or a file as a `data:` URL (what
+/// OpenCode 1.14-1.18 take in `prompt_async`; it hands images to the model
+/// as images and inlines `text/*` files as text).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum PromptPart {
+    Text {
+        text: String,
+    },
+    File {
+        mime: String,
+        filename: String,
+        url: String,
+    },
+}
+
+impl PromptPart {
+    /// The text, then one file part per attachment, in order.
+    pub fn of(text: &str, attachments: &[crate::protocol::Attachment]) -> Vec<PromptPart> {
+        let mut parts = Vec::with_capacity(1 + attachments.len());
+        parts.push(PromptPart::Text {
+            text: text.to_string(),
+        });
+        parts.extend(attachments.iter().map(|a| PromptPart::File {
+            mime: a.mime.clone(),
+            filename: a.filename.clone(),
+            url: a.data_url(),
+        }));
+        parts
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -557,4 +582,29 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Attachment;
+
+    #[test]
+    fn prompt_parts_are_the_text_then_data_url_files() {
+        let a = Attachment {
+            filename: "dot.png".into(),
+            mime: "image/png".into(),
+            base64: "iVBORw==".into(),
+            size: 4,
+        };
+        let parts = PromptPart::of("look", std::slice::from_ref(&a));
+        assert_eq!(
+            serde_json::to_value(&parts).unwrap(),
+            serde_json::json!([
+                {"type": "text", "text": "look"},
+                {"type": "file", "mime": "image/png", "filename": "dot.png",
+                 "url": "data:image/png;base64,iVBORw=="}
+            ])
+        );
+    }
 }

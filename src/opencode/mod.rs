@@ -1,16 +1,20 @@
 //! OpenCode's side: the HTTP client, the shared event stream, and the
 //! embedded `opencode serve` process.
 //!
-//! [pure] `sse` (bytes -> SSE events) and `events` (SSE data -> typed
-//! OpenCode events). I/O: `client` (reqwest), `stream` (the one reader task
-//! and its per-session routes), `embedded` (spawning the server).
+//! [pure] `sse` (bytes -> SSE events), `events` (SSE data -> typed
+//! OpenCode events) and `version` (which OpenCode versions work). I/O:
+//! `client` (reqwest), `stream` (the one reader task and its per-session
+//! routes), `embedded` (spawning the server), `compat` (reading and judging
+//! the server's version at start-up and after every reconnect).
 
 pub mod client;
+pub mod compat;
 pub mod embedded;
 pub mod events;
 pub mod ids;
 pub mod sse;
 pub mod stream;
+pub mod version;
 
 pub use client::{OpenCodeClient, OpenCodeError};
 pub use stream::{EventHub, Subscription};

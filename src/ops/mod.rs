@@ -243,6 +243,11 @@ async fn start_service(
                 ("host".to_string(), health.host().to_string()),
                 ("prompt".to_string(), config.subjects.prompt.clone()),
                 ("status".to_string(), config.subjects.status.clone()),
+                // As read at start-up; `status` has the current one.
+                (
+                    "opencode_version".to_string(),
+                    health.opencode_version().unwrap_or_default(),
+                ),
             ]),
             status_subject: config.subjects.status.clone(),
         },

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::bus::Publisher;
 use crate::config::Config;
 use crate::metrics::{counter, gauge, label, Metrics, TurnCounts};
+use crate::opencode::compat::SeenVersion;
 use crate::opencode::EventHub;
 use crate::turn::Dispatcher;
 
@@ -35,6 +36,10 @@ pub struct Status {
     pub opencode_url: String,
     /// The daemon runs `opencode serve` itself.
     pub opencode_embedded: bool,
+    /// The version OpenCode reports (`GET /global/health`), read at
+    /// start-up and after every reconnect; empty until read.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub opencode_version: String,
     /// OpenCode's event stream is connected.
     pub opencode_connected: bool,
     /// Prompts accepted and not ended (running or queued).
@@ -74,6 +79,8 @@ pub struct Sources {
     pub embedded: bool,
     /// Found at start-up ([`Status::permission_bypasses`]).
     pub permission_bypasses: Vec<String>,
+    /// OpenCode's version as last read ([`Status::opencode_version`]).
+    pub opencode_version: Arc<SeenVersion>,
 }
 
 pub struct Health {
@@ -106,6 +113,11 @@ impl Health {
         &self.host
     }
 
+    /// The version OpenCode last reported.
+    pub fn opencode_version(&self) -> Option<String> {
+        self.sources.opencode_version.version()
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.sources.metrics
     }
@@ -123,6 +135,9 @@ impl Health {
     pub fn check(&self) -> Result<(), String> {
         if !self.sources.publisher.is_connected() {
             return Err("NATS is disconnected".into());
+        }
+        if let Some(why) = self.sources.opencode_version.refused() {
+            return Err(why);
         }
         if !self.opencode_connected() {
             return Err(format!(
@@ -150,6 +165,7 @@ impl Health {
             nats_connected: s.publisher.is_connected(),
             opencode_url: s.opencode_url.clone(),
             opencode_embedded: s.embedded,
+            opencode_version: self.opencode_version().unwrap_or_default(),
             opencode_connected: self.opencode_connected(),
             turns_in_flight: s.metrics.in_flight(),
             conversations: s.dispatcher.active_conversations(),

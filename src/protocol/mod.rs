@@ -3,6 +3,7 @@
 //! Nothing here does I/O; `bus/` moves these values over NATS. The contract is
 //! written up for users in `docs/PROTOCOL.md`; the two must agree.
 
+pub mod attachment;
 pub mod caller;
 pub mod control;
 pub mod interactive;
@@ -12,6 +13,7 @@ pub mod subject;
 pub mod tenant;
 pub mod traceparent;
 
+pub use attachment::Attachment;
 pub use prompt::{parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, Rejection};
 pub use reply::{ErrorCode, Reply, ReplyBody, Usage};
 pub use subject::{reply_subject, subject_matches, validate_subject, SubjectError};

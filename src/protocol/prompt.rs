@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use super::attachment::{parse_attachments, Attachment};
 use super::caller::Caller;
 use super::subject::{validate_subject, validate_token, SubjectError};
 
@@ -34,6 +35,8 @@ pub struct Prompt {
     pub caller: Caller,
     /// The caller wants `status` replies (provider retries) while it waits.
     pub progress: bool,
+    /// Files sent with the text, in order ([`parse_attachments`]).
+    pub attachments: Vec<Attachment>,
 }
 
 impl Prompt {
@@ -86,6 +89,21 @@ pub struct PromptHeaders {
 #[derive(Debug, Clone, Copy)]
 pub struct PromptLimits {
     pub max_prompt_bytes: usize,
+    /// Decoded size of one attachment.
+    pub max_attachment_bytes: usize,
+    /// Decoded size of all the attachments of one prompt.
+    pub max_attachments_bytes: usize,
+}
+
+impl PromptLimits {
+    /// The payload limit alone; attachments bounded only by it.
+    pub const fn payload(max_prompt_bytes: usize) -> PromptLimits {
+        PromptLimits {
+            max_prompt_bytes,
+            max_attachment_bytes: max_prompt_bytes,
+            max_attachments_bytes: max_prompt_bytes,
+        }
+    }
 }
 
 /// A prompt that cannot be served, with whatever could be salvaged to route
@@ -114,6 +132,7 @@ struct JsonPrompt {
     reply_to: Option<Value>,
     interactive: Option<Value>,
     progress: Option<Value>,
+    attachments: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -163,7 +182,9 @@ pub fn parse_prompt(
             }
         };
         salvage.absorb_json(&json);
-        fields.absorb(json).map_err(|r| salvage.reject(r))?;
+        fields
+            .absorb(json, &limits)
+            .map_err(|r| salvage.reject(r))?;
     } else {
         fields.text = Some(body.to_string());
     }
@@ -191,6 +212,7 @@ struct Fields {
     reply_to: Option<String>,
     interactive: bool,
     progress: bool,
+    attachments: Vec<Attachment>,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -216,7 +238,7 @@ fn json_type(v: &Value) -> &'static str {
 }
 
 impl Fields {
-    fn absorb(&mut self, j: JsonPrompt) -> Result<(), String> {
+    fn absorb(&mut self, j: JsonPrompt, limits: &PromptLimits) -> Result<(), String> {
         let (name, text) = match (j.text, j.prompt) {
             (Some(t), _) => ("text", Some(t)),
             (None, Some(p)) => ("prompt", Some(p)),
@@ -293,6 +315,7 @@ impl Fields {
                 ))
             }
         };
+        self.attachments = parse_attachments(j.attachments, limits)?;
         Ok(())
     }
 
@@ -351,6 +374,7 @@ impl Fields {
             interactive: self.interactive,
             caller,
             progress: self.progress,
+            attachments: self.attachments,
         })
     }
 }
@@ -422,6 +446,7 @@ impl Salvage {
             reply_to: get("reply_to"),
             interactive: None,
             progress: None,
+            attachments: None,
         });
     }
 
@@ -444,9 +469,7 @@ pub fn new_trace_id() -> String {
 mod tests {
     use super::*;
 
-    const LIMITS: PromptLimits = PromptLimits {
-        max_prompt_bytes: 1024,
-    };
+    const LIMITS: PromptLimits = PromptLimits::payload(1024);
 
     fn parse(payload: &str) -> Result<Prompt, Rejection> {
         parse_prompt(payload.as_bytes(), &PromptHeaders::default(), None, LIMITS)
@@ -512,6 +535,36 @@ mod tests {
         assert_eq!(p.system.as_deref(), Some("be brief"));
         assert_eq!(p.tools.unwrap().get("bash"), Some(&false));
         assert_eq!(p.reply_to.as_deref(), Some("my.replies"));
+    }
+
+    #[test]
+    fn attachments_ride_along_and_their_errors_are_bad_requests() {
+        let p = parse(
+            r#"{"text":"look","attachments":[{"filename":"a.png","content":"iVBORw=="},
+                {"filename":"b.txt","content":"aGk=","mime":"text/plain"}]}"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = p.attachments.iter().map(|a| a.filename.as_str()).collect();
+        assert_eq!(names, ["a.png", "b.txt"]);
+        assert_eq!(p.attachments[0].mime, "image/png");
+        assert!(parse("plain text").unwrap().attachments.is_empty());
+        let r = rejected(
+            br#"{"text":"x","trace_id":"t-att","attachments":[{"filename":"e.txt","content":""}]}"#,
+        );
+        assert!(r.reason.contains("empty"), "{}", r.reason);
+        assert_eq!(r.trace_id, "t-att");
+        let tight = PromptLimits {
+            max_attachment_bytes: 3,
+            ..LIMITS
+        };
+        let r = parse_prompt(
+            br#"{"text":"x","attachments":[{"filename":"big","content":"aGVsbG8="}]}"#,
+            &PromptHeaders::default(),
+            None,
+            tight,
+        )
+        .unwrap_err();
+        assert!(r.reason.contains("max_attachment_bytes"), "{}", r.reason);
     }
 
     #[test]
@@ -615,7 +668,7 @@ mod fuzz {
                                              tail in proptest::option::of("[a-z.*> $]{0,12}"),
                                              trace in proptest::option::of("[a-z.*> $]{0,12}")) {
             let h = PromptHeaders { trace_id: trace, ..Default::default() };
-            match parse_prompt(&payload, &h, tail.as_deref(), PromptLimits { max_prompt_bytes: 200 }) {
+            match parse_prompt(&payload, &h, tail.as_deref(), PromptLimits::payload(200)) {
                 Ok(p) => {
                     prop_assert!(!p.text.trim().is_empty());
                     prop_assert!(validate_subject(&p.trace_id).is_ok());
@@ -637,7 +690,7 @@ mod fuzz {
             if let Some(c) = conv { m.insert("conversation".into(), c.into()); }
             if let Some(x) = model { m.insert("model".into(), x.into()); }
             let payload = serde_json::Value::Object(m).to_string();
-            let _ = parse_prompt(payload.as_bytes(), &PromptHeaders::default(), None, PromptLimits { max_prompt_bytes: 1000 });
+            let _ = parse_prompt(payload.as_bytes(), &PromptHeaders::default(), None, PromptLimits::payload(1000));
         }
     }
 }

@@ -372,9 +372,7 @@ mod tests {
             json.as_bytes(),
             &Default::default(),
             None,
-            crate::protocol::PromptLimits {
-                max_prompt_bytes: 1 << 20,
-            },
+            crate::protocol::PromptLimits::payload(1 << 20),
         )
         .unwrap()
     }

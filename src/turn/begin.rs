@@ -8,7 +8,7 @@ use tracing::{debug, info, warn};
 
 use super::context::{TurnContext, TurnError};
 use super::sink::ReplySink;
-use crate::opencode::client::{ModelBody, PromptBody, SessionInfo, TextPart};
+use crate::opencode::client::{ModelBody, PromptBody, PromptPart, SessionInfo};
 use crate::opencode::stream::StreamState;
 use crate::opencode::{OpenCodeError, Subscription};
 use crate::protocol::tenant::is_under;
@@ -170,10 +170,7 @@ fn session_belongs(s: &SessionInfo, tenant: Option<&str>, title_prefix: &str) ->
 fn prompt_body(prompt: &Prompt) -> PromptBody {
     PromptBody {
         message_id: crate::opencode::ids::ascending("msg"),
-        parts: vec![TextPart {
-            kind: "text",
-            text: prompt.text.clone(),
-        }],
+        parts: PromptPart::of(&prompt.text, &prompt.attachments),
         model: prompt.model.as_ref().map(ModelBody::from),
         agent: prompt.agent.clone(),
         system: prompt.system.clone(),

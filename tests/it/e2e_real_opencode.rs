@@ -16,7 +16,11 @@ use crate::support::rig::RealStack;
 const TURN: Duration = Duration::from_secs(60);
 
 async fn stack() -> RealStack {
-    RealStack::start(|_| {}, |_| {}).await
+    stack_with(|_| {}).await
+}
+
+async fn stack_with(tweak: impl FnOnce(&mut opencode_nats_bridge::config::Config)) -> RealStack {
+    RealStack::start(|_| {}, tweak).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,4 +260,101 @@ async fn daemon_restart_keeps_the_conversation() {
     assert_eq!(fin["content"], fake_llm::recall_reply(first), "{r2:#?}");
     assert_eq!(fin["session_id"], terminal(&r1)["session_id"]);
     bridge.stop().await.unwrap();
+}
+
+/// A 1x1 PNG (one red pixel), 69 bytes.
+const TINY_PNG_BASE64: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_reach_the_llm_and_bad_ones_are_refused() {
+    use base64::Engine as _;
+    let s = stack_with(|c| c.limits.max_attachment_bytes = 1024).await;
+    let marker = format!("attached-text-{}", std::process::id());
+    let text_file = base64::engine::general_purpose::STANDARD.encode(format!("{marker}\n"));
+    let prompt = json!({
+        "text": "What is in these files?",
+        "attachments": [
+            {"filename": "dot.png", "content": TINY_PNG_BASE64},
+            {"filename": "notes.txt", "content": text_file},
+        ],
+    });
+    let replies = request(&s.client, "opencode.prompt", &prompt.to_string(), TURN).await;
+    assert_well_formed(&replies);
+    assert_eq!(terminal(&replies)["kind"], "final", "{replies:#?}");
+
+    // The request OpenCode sent the LLM: the image as an image (a data URL,
+    // mime guessed from the name), the text file inlined as text.
+    let asked = s
+        .llm
+        .chat_requests()
+        .into_iter()
+        .find_map(|body| {
+            let user = body["messages"]
+                .as_array()?
+                .iter()
+                .rev()
+                .find(|m| m["role"] == "user")?
+                .clone();
+            fake_llm::content_text(&user)
+                .contains("What is in these files?")
+                .then_some(user)
+        })
+        .expect("a chat request with the prompt");
+    let parts = asked["content"].as_array().expect("content parts");
+    let image = format!("data:image/png;base64,{TINY_PNG_BASE64}");
+    assert!(
+        parts
+            .iter()
+            .any(|p| p["image_url"]["url"] == image.as_str()),
+        "no image part in {asked:#}"
+    );
+    assert!(
+        fake_llm::content_text(&asked).contains(&marker),
+        "the text file is not in {asked:#}"
+    );
+
+    // A 0-byte attachment and one above max_attachment_bytes: bad_request,
+    // and nothing reaches OpenCode.
+    let before = s.llm.chat_requests().len();
+    let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 1025]);
+    for (what, attachment) in [
+        ("0 bytes", json!({"filename": "empty.txt", "content": ""})),
+        ("too large", json!({"filename": "big.bin", "content": big})),
+    ] {
+        let prompt = json!({"text": "refuse me", "attachments": [attachment]});
+        let replies = request(&s.client, "opencode.prompt", &prompt.to_string(), TURN).await;
+        assert_well_formed(&replies);
+        let e = terminal(&replies);
+        assert_eq!(e["kind"], "error", "{what}: {replies:#?}");
+        assert_eq!(e["code"], "bad_request", "{what}: {e}");
+    }
+    assert_eq!(s.llm.chat_requests().len(), before);
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_service_metadata_show_the_opencode_version() {
+    let s = stack().await;
+    let health = s.opencode.get_json("/global/health").await;
+    let version = health["version"].as_str().expect("a version").to_string();
+    let status = s
+        .client
+        .request("opencode.bridge.status", bytes::Bytes::new())
+        .await
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
+    assert_eq!(status["opencode_version"], version.as_str(), "{status}");
+    let info = s
+        .client
+        .request("$SRV.INFO.opencode-bridge", bytes::Bytes::new())
+        .await
+        .expect("service info");
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(
+        info["metadata"]["opencode_version"],
+        version.as_str(),
+        "{info}"
+    );
+    s.bridge.stop().await.unwrap();
 }

@@ -10,6 +10,7 @@ mod examples;
 mod faults_load;
 mod first_hour;
 mod nats_harness;
+mod opencode_versions;
 mod ops_cli;
 mod ops_nats_permissions;
 mod ops_service;

@@ -283,7 +283,11 @@ async fn status_lists_every_running_bridge() {
     assert!(lines[1].starts_with("alpha "), "{}", out.stdout);
     assert!(lines[2].starts_with("beta "), "{}", out.stdout);
     assert!(
-        lines[1].contains(&format!("{} (up)", fake.url())),
+        lines[1].contains(&format!(
+            "{} ({}, up)",
+            fake.url(),
+            crate::support::fake_opencode::VERSION
+        )),
         "{}",
         out.stdout
     );
@@ -298,6 +302,10 @@ async fn status_lists_every_running_bridge() {
         assert_eq!(s["nats_connected"], true);
         assert_eq!(s["opencode_connected"], true);
         assert_eq!(s["opencode_url"], fake.url());
+        assert_eq!(
+            s["opencode_version"],
+            crate::support::fake_opencode::VERSION
+        );
         assert_eq!(s["turns_in_flight"], 0);
         assert!(s["uptime_s"].is_u64());
         assert!(!s["instance"].as_str().unwrap().is_empty());

@@ -65,6 +65,10 @@ async fn srv_ping_info_and_stats_list_every_instance() {
     let id = pongs[0]["id"].as_str().unwrap();
     let one = gather(&c, &format!("$SRV.INFO.opencode-bridge.{id}"), GATHER).await;
     assert_eq!(one.len(), 1, "{one:#?}");
+    assert_eq!(
+        one[0]["metadata"]["opencode_version"],
+        crate::support::fake_opencode::VERSION
+    );
     let endpoints = one[0]["endpoints"].as_array().unwrap();
     assert_eq!(endpoints.len(), 1, "{one:#?}");
     assert_eq!(endpoints[0]["name"], "status");

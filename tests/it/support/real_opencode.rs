@@ -52,7 +52,8 @@ pub fn opencode_bin() -> PathBuf {
 }
 
 /// The config given to OpenCode: one OpenAI-compatible provider `fake` with
-/// model `m1` (tool calls and reasoning on) at `llm_url` (`/v1` is appended
+/// model `m1` (tool calls, reasoning and image input on: without them OpenCode
+/// replaces an image with an error text) at `llm_url` (`/v1` is appended
 /// when missing), as default and small model, permissions allowed.
 pub fn default_config(llm_url: &str) -> Value {
     let base = llm_url.trim_end_matches('/');
@@ -69,6 +70,8 @@ pub fn default_config(llm_url: &str) -> Value {
             "npm": "@ai-sdk/openai-compatible", "name": "Fake",
             "options": {"baseURL": base, "apiKey": "x"},
             "models": {"m1": {"name": "M1", "tool_call": true, "reasoning": true,
+                              "attachment": true,
+                              "modalities": {"input": ["text", "image", "pdf"], "output": ["text"]},
                               "limit": {"context": 128000, "output": 8192}},
                        "m2": {"name": "M2", "tool_call": true, "reasoning": true,
                               "limit": {"context": 128000, "output": 8192}}}
