@@ -258,7 +258,7 @@ enum Terminal {
 /// A reply as the CLI reads it: the typed contract, or, from a bridge that
 /// sends a kind (or a shape) this version does not know, its kind and seq.
 enum Incoming {
-    Known(ReplyOwned),
+    Known(Box<ReplyOwned>),
     Unknown { kind: String, seq: Option<u64> },
 }
 
@@ -266,7 +266,7 @@ impl Incoming {
     /// `None`: not JSON at all.
     fn read(raw: &[u8]) -> Option<Incoming> {
         if let Ok(r) = ReplyOwned::from_json(raw) {
-            return Some(Incoming::Known(r));
+            return Some(Incoming::Known(Box::new(r)));
         }
         let v: Value = serde_json::from_slice(raw).ok()?;
         Some(Incoming::Unknown {
