@@ -11,6 +11,8 @@ pub mod subject;
 pub mod tenant;
 pub mod traceparent;
 
-pub use prompt::{parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, Rejection};
+pub use prompt::{
+    parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, QueueKey, Rejection,
+};
 pub use reply::{ErrorCode, Reply, ReplyBody, ReplyOwned, StatusEvent, Usage};
 pub use subject::{reply_subject, subject_matches, validate_subject, SubjectError};
