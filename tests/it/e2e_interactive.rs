@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
+use crate::support::bridge::{
+    assert_typed, assert_well_formed, request, terminal, test_config, Bridge,
+};
 use crate::support::fake_llm::{self, FakeLlm};
 use crate::support::nats::{client, subscribe_ready, NatsServer, Reply};
 use crate::support::real_opencode::{default_config, RealOpenCode};
@@ -360,6 +362,7 @@ async fn models_usage_and_cost() {
 pub(crate) fn assert_well_formed_with_extensions(replies: &[Reply]) {
     let core = replies;
     for (i, (_, v)) in core.iter().enumerate() {
+        assert_typed(i, v);
         assert_eq!(v["seq"], i as u64, "seq gap at {i}: {replies:#?}");
     }
     let terminals: Vec<usize> = core
