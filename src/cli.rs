@@ -27,7 +27,7 @@ pub const EXIT_TIMEOUT: u8 = 3;
 pub const EXIT_UNREACHABLE: u8 = 1;
 /// Bad usage (no prompt text).
 pub const EXIT_USAGE: u8 = 64;
-/// A bad config file.
+/// A bad config file (the daemon's too: systemd's `RestartPreventExitStatus`).
 pub const EXIT_CONFIG: u8 = 78;
 /// Interrupted (Ctrl-C) and the turn did not complete.
 pub const EXIT_INTERRUPTED: u8 = 130;
