@@ -30,6 +30,9 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+# A Ctrl-C before the daemon runs (say, during the build) still stops the
+# nats-server started below: exit through the EXIT trap.
+trap 'exit 130' INT TERM
 
 step "[2/4] NATS on 127.0.0.1:4222"
 if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -72,185 +73,252 @@ pub async fn run(
         return Ok(());
     };
     let nats = nats?;
-    let publisher = Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
-
-    let (embedded, client) = match &config.opencode.base_url {
-        Some(url) => {
-            let client = OpenCodeClient::new(
-                url,
-                config.opencode.resolved_password(),
-                config
-                    .opencode
-                    .directory
-                    .as_ref()
-                    .map(|d| d.display().to_string()),
-                &config.opencode,
-            )?;
-            (None, client)
-        }
-        None => {
-            // Dropping the start stops the half-started `opencode serve`
-            // (its child is killed on drop).
-            let Some(started) =
-                unless_shutdown(&mut shutdown, EmbeddedServer::start(&config.opencode)).await
-            else {
-                info!("stopped during start-up, while OpenCode was starting");
-                return Ok(());
-            };
-            let (server, client) = started?;
-            (Some(server), client)
-        }
+    // Dropping the start stops a half-started `opencode serve`.
+    let Some(opencode) = unless_shutdown(&mut shutdown, opencode(&config)).await else {
+        info!("stopped during start-up, while OpenCode was starting");
+        return Ok(());
     };
-
-    let permission_bypasses = audit_permissions(&client, &config).await;
-    if config.opencode.require_ask && !permission_bypasses.is_empty() {
+    let (embedded, client) = opencode?;
+    let bypasses = audit_permissions(&client, &config).await;
+    if config.opencode.require_ask && !bypasses.is_empty() {
         if let Some(server) = embedded {
             server.stop(Duration::from_secs(5)).await;
         }
-        return Err(AppError::PolicyBypassed(permission_bypasses.join(", ")));
+        return Err(AppError::PolicyBypassed(bypasses.join(", ")));
     }
-
-    let stream_cancel = CancellationToken::new();
-    let embedded_restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let supervisor = embedded.map(|server| {
-        tokio::spawn(server.supervise(stream_cancel.clone(), embedded_restarts.clone()))
-    });
-    let hub = EventHub::new(config.turn.event_buffer);
-    let reader = tokio::spawn(hub.clone().run(
-        client.clone(),
-        StreamOptions {
-            max_event_bytes: config.limits.max_event_bytes,
-            stall_timeout: config.opencode.stream_stall_timeout,
-            reconnect_min: config.opencode.reconnect_min,
-            reconnect_max: config.opencode.reconnect_max,
-        },
-        stream_cancel.clone(),
-    ));
-
-    let sessions: Arc<dyn SessionStore> = Arc::new(rebuild_sessions(&client, &config).await);
-
-    let ctx = Arc::new(TurnContext::new(
-        client.clone(),
-        hub.clone(),
-        publisher.clone(),
-        sessions,
-        config.clone(),
-    ));
-    let tracker = TaskTracker::new();
-    let turn_cancel = CancellationToken::new();
-    let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
-    let in_flight = Arc::new(Semaphore::new(config.turn.max_in_flight));
-    let metrics = Metrics::new();
-
-    let subjects = &config.subjects;
-    let mut aborts = ControlSubscription::subscribe(
-        &nats,
-        &[
-            subjects.abort.clone(),
-            format!("{}.*", subjects.abort),
-            subjects.permission_reply.clone(),
-            format!("{}.>", subjects.permission_reply),
-            subjects.question_reply.clone(),
-            format!("{}.>", subjects.question_reply),
-        ],
-    )
-    .await?;
-    let intake = Arc::new(Intake::new(
-        dispatcher.clone(),
-        ctx.answers.clone(),
-        publisher.clone(),
-        config.clone(),
-        metrics.clone(),
-    ));
-    let abort_task = {
-        let intake = intake.clone();
-        let cancel = stream_cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break,
-                    m = aborts.next() => m,
-                };
-                let Some(msg) = msg else { break };
-                intake.control(msg).await;
-            }
-        })
-    };
-    let mut prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
-    let health = Health::new(
-        &config,
-        Sources {
-            publisher: publisher.clone(),
-            hub: hub.clone(),
-            dispatcher: dispatcher.clone(),
-            metrics: metrics.clone(),
-            embedded_restarts: embedded_restarts.clone(),
-            opencode_url: client.base_url().to_string(),
-            embedded: config.opencode.base_url.is_none(),
-            permission_bypasses,
-        },
-    );
-    // The micro service, heartbeat, metrics listener; READY=1 to systemd.
-    let mut ops = Ops::start(&config, health, publisher.clone()).await?;
+    let mut daemon = Daemon::start(config, nats, embedded, client, bypasses).await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
-            opencode_url: client.base_url().to_string(),
+            opencode_url: daemon.opencode_url.clone(),
         });
     }
     info!("opencode-nats-bridge is serving");
+    info!(
+        "try it: opencode-nats-bridge prompt --server {} 'Say hello' (or any NATS client on {}: docs/PROTOCOL.md)",
+        daemon.config.nats.urls().first().map(String::as_str).unwrap_or_default(),
+        daemon.config.subjects.prompt
+    );
+    daemon.serve(&mut shutdown).await;
+    daemon.stop().await;
+    Ok(())
+}
 
-    loop {
-        let permit = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            p = in_flight.clone().acquire_owned() => p.expect("semaphore never closed"),
+/// The OpenCode server to drive: an external one, or `opencode serve`
+/// started here (the embedded default).
+async fn opencode(config: &Config) -> Result<(Option<EmbeddedServer>, OpenCodeClient), AppError> {
+    let Some(url) = &config.opencode.base_url else {
+        let (server, client) = EmbeddedServer::start(&config.opencode).await?;
+        return Ok((Some(server), client));
+    };
+    let directory = config
+        .opencode
+        .directory
+        .as_ref()
+        .map(|d| d.display().to_string());
+    let client = OpenCodeClient::new(
+        url,
+        config.opencode.resolved_password(),
+        directory,
+        &config.opencode,
+    )?;
+    Ok((None, client))
+}
+
+/// Everything that runs while the daemon serves, for the shutdown tree.
+struct Daemon {
+    config: Arc<Config>,
+    nats: bus::Connection,
+    publisher: Publisher,
+    intake: Arc<Intake>,
+    prompts: PromptSubscription,
+    in_flight: Arc<Semaphore>,
+    /// Every turn's task.
+    tracker: TaskTracker,
+    /// Ends running turns (`shutting_down`) after the grace.
+    turn_cancel: CancellationToken,
+    /// Stops the stream reader, the control task and the supervisor.
+    stream_cancel: CancellationToken,
+    reader: JoinHandle<()>,
+    control: JoinHandle<()>,
+    supervisor: Option<JoinHandle<()>>,
+    ops: Ops,
+    opencode_url: String,
+}
+
+impl Daemon {
+    /// The event-stream reader, the conversation map, the dispatcher, the
+    /// subscriptions and the operations side.
+    async fn start(
+        config: Arc<Config>,
+        nats: bus::Connection,
+        embedded: Option<EmbeddedServer>,
+        client: OpenCodeClient,
+        permission_bypasses: Vec<String>,
+    ) -> Result<Daemon, AppError> {
+        let publisher =
+            Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
+        let stream_cancel = CancellationToken::new();
+        let embedded_restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let supervisor = embedded.map(|server| {
+            tokio::spawn(server.supervise(stream_cancel.clone(), embedded_restarts.clone()))
+        });
+        let hub = EventHub::new(config.turn.event_buffer);
+        let reader = tokio::spawn(hub.clone().run(
+            client.clone(),
+            StreamOptions::from(&config.opencode, &config.limits),
+            stream_cancel.clone(),
+        ));
+        let sessions: Arc<dyn SessionStore> = Arc::new(rebuild_sessions(&client, &config).await);
+        let ctx = Arc::new(TurnContext::new(
+            client.clone(),
+            hub.clone(),
+            publisher.clone(),
+            sessions,
+            config.clone(),
+        ));
+        let tracker = TaskTracker::new();
+        let turn_cancel = CancellationToken::new();
+        let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
+        let metrics = Metrics::new();
+        let intake = Arc::new(Intake::new(
+            dispatcher.clone(),
+            ctx.answers.clone(),
+            publisher.clone(),
+            config.clone(),
+            metrics.clone(),
+        ));
+        let control = spawn_control(&nats, &config, intake.clone(), stream_cancel.clone()).await?;
+        let prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
+        let opencode_url = client.base_url().to_string();
+        let sources = Sources {
+            publisher: publisher.clone(),
+            hub,
+            dispatcher,
+            metrics,
+            embedded_restarts,
+            opencode_url: opencode_url.clone(),
+            embedded: config.opencode.base_url.is_none(),
+            permission_bypasses,
         };
-        let msg = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            m = prompts.next() => m,
-        };
-        let Some(msg) = msg else {
-            warn!("prompt subscriptions ended (NATS connection closed)");
-            break;
-        };
-        intake.prompt(msg, Some(permit)).await;
+        // The micro service, heartbeat, metrics listener; READY=1 to systemd.
+        let ops = Ops::start(&config, Health::new(&config, sources), publisher.clone()).await?;
+        Ok(Daemon {
+            in_flight: Arc::new(Semaphore::new(config.turn.max_in_flight)),
+            config,
+            nats,
+            publisher,
+            intake,
+            prompts,
+            tracker,
+            turn_cancel,
+            stream_cancel,
+            reader,
+            control,
+            supervisor,
+            ops,
+            opencode_url,
+        })
     }
 
-    info!("shutting down: no new prompts");
-    ops.stopping().await;
-    prompts.drain().await;
-    // Serve what the server had already delivered before the drain.
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), prompts.next()).await {
-        intake.prompt(msg, None).await;
-    }
-    tracker.close();
-    let grace = config.shutdown.grace;
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(
-            ?grace,
-            "turns still running after the grace period; ending them"
-        );
-        turn_cancel.cancel();
-        let bound = config.turn.abort_timeout + Duration::from_secs(5);
-        if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
-            warn!("some turns did not end; exiting anyway");
+    /// Takes prompts until `shutdown` (or the connection closes); a permit
+    /// of `turn.max_in_flight` before each.
+    async fn serve(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) {
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => break,
+                p = self.in_flight.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let msg = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => break,
+                m = self.prompts.next() => m,
+            };
+            let Some(msg) = msg else {
+                warn!("prompt subscriptions ended (NATS connection closed)");
+                break;
+            };
+            self.intake.prompt(msg, Some(permit)).await;
         }
     }
-    publisher.flush().await;
-    stream_cancel.cancel();
-    let _ = reader.await;
-    let _ = abort_task.await;
-    if let Some(s) = supervisor {
-        let _ = s.await;
+
+    /// The shutdown tree (see the module's documentation).
+    async fn stop(mut self) {
+        info!("shutting down: no new prompts");
+        self.ops.stopping().await;
+        self.prompts.drain().await;
+        // Serve what the server had already delivered before the drain.
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_secs(2), self.prompts.next()).await
+        {
+            self.intake.prompt(msg, None).await;
+        }
+        self.tracker.close();
+        let grace = self.config.shutdown.grace;
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                "turns still running after the grace period; ending them"
+            );
+            self.turn_cancel.cancel();
+            let bound = self.config.turn.abort_timeout + Duration::from_secs(5);
+            if tokio::time::timeout(bound, self.tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!("some turns did not end; exiting anyway");
+            }
+        }
+        self.publisher.flush().await;
+        self.stream_cancel.cancel();
+        let _ = self.reader.await;
+        let _ = self.control.await;
+        if let Some(s) = self.supervisor {
+            let _ = s.await;
+        }
+        self.ops.stop().await;
+        if let Err(e) = self.nats.drain().await {
+            warn!(error = %e, "NATS drain failed");
+        }
+        info!("stopped");
     }
-    ops.stop().await;
-    if let Err(e) = nats.drain().await {
-        warn!(error = %e, "NATS drain failed");
-    }
-    info!("stopped");
-    Ok(())
+}
+
+/// Aborts and answers: every daemon listens (no queue group), until
+/// `cancel`.
+async fn spawn_control(
+    nats: &bus::Connection,
+    config: &Config,
+    intake: Arc<Intake>,
+    cancel: CancellationToken,
+) -> Result<JoinHandle<()>, AppError> {
+    let s = &config.subjects;
+    let mut control = ControlSubscription::subscribe(
+        nats,
+        &[
+            s.abort.clone(),
+            format!("{}.*", s.abort),
+            s.permission_reply.clone(),
+            format!("{}.>", s.permission_reply),
+            s.question_reply.clone(),
+            format!("{}.>", s.question_reply),
+        ],
+    )
+    .await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                m = control.next() => m,
+            };
+            let Some(msg) = msg else { break };
+            intake.control(msg).await;
+        }
+    }))
 }
 
 /// The conversation map from OpenCode's session titles, retried with

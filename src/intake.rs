@@ -18,10 +18,19 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::control::parse_abort;
 use crate::protocol::tenant::{authorize, Caller, Route};
-use crate::protocol::{parse_prompt, validate_subject, ErrorCode, PromptLimits, ReplyBody};
+use crate::protocol::{parse_prompt, validate_subject, ErrorCode, Prompt, PromptLimits, ReplyBody};
 use crate::turn::interactive::{AnswerMsg, AnswerRegistry};
 use crate::turn::queue::Refused;
 use crate::turn::{Dispatcher, Job, ReplySink};
+
+/// A prompt that will not run: its one reply and where it goes.
+struct Refusal {
+    subject: String,
+    trace_id: String,
+    conversation: Option<String>,
+    code: ErrorCode,
+    reason: String,
+}
 
 /// Turns incoming messages into work for the dispatcher.
 pub struct Intake {
@@ -69,25 +78,16 @@ impl Intake {
     }
 
     /// Refuses a prompt with one terminal reply.
-    async fn refuse(
-        &self,
-        msg: &Incoming,
-        subject: String,
-        trace_id: &str,
-        conversation: Option<&str>,
-        code: ErrorCode,
-        reason: String,
-    ) {
-        warn!(%trace_id, subject = %msg.subject, reply_subject = %subject, code = code.as_str(), %reason, "prompt refused");
-        self.sink(subject, trace_id, conversation, msg)
-            .send(ReplyBody::error(code, reason))
+    async fn refuse(&self, msg: &Incoming, r: Refusal) {
+        warn!(trace_id = %r.trace_id, subject = %msg.subject, reply_subject = %r.subject, code = r.code.as_str(), reason = %r.reason, "prompt refused");
+        self.sink(r.subject, &r.trace_id, r.conversation.as_deref(), msg)
+            .send(ReplyBody::error(r.code, r.reason))
             .await;
     }
 
     /// Parses, checks and queues one prompt; every refusal is answered.
     pub async fn prompt(&self, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
-        let config = &self.config;
-        let (caller, tail) = match Route::of(&config.route_subjects(), &msg.subject) {
+        let (caller, tail) = match Route::of(&self.config.route_subjects(), &msg.subject) {
             Route::Prompt {
                 caller,
                 conversation,
@@ -97,6 +97,22 @@ impl Intake {
                 return;
             }
         };
+        match self.admit(&msg, &caller, tail.as_deref()) {
+            Ok((prompt, subject)) => self.dispatch(&msg, prompt, subject, permit).await,
+            Err(r) => self.refuse(&msg, r).await,
+        }
+    }
+
+    /// The prompt and where its replies go, or why it is refused. Where the
+    /// replies go is decided first: a refusal must not land on a subject
+    /// the caller may not name.
+    fn admit(
+        &self,
+        msg: &Incoming,
+        caller: &Caller,
+        tail: Option<&str>,
+    ) -> Result<(Prompt, String), Refusal> {
+        let config = &self.config;
         let limits = PromptLimits {
             max_prompt_bytes: config.limits.max_prompt_bytes,
         };
@@ -106,77 +122,51 @@ impl Intake {
                 .map(|e| format!("reply subject {r:?} {e}"))
         });
         let inbox = msg.reply.as_deref().filter(|_| inbox_error.is_none());
-        let rules = config.reply_rules();
-        let parsed = parse_prompt(&msg.payload, &msg.headers, tail.as_deref(), limits);
+        let parsed = parse_prompt(&msg.payload, &msg.headers, tail, limits);
         let (trace_id, reply_to, conversation) = match &parsed {
-            Ok(p) => (
-                p.trace_id.clone(),
-                p.reply_to.clone(),
-                p.conversation.clone(),
-            ),
-            Err(r) => (
-                r.trace_id.clone(),
-                r.reply_to.clone(),
-                r.conversation.clone(),
-            ),
+            Ok(p) => (&p.trace_id, &p.reply_to, &p.conversation),
+            Err(r) => (&r.trace_id, &r.reply_to, &r.conversation),
         };
-        // Where the replies go comes first: a refusal must not land on a
-        // subject the caller may not name.
-        let subject = match rules.route(&caller, inbox, reply_to.as_deref(), &trace_id) {
-            Ok(s) => s,
-            Err((reason, own)) => {
-                return self
-                    .refuse(
-                        &msg,
-                        own,
-                        &trace_id,
-                        conversation.as_deref(),
-                        ErrorCode::Forbidden,
-                        reason,
-                    )
-                    .await;
-            }
+        let refusal = |subject: String, code, reason| Refusal {
+            subject,
+            trace_id: trace_id.clone(),
+            conversation: conversation.clone(),
+            code,
+            reason,
         };
-        let prompt = match (parsed, inbox_error) {
-            (Ok(p), None) => p,
-            (Ok(_), Some(reason)) => {
-                return self
-                    .refuse(
-                        &msg,
-                        subject,
-                        &trace_id,
-                        conversation.as_deref(),
-                        ErrorCode::BadRequest,
-                        reason,
-                    )
-                    .await;
-            }
+        let subject = config
+            .reply_rules()
+            .route(caller, inbox, reply_to.as_deref(), trace_id)
+            .map_err(|(reason, own)| refusal(own, ErrorCode::Forbidden, reason))?;
+        let prompt = match (&parsed, inbox_error) {
+            (Ok(_), Some(reason)) => return Err(refusal(subject, ErrorCode::BadRequest, reason)),
             (Err(rej), _) => {
-                return self
-                    .refuse(
-                        &msg,
-                        subject,
-                        &trace_id,
-                        conversation.as_deref(),
-                        ErrorCode::BadRequest,
-                        rej.reason,
-                    )
-                    .await;
+                return Err(refusal(subject, ErrorCode::BadRequest, rej.reason.clone()))
             }
+            (Ok(p), None) => p,
         };
-        if let Err(reason) = authorize(&caller, &prompt, &config.prompt_policy()) {
-            return self
-                .refuse(
-                    &msg,
-                    subject,
-                    &trace_id,
-                    conversation.as_deref(),
-                    ErrorCode::Forbidden,
-                    reason,
-                )
-                .await;
+        if let Err(reason) = authorize(caller, prompt, &config.prompt_policy()) {
+            return Err(refusal(subject, ErrorCode::Forbidden, reason));
         }
-        let sink = self.sink(subject, &trace_id, conversation.as_deref(), &msg);
+        let prompt = parsed.expect("checked above");
+        Ok((prompt, subject))
+    }
+
+    /// Queues an admitted prompt; a full conversation queue or a trace id
+    /// in use is answered at once.
+    async fn dispatch(
+        &self,
+        msg: &Incoming,
+        prompt: Prompt,
+        subject: String,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let sink = self.sink(
+            subject,
+            &prompt.trace_id,
+            prompt.conversation.as_deref(),
+            msg,
+        );
         let job = Job {
             prompt,
             sink,
@@ -189,7 +179,7 @@ impl Intake {
                 let reason = format!(
                     "conversation {} already has a turn running and {} queued (turn.conversation_queue)",
                     p.conversation.as_deref().or(p.session_id.as_deref()).unwrap_or("?"),
-                    config.turn.conversation_queue
+                    self.config.turn.conversation_queue
                 );
                 (ErrorCode::SessionBusy, reason, job)
             }

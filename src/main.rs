@@ -138,6 +138,7 @@ fn main() -> ExitCode {
 fn init_tracing(cfg: &Config) {
     let filter = std::env::var("RUST_LOG")
         .ok()
+        .filter(|spec| !spec.trim().is_empty())
         .and_then(|spec| EnvFilter::try_new(quiet_nats(&spec)).ok())
         .or_else(|| EnvFilter::try_new(quiet_nats(&cfg.log.level)).ok())
         .unwrap_or_else(|| EnvFilter::new(quiet_nats("info")));

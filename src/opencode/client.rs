@@ -76,6 +76,18 @@ impl OpenCodeError {
     }
 }
 
+/// `host[:port]` of a URL (the whole string when it is not one).
+pub fn host_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            _ => url.to_string(),
+        },
+        Err(_) => url.to_string(),
+    }
+}
+
 /// The most of `GET /session` read at start-up (about 100,000 sessions).
 pub const MAX_SESSION_LIST_BYTES: usize = 64 << 20;
 

@@ -35,9 +35,10 @@ pub enum EmbeddedError {
 }
 
 /// The reaper's handle. Dropping it ends the whole process group with
-/// SIGTERM (the reaper then stops the server and its tools), where tokio's
-/// `kill_on_drop` would SIGKILL the reaper alone and orphan the server: a
-/// start abandoned half-way (a signal during start-up) leaves nothing.
+/// SIGTERM: the reaper then stops the server and its tools. (Not tokio's
+/// `kill_on_drop`: a SIGKILL would end the reaper before its trap ran, and a
+/// server it had just forked would outlive it.) A start abandoned half-way
+/// (a signal during start-up) leaves nothing.
 struct Group(Child);
 
 impl Drop for Group {
@@ -94,8 +95,7 @@ async fn spawn_healthy(
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     let child = cmd.spawn().map_err(|source| EmbeddedError::Spawn {
         binary: cfg.binary.clone(),
         source,

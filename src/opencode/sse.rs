@@ -247,39 +247,10 @@ impl SseDecoder {
     }
 }
 
-/// Index of the first CR or LF. Eight bytes at a time (SWAR: the lowest
-/// flagged byte of a word is exact): finding line ends is most of the
+/// Index of the first CR or LF: finding line ends is most of the
 /// decoder's work.
 fn find_eol(bytes: &[u8]) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let zero = |x: u64| x.wrapping_sub(LO) & !x & HI;
-    let mut i = 0;
-    // Long runs: 16 bytes at a time (the compiler vectorises this loop).
-    while let Some(chunk) = bytes.get(i..i + 16) {
-        let mut any = 0u8;
-        for &b in chunk {
-            any |= u8::from((b == b'\n') | (b == b'\r'));
-        }
-        if any != 0 {
-            break;
-        }
-        i += 16;
-    }
-    while let Some(w) = bytes.get(i..i + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(w);
-        let x = u64::from_le_bytes(word);
-        let m = zero(x ^ (LO * u64::from(b'\n'))) | zero(x ^ (LO * u64::from(b'\r')));
-        if m != 0 {
-            return Some(i + (m.trailing_zeros() / 8) as usize);
-        }
-        i += 8;
-    }
-    bytes[i..]
-        .iter()
-        .position(|&b| (b == b'\n') | (b == b'\r'))
-        .map(|p| p + i)
+    crate::jsonscan::find::<crate::jsonscan::LineEnd>(bytes, 0)
 }
 
 #[cfg(test)]

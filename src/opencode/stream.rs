@@ -314,6 +314,20 @@ pub struct StreamOptions {
     pub reconnect_max: Duration,
 }
 
+impl StreamOptions {
+    pub fn from(
+        opencode: &crate::config::OpenCodeConfig,
+        limits: &crate::config::LimitsConfig,
+    ) -> Self {
+        StreamOptions {
+            max_event_bytes: limits.max_event_bytes,
+            stall_timeout: opencode.stream_stall_timeout,
+            reconnect_min: opencode.reconnect_min,
+            reconnect_max: opencode.reconnect_max,
+        }
+    }
+}
+
 fn jitter(d: Duration) -> Duration {
     let f: f64 = rand::random_range(0.5..1.0);
     d.mul_f64(f)

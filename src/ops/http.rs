@@ -22,6 +22,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 16;
 
 /// Serves until `cancel`.
+/// The loopback listener of `[metrics] listen`.
+pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
 pub async fn serve(listener: TcpListener, health: Arc<Health>, cancel: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving metrics on http://{addr}/metrics");
@@ -59,34 +64,19 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, cancel: Cancellat
 }
 
 async fn answer(mut stream: TcpStream, health: &Health) {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-        if head.len() > MAX_HEAD {
-            respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "",
-                false,
-            )
-            .await;
-            return;
-        }
-    }
+    let Some(head) = read_head(&mut stream).await else {
+        return;
+    };
     let line = String::from_utf8_lossy(&head);
     let mut words = line.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
+        let status = "405 Method Not Allowed";
         respond(
             &mut stream,
-            "405 Method Not Allowed",
+            status,
             "text/plain",
             "GET or HEAD\n",
             head_only,
@@ -94,51 +84,47 @@ async fn answer(mut stream: TcpStream, health: &Health) {
         .await;
         return;
     }
+    let (status, kind, body) = route(path, health);
+    respond(&mut stream, status, kind, &body, head_only).await
+}
+
+/// The request head, up to the blank line; `None` when the client left or
+/// sent too much (answered 431).
+async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > MAX_HEAD {
+            let status = "431 Request Header Fields Too Large";
+            respond(stream, status, "text/plain", "", false).await;
+            return None;
+        }
+    }
+    Some(head)
+}
+
+/// Status, content type and body of a GET of `path`.
+fn route(path: &str, health: &Health) -> (&'static str, &'static str, String) {
     match path {
-        "/metrics" => {
-            let body = health.prometheus();
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                &body,
-                head_only,
-            )
-            .await
-        }
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            health.prometheus(),
+        ),
         "/healthz" => match health.check() {
-            Ok(()) => respond(&mut stream, "200 OK", "text/plain", "ok\n", head_only).await,
-            Err(why) => {
-                respond(
-                    &mut stream,
-                    "503 Service Unavailable",
-                    "text/plain",
-                    &format!("{why}\n"),
-                    head_only,
-                )
-                .await
-            }
+            Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
+            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
-        "/" => {
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain",
-                "opencode-nats-bridge: /metrics /healthz\n",
-                head_only,
-            )
-            .await
-        }
-        _ => {
-            respond(
-                &mut stream,
-                "404 Not Found",
-                "text/plain",
-                "not found\n",
-                head_only,
-            )
-            .await
-        }
+        "/" => (
+            "200 OK",
+            "text/plain",
+            "opencode-nats-bridge: /metrics /healthz\n".into(),
+        ),
+        _ => ("404 Not Found", "text/plain", "not found\n".into()),
     }
 }
 

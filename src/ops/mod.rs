@@ -63,7 +63,7 @@ impl Ops {
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         if let Some(addr) = config.metrics.listen {
-            let listener = tokio::net::TcpListener::bind(addr)
+            let listener = http::bind(addr)
                 .await
                 .map_err(|source| OpsError::Listen { addr, source })?;
             tasks.push(tokio::spawn(http::serve(
@@ -73,23 +73,7 @@ impl Ops {
             )));
         }
 
-        let for_status = health.clone();
-        let service = Service::start(
-            &publisher,
-            ServiceOptions {
-                name: config.service.name.clone(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                description: "NATS prompts -> OpenCode turns -> NATS replies".into(),
-                metadata: HashMap::from([
-                    ("host".to_string(), health.host().to_string()),
-                    ("prompt".to_string(), config.subjects.prompt.clone()),
-                    ("status".to_string(), config.subjects.status.clone()),
-                ]),
-                status_subject: config.subjects.status.clone(),
-            },
-            Arc::new(move || serde_json::to_value(for_status.status()).unwrap_or_default()),
-        )
-        .await?;
+        let service = start_service(config, &health, &publisher).await?;
         health.set_instance(service.id());
 
         let interval = config.service.heartbeat_interval;
@@ -240,4 +224,30 @@ async fn watchdog(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// The micro service (`$SRV.*` and the `status` endpoint).
+async fn start_service(
+    config: &Config,
+    health: &Arc<Health>,
+    publisher: &Publisher,
+) -> Result<Service, OpsError> {
+    let for_status = health.clone();
+    let service = Service::start(
+        publisher,
+        ServiceOptions {
+            name: config.service.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            description: "NATS prompts -> OpenCode turns -> NATS replies".into(),
+            metadata: HashMap::from([
+                ("host".to_string(), health.host().to_string()),
+                ("prompt".to_string(), config.subjects.prompt.clone()),
+                ("status".to_string(), config.subjects.status.clone()),
+            ]),
+            status_subject: config.subjects.status.clone(),
+        },
+        Arc::new(move || serde_json::to_value(for_status.status()).unwrap_or_default()),
+    )
+    .await?;
+    Ok(service)
 }

@@ -209,36 +209,36 @@ impl Health {
             "1 while OpenCode's event stream is connected.",
             u8::from(self.opencode_connected()),
         );
-        counter(
-            &mut out,
-            "opencode_bridge_opencode_stream_reconnects_total",
-            "Times OpenCode's event stream ended or failed and was retried.",
-            st.reconnects.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "opencode_bridge_opencode_events_total",
-            "Events read from OpenCode's event stream.",
-            st.events.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "opencode_bridge_opencode_bad_events_total",
-            "Events from OpenCode that could not be decoded (skipped).",
-            st.bad_events.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "opencode_bridge_opencode_events_dropped_total",
-            "Events dropped for a turn that fell behind (it catches up over HTTP).",
-            st.dropped_for_lag.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "opencode_bridge_opencode_restarts_total",
-            "Restarts of the embedded opencode serve.",
-            s.embedded_restarts.load(Ordering::Relaxed),
-        );
+        let counters = [
+            (
+                "opencode_bridge_opencode_stream_reconnects_total",
+                "Times OpenCode's event stream ended or failed and was retried.",
+                st.reconnects.load(Ordering::Relaxed),
+            ),
+            (
+                "opencode_bridge_opencode_events_total",
+                "Events read from OpenCode's event stream.",
+                st.events.load(Ordering::Relaxed),
+            ),
+            (
+                "opencode_bridge_opencode_bad_events_total",
+                "Events from OpenCode that could not be decoded (skipped).",
+                st.bad_events.load(Ordering::Relaxed),
+            ),
+            (
+                "opencode_bridge_opencode_events_dropped_total",
+                "Events dropped for a turn that fell behind (it catches up over HTTP).",
+                st.dropped_for_lag.load(Ordering::Relaxed),
+            ),
+            (
+                "opencode_bridge_opencode_restarts_total",
+                "Restarts of the embedded opencode serve.",
+                s.embedded_restarts.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut out, name, help, value);
+        }
         out
     }
 }

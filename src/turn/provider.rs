@@ -99,7 +99,7 @@ pub async fn explain(
             .await
             .ok()
             .flatten()
-            .map(|u| host_of(&u)),
+            .map(|u| crate::opencode::client::host_of(&u)),
         None => None,
     };
     let which = match (&model, &endpoint) {
@@ -143,18 +143,6 @@ async fn last_model(ctx: &TurnContext, session_id: &str) -> Option<(String, Stri
     })
 }
 
-/// `host[:port]` of a URL (the whole string when it is not one).
-fn host_of(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(u) => match (u.host_str(), u.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            _ => url.to_string(),
-        },
-        Err(_) => url.to_string(),
-    }
-}
-
 /// Whether an error message says the provider refused our credentials.
 fn is_auth(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
@@ -171,9 +159,15 @@ mod tests {
 
     #[test]
     fn hosts_and_auth() {
-        assert_eq!(host_of("http://127.0.0.1:8080/v1"), "127.0.0.1:8080");
-        assert_eq!(host_of("https://api.openai.com/v1"), "api.openai.com");
-        assert_eq!(host_of("not a url"), "not a url");
+        assert_eq!(
+            crate::opencode::client::host_of("http://127.0.0.1:8080/v1"),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            crate::opencode::client::host_of("https://api.openai.com/v1"),
+            "api.openai.com"
+        );
+        assert_eq!(crate::opencode::client::host_of("not a url"), "not a url");
         assert!(is_auth("APIError: Incorrect API key provided"));
         assert!(is_auth("ProviderAuthError: no key"));
         assert!(!is_auth("APIError: Internal Server Error"));

@@ -160,67 +160,9 @@ impl Dispatcher {
     /// only its own turns: another tenant's turn or conversation is answered
     /// exactly like one that does not exist.
     pub fn abort(self: &Arc<Self>, req: &AbortRequest, from: &Caller) -> AbortAnswer {
-        let key_of_conv = |c: &str| QueueKey::Conversation(c.to_string());
-        let reachable = match &req.target {
-            AbortTarget::Conversation(c) => from.owns_conversation(c),
-            AbortTarget::Trace(_) => true,
-        };
-        let (aborted, key) = {
-            let running = self.lock_running();
-            let found = match &req.target {
-                _ if !reachable => None,
-                AbortTarget::Trace(t) => running
-                    .get(t)
-                    .filter(|r| from.may_act_for(&r.caller))
-                    .map(|r| (r, r.key.clone())),
-                AbortTarget::Conversation(c) => {
-                    let k = key_of_conv(c);
-                    running
-                        .values()
-                        .find(|r| r.key.as_ref() == Some(&k))
-                        .map(|r| (r, r.key.clone()))
-                }
-            };
-            match found {
-                Some((r, key)) => {
-                    r.abort.cancel();
-                    (true, key)
-                }
-                None => (
-                    false,
-                    match &req.target {
-                        AbortTarget::Conversation(c) if reachable => Some(key_of_conv(c)),
-                        _ => None,
-                    },
-                ),
-            }
-        };
-        let mut dropped = Vec::new();
-        {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            if req.drop_queued {
-                if let Some(q) = key.as_ref().and_then(|k| queues.get_mut(k)) {
-                    dropped.extend(q.drain(..));
-                }
-            }
-            if let (false, AbortTarget::Trace(t)) = (aborted, &req.target) {
-                for q in queues.values_mut() {
-                    if let Some(i) = q
-                        .iter()
-                        .position(|j| &j.prompt.trace_id == t && from.may_act_for(&j.prompt.caller))
-                    {
-                        dropped.extend(q.remove(i));
-                    }
-                }
-            }
-        }
+        let (aborted, key) = self.cancel_running(req, from);
+        let dropped = self.take_queued(req, from, aborted, key.as_ref());
         let n = dropped.len();
-        {
-            let mut live = self.lock_live();
-            for job in &dropped {
-                live.remove(&job.prompt.trace_id);
-            }
-        }
         for job in dropped {
             self.tracker.spawn(async move {
                 let Job {
@@ -245,6 +187,70 @@ impl Dispatcher {
             reason,
             dropped: n,
         }
+    }
+
+    /// Cancels the running turn `req` names, if `from` may reach it:
+    /// whether one was, and the queue key of its conversation (also when
+    /// none runs, for `drop_queued`).
+    fn cancel_running(&self, req: &AbortRequest, from: &Caller) -> (bool, Option<QueueKey>) {
+        let key_of_conv = |c: &str| QueueKey::Conversation(c.to_string());
+        let reachable = match &req.target {
+            AbortTarget::Conversation(c) => from.owns_conversation(c),
+            AbortTarget::Trace(_) => true,
+        };
+        let running = self.lock_running();
+        let found = match &req.target {
+            _ if !reachable => None,
+            AbortTarget::Trace(t) => running.get(t).filter(|r| from.may_act_for(&r.caller)),
+            AbortTarget::Conversation(c) => {
+                let k = key_of_conv(c);
+                running.values().find(|r| r.key.as_ref() == Some(&k))
+            }
+        };
+        match (found, &req.target) {
+            (Some(r), _) => {
+                r.abort.cancel();
+                (true, r.key.clone())
+            }
+            (None, AbortTarget::Conversation(c)) if reachable => (false, Some(key_of_conv(c))),
+            (None, _) => (false, None),
+        }
+    }
+
+    /// Takes the queued prompts an abort drops: the conversation's queue
+    /// with `drop_queued`; the queued prompt a trace id names when no turn
+    /// of that id was running. They are no longer live.
+    fn take_queued(
+        &self,
+        req: &AbortRequest,
+        from: &Caller,
+        aborted: bool,
+        key: Option<&QueueKey>,
+    ) -> Vec<Job> {
+        let mut dropped = Vec::new();
+        {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            if req.drop_queued {
+                if let Some(q) = key.and_then(|k| queues.get_mut(k)) {
+                    dropped.extend(q.drain(..));
+                }
+            }
+            if let (false, AbortTarget::Trace(t)) = (aborted, &req.target) {
+                for q in queues.values_mut() {
+                    if let Some(i) = q
+                        .iter()
+                        .position(|j| &j.prompt.trace_id == t && from.may_act_for(&j.prompt.caller))
+                    {
+                        dropped.extend(q.remove(i));
+                    }
+                }
+            }
+        }
+        let mut live = self.lock_live();
+        for job in &dropped {
+            live.remove(&job.prompt.trace_id);
+        }
+        dropped
     }
 
     /// Conversations with a worker (running or queued turns).

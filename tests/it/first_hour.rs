@@ -86,9 +86,9 @@ impl Started {
             .await
             .unwrap_or_else(|_| panic!("the daemon ignored {sig}; log:\n{}", self.seen.join("\n")))
             .unwrap();
-        // The rest of the log: the reader ends at the pipe's EOF.
+        // Every line up to the end of stderr (the reader may lag the exit).
         while let Ok(Some(l)) =
-            tokio::time::timeout(Duration::from_secs(5), self.lines.recv()).await
+            tokio::time::timeout(Duration::from_secs(10), self.lines.recv()).await
         {
             self.seen.push(l);
         }
@@ -322,4 +322,47 @@ mod provider_trouble {
         }
         bridge.stop().await.unwrap();
     }
+}
+
+#[test]
+fn check_config_says_what_it_read_and_where_a_mistake_is() {
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(BIN);
+        c.arg("check-config").args(args).env_clear();
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = run(&[], &[]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "config OK; read: built-in defaults only (no --config file, no OPENCODE_BRIDGE__* environment variables)\n"
+    );
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let out = run(
+        &["--config", example.to_str().unwrap()],
+        &[("OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT", "10m")],
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "config OK; read: built-in defaults, config file {}, environment OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT\n",
+            example.display()
+        )
+    );
+    let out = run(&["--config", "/nonexistent.toml"], &[]);
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "config file /nonexistent.toml does not exist\n"
+    );
+    let out = run(&[], &[("OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT", "600")]);
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "environment variable OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT=\"600\" ([turn] idle_timeout): not a duration; write a duration such as \"10m\", \"90s\" or \"1h 30m\"\n"
+    );
 }

@@ -1,0 +1,123 @@
+//! Publishing replies, with their headers.
+
+use async_nats::header::HeaderName;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use tracing::warn;
+
+use super::BusError;
+use crate::config::ReplyHeaders;
+use crate::protocol::{Reply, ReplyBody};
+
+/// Publishes replies.
+#[derive(Clone)]
+pub struct Publisher {
+    pub(super) client: async_nats::Client,
+    headers: ReplyHeaders,
+}
+
+impl Publisher {
+    /// A publisher whose replies carry the full header set.
+    pub fn new(client: async_nats::Client) -> Self {
+        Publisher {
+            client,
+            headers: ReplyHeaders::Full,
+        }
+    }
+
+    /// Which headers replies carry (`[subjects] reply_headers`).
+    pub fn with_reply_headers(mut self, headers: ReplyHeaders) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The largest payload the server accepts (headers included).
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    /// Whether the connection to the server is up now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Successful reconnects since the first connection.
+    pub fn reconnects(&self) -> u64 {
+        self.client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(1)
+    }
+
+    /// Publishes one reply with its headers (`Trace-Id`, `Reply-Kind`,
+    /// `Reply-Seq`, `Nats-Msg-Id`). While NATS is disconnected this waits in
+    /// the client's bounded buffer.
+    pub async fn publish(&self, subject: &str, reply: &Reply<'_>) -> Result<(), BusError> {
+        self.publish_traced(subject, reply, None).await
+    }
+
+    /// [`publish`](Self::publish), plus a W3C `traceparent` header.
+    pub async fn publish_traced(
+        &self,
+        subject: &str,
+        reply: &Reply<'_>,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
+        // Static names (no allocation, no validation per reply); the values
+        // are the only per-reply allocations async-nats' HeaderMap allows.
+        const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+        const TRACE_ID: HeaderName = HeaderName::from_static("Trace-Id");
+        const REPLY_KIND: HeaderName = HeaderName::from_static("Reply-Kind");
+        const REPLY_SEQ: HeaderName = HeaderName::from_static("Reply-Seq");
+        const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+        let mut h = HeaderMap::new();
+        if let Some(t) = traceparent {
+            h.insert(TRACEPARENT, t);
+        }
+        h.insert(TRACE_ID, reply.trace_id);
+        let streamed = matches!(
+            reply.body,
+            ReplyBody::Delta { .. } | ReplyBody::Reasoning { .. }
+        );
+        if !(streamed && self.headers == ReplyHeaders::Lean) {
+            let seq = reply.seq.to_string();
+            let mut msg_id = String::with_capacity(reply.trace_id.len() + 1 + seq.len());
+            msg_id.push_str(reply.trace_id);
+            msg_id.push('-');
+            msg_id.push_str(&seq);
+            h.insert(REPLY_KIND, reply.body.kind());
+            h.insert(REPLY_SEQ, seq);
+            h.insert(NATS_MSG_ID, msg_id);
+        }
+        self.client
+            .publish_with_headers(subject.to_string(), h, Bytes::from(reply.to_json()))
+            .await
+            .map_err(publish_failed(subject))
+    }
+
+    /// Publishes a small JSON answer (no reply headers).
+    pub async fn publish_raw(&self, subject: &str, body: Vec<u8>) -> Result<(), BusError> {
+        self.client
+            .publish(subject.to_string(), Bytes::from(body))
+            .await
+            .map_err(publish_failed(subject))
+    }
+
+    /// Pushes buffered publishes to the socket.
+    pub async fn flush(&self) {
+        if let Err(e) = self.client.flush().await {
+            warn!(error = %e, "NATS flush failed");
+        }
+    }
+}
+
+/// Maps a publish error of async-nats to [`BusError::Publish`] on `subject`.
+pub(super) fn publish_failed<E: Into<super::Source>>(
+    subject: &str,
+) -> impl FnOnce(E) -> BusError + '_ {
+    move |e| BusError::Publish {
+        subject: subject.to_string(),
+        source: e.into(),
+    }
+}

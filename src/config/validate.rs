@@ -1,0 +1,158 @@
+//! What serde cannot check.
+
+use super::{Config, ConfigError};
+use crate::protocol::subject::validate_subject;
+
+impl Config {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_nats()?;
+        self.validate_subjects()?;
+        self.validate_opencode()?;
+        self.validate_sizes()?;
+        self.validate_service()
+    }
+
+    fn validate_nats(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.nats.urls().is_empty() {
+            return invalid("nats.url", "no server URL given".into());
+        }
+        for url in self.nats.urls() {
+            if let Some((scheme, _)) = url.split_once("://") {
+                if !["nats", "tls", "ws", "wss"].contains(&scheme) {
+                    return invalid(
+                        "nats.url",
+                        format!(
+                            "{url:?} is not a NATS URL: use nats://, tls://, ws:// or wss:// (as in nats://127.0.0.1:4222)"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+            return invalid(
+                "nats.tls_cert_file",
+                "tls_cert_file and tls_key_file go together".into(),
+            );
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return invalid("nats.user", "user and password go together".into());
+        }
+        Ok(())
+    }
+
+    /// Subjects are the daemon's own: no wildcard, no `$`, no empty token.
+    fn validate_subjects(&self) -> Result<(), ConfigError> {
+        for (key, s) in [
+            ("subjects.prompt", &self.subjects.prompt),
+            ("subjects.reply_prefix", &self.subjects.reply_prefix),
+            ("subjects.queue_group", &self.subjects.queue_group),
+            ("subjects.abort", &self.subjects.abort),
+            ("subjects.status", &self.subjects.status),
+            ("subjects.heartbeat", &self.subjects.heartbeat),
+            ("nats.inbox_prefix", &self.nats.inbox_prefix),
+            ("subjects.permission_reply", &self.subjects.permission_reply),
+            ("subjects.question_reply", &self.subjects.question_reply),
+            ("tenancy.inbox_prefix", &self.tenancy.inbox_prefix),
+        ] {
+            if let Err(e) = validate_subject(s) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{s:?} {e}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_opencode(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if let Some(u) = &self.opencode.base_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return invalid(
+                    "opencode.base_url",
+                    format!("{u:?} must start with http:// or https://"),
+                );
+            }
+        }
+        let positive = [
+            ("turn.first_event_timeout", self.turn.first_event_timeout),
+            ("turn.idle_timeout", self.turn.idle_timeout),
+            ("turn.turn_timeout", self.turn.turn_timeout),
+            ("turn.abort_timeout", self.turn.abort_timeout),
+            ("opencode.request_timeout", self.opencode.request_timeout),
+            ("opencode.connect_timeout", self.opencode.connect_timeout),
+            ("opencode.startup_timeout", self.opencode.startup_timeout),
+            (
+                "opencode.stream_stall_timeout",
+                self.opencode.stream_stall_timeout,
+            ),
+            ("opencode.reconnect_min", self.opencode.reconnect_min),
+        ];
+        for (key, d) in positive {
+            if d.is_zero() {
+                return invalid(key, "must be above zero".into());
+            }
+        }
+        if self.opencode.reconnect_max < self.opencode.reconnect_min {
+            return invalid(
+                "opencode.reconnect_max",
+                "must not be below opencode.reconnect_min".into(),
+            );
+        }
+        if let Err(reason) = self.opencode.password_from_file() {
+            return invalid("opencode.password_file", reason);
+        }
+        Ok(())
+    }
+
+    /// Every bound is a real bound.
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        for (key, n) in [
+            ("turn.max_in_flight", self.turn.max_in_flight),
+            ("turn.event_buffer", self.turn.event_buffer),
+            ("turn.max_conversations", self.turn.max_conversations),
+            ("limits.max_prompt_bytes", self.limits.max_prompt_bytes),
+            ("limits.max_event_bytes", self.limits.max_event_bytes),
+            (
+                "nats.subscription_capacity",
+                self.nats.subscription_capacity,
+            ),
+            ("nats.client_capacity", self.nats.client_capacity),
+        ] {
+            if n == 0 {
+                return invalid(key, "must be above zero".into());
+            }
+        }
+        if self.limits.max_reply_bytes < 1024 {
+            return invalid("limits.max_reply_bytes", "must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    fn validate_service(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let name = &self.service.name;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return invalid(
+                "service.name",
+                format!("{name:?} may only have letters, digits, - and _"),
+            );
+        }
+        if self
+            .service
+            .host
+            .as_ref()
+            .is_some_and(|h| h.trim().is_empty())
+        {
+            return invalid("service.host", "must not be empty when set".into());
+        }
+        Ok(())
+    }
+}
