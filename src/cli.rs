@@ -167,15 +167,8 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
         Err(code) => return code,
     };
     let trace_id = uuid::Uuid::new_v4().to_string();
-    // `progress`: hear of provider retries while waiting (`status` replies).
-    let mut body = json!({"text": text, "trace_id": trace_id, "progress": true});
-    for (k, v) in [("model", &args.model), ("agent", &args.agent)] {
-        if let Some(v) = v {
-            body[k] = json!(v);
-        }
-    }
     let mut replies = match caller
-        .stream(&subject, &[], body.to_string().into_bytes())
+        .stream(&subject, &[], prompt_payload(&args, &text, &trace_id))
         .await
     {
         Ok(r) => r,
@@ -221,24 +214,11 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
                     ));
                     break EXIT_TIMEOUT;
                 }
-                Ok(None) => {
-                    view.note(&mut out, &mut err, "the NATS connection closed");
-                    break EXIT_UNREACHABLE;
+                Ok(r) => {
+                    if let Some(code) = view.received(&mut out, &mut err, r, &subject, interrupted) {
+                        break code;
+                    }
                 }
-                Ok(Some(Received::NoResponders)) => {
-                    view.note(&mut out, &mut err, &format!("no bridge is listening on {subject}"));
-                    break EXIT_UNREACHABLE;
-                }
-                Ok(Some(Received::ServerError(e))) => {
-                    view.note(&mut out, &mut err, &format!("the NATS server refused the prompt on {subject}: {e}"));
-                    break EXIT_UNREACHABLE;
-                }
-                Ok(Some(Received::Reply(raw))) => match view.reply(&mut out, &mut err, &raw) {
-                    Some(Terminal::Final) => break 0,
-                    Some(Terminal::Error) if interrupted => break EXIT_INTERRUPTED,
-                    Some(Terminal::Error) => break EXIT_ERROR_REPLY,
-                    None => {}
-                },
             },
         }
     };
@@ -246,6 +226,18 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
     drop(out);
     caller.close().await;
     ExitCode::from(code)
+}
+
+/// The prompt request's JSON.
+fn prompt_payload(args: &PromptArgs, text: &str, trace_id: &str) -> Vec<u8> {
+    // `progress`: hear of provider retries while waiting (`status` replies).
+    let mut body = json!({"text": text, "trace_id": trace_id, "progress": true});
+    for (k, v) in [("model", &args.model), ("agent", &args.agent)] {
+        if let Some(v) = v {
+            body[k] = json!(v);
+        }
+    }
+    body.to_string().into_bytes()
 }
 
 /// How a turn ended.
@@ -315,6 +307,34 @@ impl View {
             out_mid_line: false,
             err_mid_line: false,
         }
+    }
+
+    /// What arrived on the reply stream (`None`: the connection closed);
+    /// the exit code if the command ends with it.
+    fn received(
+        &mut self,
+        out: &mut impl Write,
+        err: &mut impl Write,
+        r: Option<Received>,
+        subject: &str,
+        interrupted: bool,
+    ) -> Option<u8> {
+        let problem = match r {
+            None => "the NATS connection closed".to_string(),
+            Some(Received::NoResponders) => format!("no bridge is listening on {subject}"),
+            Some(Received::ServerError(e)) => {
+                format!("the NATS server refused the prompt on {subject}: {e}")
+            }
+            Some(Received::Reply(raw)) => {
+                return match self.reply(out, err, &raw)? {
+                    Terminal::Final => Some(0),
+                    Terminal::Error if interrupted => Some(EXIT_INTERRUPTED),
+                    Terminal::Error => Some(EXIT_ERROR_REPLY),
+                };
+            }
+        };
+        self.note(out, err, &problem);
+        Some(EXIT_UNREACHABLE)
     }
 
     /// Renders one reply; the turn's end if it was terminal.
