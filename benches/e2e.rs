@@ -46,11 +46,16 @@
 //! | `OPENCODE_BRIDGE__SUBJECTS__REPLY_HEADERS` | `full` | the daemon's reply headers (`lean`: deltas carry `Trace-Id` only) |
 //! | `E2E_PERF_DIR` | unset | `perf record` the daemon/relay during every phase into this directory (`E2E_PERF_CALLGRAPH=1`: with call graphs) |
 
+/// nats-server as the integration tests start it.
+#[path = "../tests/it/support/nats.rs"]
+#[allow(dead_code)]
+mod nats;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -749,13 +754,6 @@ async fn scheduler(fake: Arc<Fake>, mut rx: mpsc::UnboundedReceiver<(Arc<TurnSta
 
 // ---------------------------------------------------------------- processes
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn wait_for_log(path: &Path, needle: &str, child: &mut Child, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -813,39 +811,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-fn nats_server_bin() -> PathBuf {
-    if let Some(b) = std::env::var_os("NATS_SERVER_BIN") {
-        return b.into();
-    }
-    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nats-server");
-    if tools.exists() {
-        tools
-    } else {
-        "nats-server".into()
-    }
-}
-
-fn start_nats(dir: &Path) -> (Proc, String) {
-    let port = free_port();
-    let log = dir.join("nats-server.log");
-    let f = std::fs::File::create(&log).expect("log file");
-    let mut child = Command::new(nats_server_bin())
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("clone"))
-        .stderr(f)
-        .spawn()
-        .expect("spawn nats-server (set NATS_SERVER_BIN or run ./.ci/install-deps)");
-    wait_for_log(&log, "Server is ready", &mut child, Duration::from_secs(10));
-    (
-        Proc {
-            child,
-            name: "nats-server",
-        },
-        format!("nats://127.0.0.1:{port}"),
-    )
 }
 
 fn start_daemon(dir: &Path, nats_url: &str, fake_url: &str) -> Proc {
@@ -1534,7 +1499,9 @@ async fn run(params: Params) {
         .prefix("e2e-bench-")
         .tempdir()
         .expect("temp dir");
-    let (nats_proc, nats_url) = start_nats(dir.path());
+    // The tests' launcher: a free port, JetStream, its own temp dir.
+    let mut nats_server = nats::NatsServer::start();
+    let nats_url = nats_server.url();
     let fake = Fake::start().await;
     let nats = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
@@ -1544,7 +1511,7 @@ async fn run(params: Params) {
     let mut rig = Rig {
         fake: fake.clone(),
         nats,
-        nats_pid: nats_proc.pid(),
+        nats_pid: nats_server.pid().expect("nats-server runs"),
         phase_seq: 0,
         timeout: params.phase_timeout,
     };
@@ -1615,5 +1582,5 @@ async fn run(params: Params) {
         relay.stop();
     }
     report(&results, idle, relay_idle, &load_before);
-    nats_proc.stop();
+    nats_server.kill();
 }

@@ -8,75 +8,22 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt;
-use opencode_nats_bridge::config::{Config, ReplyHeaders};
+use opencode_nats_bridge::config::ReplyHeaders;
 use serde_json::{json, Value};
 
 use crate::support::bridge::{
     assert_well_formed, delta_text, request, request_with_headers, terminal, test_config, Bridge,
 };
 use crate::support::fake_opencode::{
-    self as fake, api_error, ev, FakeOpenCode, FakeOptions, Step, TurnBuilder, TurnInput,
-    TurnScript,
+    self as fake, api_error, ev, FakeOpenCode, FakeOptions, Step, TurnBuilder, TurnScript,
 };
 use crate::support::nats::{
     barrier, client, collect_until_terminal, subscribe_ready, NatsServer, Reply,
 };
+use crate::support::rig::{Rig, PASSWORD};
 
 /// Bound on one turn's replies.
 const TURN: Duration = Duration::from_secs(10);
-const PASSWORD: &str = "fake-secret";
-
-struct Rig {
-    nats: NatsServer,
-    fake: FakeOpenCode,
-    bridge: Option<Bridge>,
-    client: Client,
-}
-
-impl Rig {
-    /// NATS + the fake (password [`PASSWORD`]) scripted by `script` + the
-    /// bridge with `test_config`, adjusted by `tweak`.
-    async fn start(
-        script: impl Fn(&TurnInput) -> TurnScript + Send + Sync + 'static,
-        tweak: impl FnOnce(&mut Config),
-    ) -> Rig {
-        let nats = NatsServer::start();
-        let fake = FakeOpenCode::start_with(FakeOptions {
-            password: Some(PASSWORD.into()),
-            ..FakeOptions::default()
-        })
-        .await;
-        fake.set_script(script);
-        let mut cfg = test_config(&nats.url(), &fake.url(), Some(PASSWORD));
-        tweak(&mut cfg);
-        cfg.validate().expect("tweaked config is valid");
-        let bridge = Bridge::start(cfg).await;
-        let client = client(&nats.url()).await;
-        Rig {
-            nats,
-            fake,
-            bridge: Some(bridge),
-            client,
-        }
-    }
-
-    async fn ask(&self, subject: &str, payload: &str) -> Vec<Reply> {
-        let r = request(&self.client, subject, payload, TURN).await;
-        assert_well_formed(&r);
-        r
-    }
-
-    async fn stop(mut self) {
-        if let Some(b) = self.bridge.take() {
-            b.stop().await.expect("the bridge stops cleanly");
-        }
-        assert_eq!(
-            self.fake.unauthorized(),
-            0,
-            "every call carried the credentials"
-        );
-    }
-}
 
 fn kinds(replies: &[Reply]) -> Vec<String> {
     replies

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::{Client, Subscriber};
+use async_nats::Subscriber;
 use bytes::Bytes;
 use futures::StreamExt;
 use opencode_nats_bridge::config::Config;
@@ -26,57 +26,14 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::support::bridge::{
-    assert_well_formed, delta_text, request, terminal, test_config, Bridge,
-};
+use crate::support::bridge::{assert_well_formed, delta_text, request, terminal};
 use crate::support::fake_opencode::{
     self as fake, ev, FakeOpenCode, Step, TurnBuilder, TurnInput, TurnScript,
 };
 use crate::support::nats::{
-    client, collect_until_terminal, is_terminal, subscribe_ready, NatsServer, Reply, AFTER_TERMINAL,
+    collect_until_terminal, is_terminal, subscribe_ready, Reply, AFTER_TERMINAL,
 };
-
-struct Rig {
-    nats: NatsServer,
-    fake: FakeOpenCode,
-    bridge: Option<Bridge>,
-    client: Client,
-}
-
-impl Rig {
-    /// NATS (`nats_conf`: a nats-server config file, if any) + the fake
-    /// scripted by `script` + the bridge with `test_config`, adjusted by
-    /// `tweak`.
-    async fn start(
-        nats_conf: Option<&str>,
-        script: impl Fn(&TurnInput) -> TurnScript + Send + Sync + 'static,
-        tweak: impl FnOnce(&mut Config),
-    ) -> Rig {
-        let nats = match nats_conf {
-            Some(conf) => NatsServer::start_with_config(conf),
-            None => NatsServer::start(),
-        };
-        let fake = FakeOpenCode::start().await;
-        fake.set_script(script);
-        let mut cfg = test_config(&nats.url(), &fake.url(), None);
-        tweak(&mut cfg);
-        cfg.validate().expect("tweaked config is valid");
-        let bridge = Bridge::start(cfg).await;
-        let client = client(&nats.url()).await;
-        Rig {
-            nats,
-            fake,
-            bridge: Some(bridge),
-            client,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(b) = self.bridge.take() {
-            b.stop().await.expect("the bridge stops cleanly");
-        }
-    }
-}
+use crate::support::rig::Rig;
 
 fn of_kind<'a>(replies: &'a [Reply], kind: &str) -> Vec<&'a Value> {
     replies
@@ -204,7 +161,7 @@ fn max_overlap(fake: &FakeOpenCode) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_conversations_get_their_own_answers() {
-    let rig = Rig::start(
+    let rig = Rig::start_plain(
         None,
         |input| {
             let i: usize = input
@@ -350,7 +307,7 @@ async fn never_reading_subscriber(addr: SocketAddr, subject: &str) -> TcpStream 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reply_subscriber_does_not_stall_other_turns() {
-    let rig = Rig::start(
+    let rig = Rig::start_plain(
         // A short write deadline and the smallest outbound buffer allowed
         // (max_pending >= max_payload), so the server cuts the connection
         // that never reads within the test; with the defaults (64 MB, 10 s)
@@ -573,7 +530,7 @@ fn garbage_turn(input: &TurnInput) -> TurnScript {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_data_from_opencode_is_skipped_and_the_turn_still_ends_once() {
-    let rig = Rig::start(
+    let rig = Rig::start_plain(
         None,
         |input| {
             if input.text.contains("[garbage]") {
@@ -711,7 +668,7 @@ fn heartbeat_config(c: &mut Config) {
 /// `bridge_fake::no_event_at_all_hits_the_first_event_deadline`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_only_after_the_prompt_still_get_the_listed_answer() {
-    let rig = Rig::start(None, heartbeat_script, heartbeat_config).await;
+    let rig = Rig::start_plain(None, heartbeat_script, heartbeat_config).await;
     let (silent, cut) = tokio::join!(
         request(
             &rig.client,

@@ -11,7 +11,6 @@ mod faults_load;
 mod first_hour;
 mod nats_harness;
 mod ops_cli;
-mod ops_common;
 mod ops_nats_permissions;
 mod ops_service;
 mod ops_systemd;

@@ -11,11 +11,11 @@ use opencode_nats_bridge::config::Config;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
-use crate::ops_common::{cli, command, finish, run};
 use crate::support::bridge::{test_config, Bridge};
 use crate::support::fake_llm::{self, FakeLlm};
 use crate::support::fake_opencode::{echo_reply, FakeOpenCode};
 use crate::support::nats::NatsServer;
+use crate::support::ops::{cli, command, finish, run};
 use crate::support::real_opencode::RealOpenCode;
 
 /// Bound on one CLI run against the real OpenCode.

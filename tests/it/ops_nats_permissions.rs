@@ -12,10 +12,10 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::ops_common::{cli, gather};
 use crate::support::bridge::{assert_well_formed, terminal, test_config, Bridge};
 use crate::support::fake_opencode::{echo_reply, FakeOpenCode};
 use crate::support::nats::{collect_until_terminal, NatsServer, Reply};
+use crate::support::ops::{cli, gather};
 
 const TURN: Duration = Duration::from_secs(10);
 

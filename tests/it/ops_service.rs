@@ -11,12 +11,12 @@ use futures::StreamExt;
 use opencode_nats_bridge::config::Config;
 use serde_json::Value;
 
-use crate::ops_common::{free_port, gather, http_get, sample};
 use crate::support::bridge::{
     assert_well_formed, request, request_with_headers, test_config, Bridge,
 };
 use crate::support::fake_opencode::{echo_reply, FakeOpenCode};
 use crate::support::nats::{client, collect_until_terminal, subscribe_ready, NatsServer};
+use crate::support::ops::{free_port, gather, http_get, sample};
 
 const TURN: Duration = Duration::from_secs(10);
 /// How long a scatter-gather listens.

@@ -13,10 +13,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixDatagram;
 use tokio::process::Child;
 
-use crate::ops_common::command;
 use crate::support::bridge::{request, terminal};
 use crate::support::fake_opencode::{echo_reply, FakeOpenCode};
 use crate::support::nats::{client, NatsServer};
+use crate::support::ops::command;
 
 /// What the daemon sent, in order.
 struct Manager {

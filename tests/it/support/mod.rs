@@ -6,4 +6,6 @@ pub mod fake_llm;
 pub mod fake_opencode;
 pub mod http;
 pub mod nats;
+pub mod ops;
 pub mod real_opencode;
+pub mod rig;

@@ -85,6 +85,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The running server's process id (the e2e bench samples its CPU).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// JetStream store directory (kept across `restart`).
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
