@@ -167,10 +167,8 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
         Err(code) => return code,
     };
     let trace_id = uuid::Uuid::new_v4().to_string();
-    let mut replies = match caller
-        .stream(&subject, &[], prompt_payload(&args, &text, &trace_id))
-        .await
-    {
+    let body = prompt_body(&args, &text, &trace_id);
+    let mut replies = match caller.stream(&subject, &[], body.into_bytes()).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
@@ -197,29 +195,22 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
                 interrupted = true;
                 view.note(&mut out, &mut err, "aborting the turn...");
                 let abort = json!({"trace_id": trace_id}).to_string().into_bytes();
-                if let Err(e) = caller.publish(&cfg.subjects.abort, abort).await {
+                if let Err(e) = caller.publish(&abort_subject(&cfg, &subject), abort).await {
                     view.note(&mut out, &mut err, &format!("could not send the abort: {e}"));
                 }
                 deadline = deadline.min(tokio::time::Instant::now() + cfg.turn.abort_timeout + AFTER_ABORT);
             }
-            r = tokio::time::timeout_at(deadline, replies.next()) => match r {
-                Err(_) if interrupted => {
-                    view.note(&mut out, &mut err, "no answer to the abort; giving up");
-                    break EXIT_INTERRUPTED;
+            r = tokio::time::timeout_at(deadline, replies.next()) => {
+                let (code, note) = outcome(r, interrupted, &subject, &args, &trace_id, |raw| {
+                    view.reply(&mut out, &mut err, raw)
+                });
+                if let Some(note) = note {
+                    view.note(&mut out, &mut err, &note);
                 }
-                Err(_) => {
-                    view.note(&mut out, &mut err, &format!(
-                        "no final or error reply within {} (trace id {trace_id})",
-                        humantime::format_duration(args.timeout)
-                    ));
-                    break EXIT_TIMEOUT;
+                if let Some(code) = code {
+                    break code;
                 }
-                Ok(r) => {
-                    if let Some(code) = view.received(&mut out, &mut err, r, &subject, interrupted) {
-                        break code;
-                    }
-                }
-            },
+            }
         }
     };
     let _ = out.flush();
@@ -228,16 +219,75 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
     ExitCode::from(code)
 }
 
-/// The prompt request's JSON.
-fn prompt_payload(args: &PromptArgs, text: &str, trace_id: &str) -> Vec<u8> {
-    // `progress`: hear of provider retries while waiting (`status` replies).
+/// The prompt: `progress` to hear of provider retries while waiting
+/// (`status` replies).
+fn prompt_body(args: &PromptArgs, text: &str, trace_id: &str) -> String {
     let mut body = json!({"text": text, "trace_id": trace_id, "progress": true});
     for (k, v) in [("model", &args.model), ("agent", &args.agent)] {
         if let Some(v) = v {
             body[k] = json!(v);
         }
     }
-    body.to_string().into_bytes()
+    body.to_string()
+}
+
+/// Where Ctrl-C sends the abort: a tenant's prompt
+/// (`opencode.prompt.<tenant>...`) is aborted on `opencode.abort.<tenant>`,
+/// the operator's on `opencode.abort`.
+fn abort_subject(cfg: &Config, subject: &str) -> String {
+    use opencode_nats_bridge::protocol::tenant::{Caller, Route};
+    match Route::of(&cfg.route_subjects(), subject) {
+        Route::Prompt {
+            caller: Caller::Tenant(t),
+            ..
+        } => format!("{}.{t}", cfg.subjects.abort),
+        _ => cfg.subjects.abort.clone(),
+    }
+}
+
+/// What one wait for a reply means: an exit code once the turn is over,
+/// and a note for the user.
+fn outcome(
+    r: Result<Option<Received>, tokio::time::error::Elapsed>,
+    interrupted: bool,
+    subject: &str,
+    args: &PromptArgs,
+    trace_id: &str,
+    mut show: impl FnMut(&[u8]) -> Option<Terminal>,
+) -> (Option<u8>, Option<String>) {
+    match r {
+        Err(_) if interrupted => (
+            Some(EXIT_INTERRUPTED),
+            Some("no answer to the abort; giving up".into()),
+        ),
+        Err(_) => (
+            Some(EXIT_TIMEOUT),
+            Some(format!(
+                "no final or error reply within {} (trace id {trace_id})",
+                humantime::format_duration(args.timeout)
+            )),
+        ),
+        Ok(None) => (
+            Some(EXIT_UNREACHABLE),
+            Some("the NATS connection closed".into()),
+        ),
+        Ok(Some(Received::NoResponders)) => (
+            Some(EXIT_UNREACHABLE),
+            Some(format!("no bridge is listening on {subject}")),
+        ),
+        Ok(Some(Received::ServerError(e))) => (
+            Some(EXIT_UNREACHABLE),
+            Some(format!(
+                "the NATS server refused the prompt on {subject}: {e}"
+            )),
+        ),
+        Ok(Some(Received::Reply(raw))) => match show(&raw) {
+            Some(Terminal::Final) => (Some(0), None),
+            Some(Terminal::Error) if interrupted => (Some(EXIT_INTERRUPTED), None),
+            Some(Terminal::Error) => (Some(EXIT_ERROR_REPLY), None),
+            None => (None, None),
+        },
+    }
 }
 
 /// How a turn ended.
@@ -307,34 +357,6 @@ impl View {
             out_mid_line: false,
             err_mid_line: false,
         }
-    }
-
-    /// What arrived on the reply stream (`None`: the connection closed);
-    /// the exit code if the command ends with it.
-    fn received(
-        &mut self,
-        out: &mut impl Write,
-        err: &mut impl Write,
-        r: Option<Received>,
-        subject: &str,
-        interrupted: bool,
-    ) -> Option<u8> {
-        let problem = match r {
-            None => "the NATS connection closed".to_string(),
-            Some(Received::NoResponders) => format!("no bridge is listening on {subject}"),
-            Some(Received::ServerError(e)) => {
-                format!("the NATS server refused the prompt on {subject}: {e}")
-            }
-            Some(Received::Reply(raw)) => {
-                return match self.reply(out, err, &raw)? {
-                    Terminal::Final => Some(0),
-                    Terminal::Error if interrupted => Some(EXIT_INTERRUPTED),
-                    Terminal::Error => Some(EXIT_ERROR_REPLY),
-                };
-            }
-        };
-        self.note(out, err, &problem);
-        Some(EXIT_UNREACHABLE)
     }
 
     /// Renders one reply; the turn's end if it was terminal.

@@ -3,6 +3,7 @@
 //! Nothing here does I/O; `bus/` moves these values over NATS. The contract is
 //! written up for users in `docs/PROTOCOL.md`; the two must agree.
 
+pub mod caller;
 pub mod control;
 pub mod interactive;
 pub mod prompt;

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::caller::Caller;
 use super::subject::{validate_subject, validate_token, SubjectError};
-use super::tenant::Caller;
 
 /// What a prompt asks for, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,8 @@ use crate::protocol::{ErrorCode, Reply, ReplyBody};
 
 /// Room left in a payload for the JSON envelope and headers around the text.
 const ENVELOPE_ROOM: usize = 1024;
+/// Room left in a payload for the headers of a reply.
+const HEADER_ROOM: usize = 512;
 
 pub struct ReplySink {
     publisher: Publisher,
@@ -25,7 +27,12 @@ pub struct ReplySink {
     session_id: Option<String>,
     seq: u64,
     terminated: bool,
+    /// Longest delta/reasoning text in one reply (its worst-case escaping
+    /// fits the payload).
     max_content: usize,
+    /// The largest reply body published (`limits.max_reply_bytes` and the
+    /// server's `max_payload`, less room for the headers).
+    max_body: usize,
     /// The turn's span (`traceparent` of every reply), when the prompt
     /// came with a trace context.
     traceparent: Option<String>,
@@ -44,6 +51,7 @@ impl ReplySink {
         // JSON escaping can grow text up to 6x (`\u0000`); keep the worst
         // case under the limit.
         let max_content = (limit.saturating_sub(ENVELOPE_ROOM) / 6).max(64);
+        let max_body = limit.saturating_sub(HEADER_ROOM);
         ReplySink {
             publisher,
             subject,
@@ -53,6 +61,7 @@ impl ReplySink {
             seq: 0,
             terminated: false,
             max_content,
+            max_body,
             traceparent: None,
             observer: None,
         }
@@ -140,20 +149,50 @@ impl ReplySink {
                     self.publish(&b).await;
                 }
             }
-            ReplyBody::Final(fin) if fin.content.len() > self.max_content => {
-                // The deltas carry the whole text; the final keeps a prefix.
-                let mut fin = fin.clone();
-                let cut =
-                    crate::protocol::reply::floor_char_boundary(&fin.content, self.max_content);
-                let total = fin.content.len();
-                fin.content.truncate(cut);
-                fin.content_truncated = true;
-                fin.notes.push(format!(
-                    "final.content cut at {cut} of {total} bytes to fit the payload limit; the deltas carry the whole text"
-                ));
+            ReplyBody::Final(fin) if self.encoded_len(&body) > self.max_body => {
+                let fin = self.cut_final(fin);
                 self.publish(&ReplyBody::Final(fin)).await
             }
             _ => self.publish(&body).await,
+        }
+    }
+
+    /// The size of `body` as it would go out now (its real JSON encoding).
+    fn encoded_len(&self, body: &ReplyBody) -> usize {
+        Reply {
+            trace_id: &self.trace_id,
+            seq: self.seq,
+            conversation: self.conversation.as_deref(),
+            session_id: self.session_id.as_deref(),
+            body,
+        }
+        .to_json()
+        .len()
+    }
+
+    /// A final whose encoding exceeds what NATS carries keeps the longest
+    /// prefix of its content that fits, says so, and `content_truncated`
+    /// (the deltas carry the whole text). Every content byte is at least
+    /// one encoded byte, so cutting the excess converges in a few rounds.
+    fn cut_final(
+        &self,
+        fin: &crate::protocol::reply::FinalReply,
+    ) -> Box<crate::protocol::reply::FinalReply> {
+        let mut fin = Box::new(fin.clone());
+        let total = fin.content.len();
+        fin.content_truncated = true;
+        fin.notes.push(format!(
+            "final.content cut to fit the payload limit ({} bytes); the {total} bytes are whole in the deltas",
+            self.max_body
+        ));
+        loop {
+            let size = self.encoded_len(&ReplyBody::Final(fin.clone()));
+            if size <= self.max_body || fin.content.is_empty() {
+                return fin;
+            }
+            let keep = fin.content.len().saturating_sub(size - self.max_body);
+            let cut = crate::protocol::reply::floor_char_boundary(&fin.content, keep);
+            fin.content.truncate(cut);
         }
     }
 

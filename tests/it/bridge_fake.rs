@@ -1572,12 +1572,34 @@ async fn an_answer_longer_than_max_payload_still_ends_the_turn() {
     for (_, v) in &r {
         assert!(serde_json::to_vec(v).unwrap().len() <= 65536);
     }
+    // The final keeps the longest prefix that fits, and says so.
     let last = terminal(&r);
+    assert_eq!(last["kind"], "final", "{:?}", kinds(&r));
+    assert_eq!(last["content_truncated"], true);
+    let whole = delta_text(&r);
+    assert_eq!(whole.len(), 100 * 1024);
+    let content = last["content"].as_str().unwrap();
+    assert!(whole.starts_with(content));
     assert!(
-        last["kind"] == "final" || last["kind"] == "error",
-        "a terminal reply: {:?}",
-        kinds(&r)
+        content.len() > 60_000,
+        "cut by the real size: {}",
+        content.len()
     );
-    assert_eq!(delta_text(&r).len(), 100 * 1024);
     bridge.stop().await.unwrap();
+}
+
+/// A final is cut only when its real encoding does not fit: 300 KB of plain
+/// text goes whole under the default limits (it used to be cut at ~87 KB,
+/// the worst case of six escaped bytes per byte).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_plain_answer_arrives_whole_in_the_final() {
+    let chunk = "0123456789abcdef".repeat(64); // 1 KiB
+    let deltas: Vec<String> = (0..300).map(|_| chunk.clone()).collect();
+    let rig = Rig::start(move |input| fake::text_turn(input, &owned(&deltas)), |_| {}).await;
+    let r = rig.ask("opencode.prompt", "a long one").await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{:?}", kinds(&r));
+    assert!(fin.get("content_truncated").is_none(), "{}", fin["notes"]);
+    assert_eq!(fin["content"].as_str().unwrap().len(), 300 * 1024);
+    rig.stop().await;
 }

@@ -7,44 +7,24 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::bridge::{
-    assert_typed, assert_well_formed, request, terminal, test_config, Bridge,
-};
-use crate::support::fake_llm::{self, FakeLlm};
-use crate::support::nats::{client, subscribe_ready, NatsServer, Reply};
-use crate::support::real_opencode::{default_config, RealOpenCode};
+use crate::support::bridge::{assert_typed, assert_well_formed, request, terminal};
+use crate::support::fake_llm::{self};
+use crate::support::nats::{subscribe_ready, Reply};
+use crate::support::rig::RealStack;
 use opencode_nats_bridge::protocol::interactive::{Action, Rule};
 
 const TURN: Duration = Duration::from_secs(60);
 
-struct Stack {
-    _nats: NatsServer,
-    _llm: FakeLlm,
-    _opencode: RealOpenCode,
-    bridge: Bridge,
-    client: async_nats::Client,
-}
-
 /// OpenCode asks before every bash call; the bridge's policy is `rules`.
-async fn stack(rules: Vec<Rule>, ask_timeout: Duration) -> Stack {
-    let nats = NatsServer::start();
-    let llm = FakeLlm::start().await;
-    let mut oc_cfg = default_config(&llm.base_url());
-    oc_cfg["permission"]["bash"] = json!("ask");
-    let opencode = RealOpenCode::start_with_config(oc_cfg).await;
-    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
-    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
-    cfg.permissions.rules = rules;
-    cfg.permissions.ask_timeout = ask_timeout;
-    let bridge = Bridge::start(cfg).await;
-    let client = client(&nats.url()).await;
-    Stack {
-        _nats: nats,
-        _llm: llm,
-        _opencode: opencode,
-        bridge,
-        client,
-    }
+async fn stack(rules: Vec<Rule>, ask_timeout: Duration) -> RealStack {
+    RealStack::start(
+        |oc| oc["permission"]["bash"] = json!("ask"),
+        |cfg| {
+            cfg.permissions.rules = rules;
+            cfg.permissions.ask_timeout = ask_timeout;
+        },
+    )
+    .await
 }
 
 fn ask_bash() -> Vec<Rule> {
@@ -529,7 +509,7 @@ async fn an_abort_rejects_the_pending_permission_at_opencode() {
         }
     }
     // OpenCode holds the request open.
-    let pending = s._opencode.get_json("/permission").await;
+    let pending = s.opencode.get_json("/permission").await;
     assert_eq!(pending.as_array().map(Vec::len), Some(1), "{pending}");
     let a = c
         .request("opencode.abort", r#"{"trace_id":"abort-asking"}"#.into())
@@ -543,7 +523,7 @@ async fn an_abort_rejects_the_pending_permission_at_opencode() {
     // Nothing is left waiting at OpenCode.
     let mut left = Value::Null;
     for _ in 0..20 {
-        left = s._opencode.get_json("/permission").await;
+        left = s.opencode.get_json("/permission").await;
         if left.as_array().is_some_and(Vec::is_empty) {
             break;
         }

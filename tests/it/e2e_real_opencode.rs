@@ -11,32 +11,12 @@ use crate::support::bridge::{
 use crate::support::fake_llm::{self, FakeLlm};
 use crate::support::nats::{client, NatsServer};
 use crate::support::real_opencode::RealOpenCode;
+use crate::support::rig::RealStack;
 
 const TURN: Duration = Duration::from_secs(60);
 
-struct Stack {
-    _nats: NatsServer,
-    _llm: FakeLlm,
-    opencode: RealOpenCode,
-    bridge: Bridge,
-    client: async_nats::Client,
-}
-
-async fn stack() -> Stack {
-    let nats = NatsServer::start();
-    let llm = FakeLlm::start().await;
-    let opencode = RealOpenCode::start(&llm.base_url()).await;
-    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
-    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
-    let bridge = Bridge::start(cfg).await;
-    let client = client(&nats.url()).await;
-    Stack {
-        _nats: nats,
-        _llm: llm,
-        opencode,
-        bridge,
-        client,
-    }
+async fn stack() -> RealStack {
+    RealStack::start(|_| {}, |_| {}).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +238,7 @@ async fn daemon_restart_keeps_the_conversation() {
 
     // A new daemon rebuilds the conversation map from the session titles.
     let mut cfg = test_config(
-        &s._nats.url(),
+        &s.nats.url(),
         s.opencode.base_url(),
         Some(s.opencode.password()),
     );

@@ -9,43 +9,26 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::process::Command;
 
-use crate::support::bridge::{test_config, Bridge};
-use crate::support::fake_llm::{self, FakeLlm};
-use crate::support::nats::NatsServer;
-use crate::support::real_opencode::{default_config, RealOpenCode};
+use crate::support::fake_llm::{self};
+use crate::support::rig::RealStack;
 use opencode_nats_bridge::protocol::interactive::{Action, Rule};
 
 const RUN: Duration = Duration::from_secs(120);
 
-struct Stack {
-    nats: NatsServer,
-    _llm: FakeLlm,
-    _opencode: RealOpenCode,
-    bridge: Bridge,
-}
-
 /// OpenCode asks before every bash call; the bridge asks the caller.
-async fn stack() -> Stack {
-    let nats = NatsServer::start();
-    let llm = FakeLlm::start().await;
-    let mut oc_cfg = default_config(&llm.base_url());
-    oc_cfg["permission"]["bash"] = json!("ask");
-    let opencode = RealOpenCode::start_with_config(oc_cfg).await;
-    let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
-    cfg.opencode.directory = Some(opencode.directory().to_path_buf());
-    cfg.permissions.rules = vec![Rule {
-        tenant: None,
-        permission: "bash".into(),
-        pattern: "*".into(),
-        action: Action::Ask,
-    }];
-    let bridge = Bridge::start(cfg).await;
-    Stack {
-        nats,
-        _llm: llm,
-        _opencode: opencode,
-        bridge,
-    }
+async fn stack() -> RealStack {
+    RealStack::start(
+        |oc| oc["permission"]["bash"] = json!("ask"),
+        |cfg| {
+            cfg.permissions.rules = vec![Rule {
+                tenant: None,
+                permission: "bash".into(),
+                pattern: "*".into(),
+                action: Action::Ask,
+            }]
+        },
+    )
+    .await
 }
 
 struct Output {

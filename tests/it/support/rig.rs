@@ -91,3 +91,42 @@ impl Rig {
         );
     }
 }
+
+/// The stack of the end-to-end tests: a real nats-server, the fake LLM, the
+/// real OpenCode (pinned) configured with `opencode_config`, and the bridge
+/// in front of it with `test_config` adjusted by `tweak`.
+pub struct RealStack {
+    pub nats: NatsServer,
+    pub llm: super::fake_llm::FakeLlm,
+    pub opencode: super::real_opencode::RealOpenCode,
+    pub bridge: Bridge,
+    pub client: Client,
+}
+
+impl RealStack {
+    /// `opencode_config` gets the fake LLM's URL
+    /// ([`default_config`](super::real_opencode::default_config)) and may
+    /// change it.
+    pub async fn start(
+        opencode_config: impl FnOnce(&mut serde_json::Value),
+        tweak: impl FnOnce(&mut Config),
+    ) -> RealStack {
+        let nats = NatsServer::start();
+        let llm = super::fake_llm::FakeLlm::start().await;
+        let mut oc = super::real_opencode::default_config(&llm.base_url());
+        opencode_config(&mut oc);
+        let opencode = super::real_opencode::RealOpenCode::start_with_config(oc).await;
+        let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+        cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+        tweak(&mut cfg);
+        let bridge = Bridge::start(cfg).await;
+        let client = client(&nats.url()).await;
+        RealStack {
+            nats,
+            llm,
+            opencode,
+            bridge,
+            client,
+        }
+    }
+}
