@@ -207,6 +207,7 @@ pub enum PartKind {
     Reasoning,
     /// A tool call, with its [`ToolState`].
     Tool,
+    /// Any other `type`, by name (nothing for a turn to relay).
     Other(String),
 }
 
@@ -272,6 +273,7 @@ pub enum ToolStatus {
     Completed,
     /// Ended with `error`.
     Error,
+    /// Any other status, by name (the mapper waits for one it knows).
     Other(String),
 }
 
