@@ -12,7 +12,10 @@ use clap::Args;
 use opencode_nats_bridge::bus::{Caller, Received};
 use opencode_nats_bridge::config::Config;
 use opencode_nats_bridge::ops::status::Status;
-use opencode_nats_bridge::protocol::validate_subject;
+use opencode_nats_bridge::protocol::reply::FinalReply;
+use opencode_nats_bridge::protocol::{
+    validate_subject, ErrorCode, ReplyBody, ReplyOwned, StatusEvent,
+};
 use serde_json::{json, Value};
 
 /// The turn ended with an `error` reply.
@@ -24,7 +27,7 @@ pub const EXIT_TIMEOUT: u8 = 3;
 pub const EXIT_UNREACHABLE: u8 = 1;
 /// Bad usage (no prompt text).
 pub const EXIT_USAGE: u8 = 64;
-/// A bad config file.
+/// A bad config file (the daemon's too: systemd's `RestartPreventExitStatus`).
 pub const EXIT_CONFIG: u8 = 78;
 /// Interrupted (Ctrl-C) and the turn did not complete.
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -294,6 +297,39 @@ enum Terminal {
     Error,
 }
 
+/// A reply as the CLI reads it: the typed contract, or, from a bridge that
+/// sends a kind (or a shape) this version does not know, its kind and seq.
+enum Incoming {
+    Known(Box<ReplyOwned>),
+    Unknown { kind: String, seq: Option<u64> },
+}
+
+impl Incoming {
+    /// `None`: not JSON at all.
+    fn read(raw: &[u8]) -> Option<Incoming> {
+        if let Ok(r) = ReplyOwned::from_json(raw) {
+            return Some(Incoming::Known(Box::new(r)));
+        }
+        let v: Value = serde_json::from_slice(raw).ok()?;
+        Some(Incoming::Unknown {
+            kind: v["kind"].as_str().unwrap_or("").to_string(),
+            seq: v["seq"].as_u64(),
+        })
+    }
+
+    fn terminal(&self) -> Option<Terminal> {
+        let kind = match self {
+            Incoming::Known(r) => r.body.kind(),
+            Incoming::Unknown { kind, .. } => kind,
+        };
+        match kind {
+            "final" => Some(Terminal::Final),
+            "error" => Some(Terminal::Error),
+            _ => None,
+        }
+    }
+}
+
 /// Renders replies: answer text on stdout as it arrives; reasoning, tool
 /// activity and problems on stderr (dimmed on a terminal); or, with
 /// `--json`, every reply verbatim on stdout.
@@ -330,24 +366,15 @@ impl View {
         err: &mut impl Write,
         raw: &[u8],
     ) -> Option<Terminal> {
-        let v: Option<Value> = serde_json::from_slice(raw).ok();
-        let kind = v
-            .as_ref()
-            .and_then(|v| v["kind"].as_str())
-            .unwrap_or("")
-            .to_string();
-        let terminal = match kind.as_str() {
-            "final" => Some(Terminal::Final),
-            "error" => Some(Terminal::Error),
-            _ => None,
-        };
+        let incoming = Incoming::read(raw);
+        let terminal = incoming.as_ref().and_then(Incoming::terminal);
         if self.json {
             let _ = out.write_all(raw);
             let _ = out.write_all(b"\n");
             let _ = out.flush();
             return terminal;
         }
-        let Some(v) = v else {
+        let Some(incoming) = incoming else {
             self.note(
                 out,
                 err,
@@ -355,131 +382,161 @@ impl View {
             );
             return None;
         };
-        if let Some(seq) = v["seq"].as_u64() {
-            if seq > self.next_seq {
-                let lost = seq - self.next_seq;
-                self.note(
-                    out,
-                    err,
-                    &format!(
-                        "{lost} repl{} lost on the way",
-                        if lost == 1 { "y" } else { "ies" }
-                    ),
-                );
+        match incoming {
+            Incoming::Known(r) => {
+                self.count(out, err, r.seq);
+                self.body(out, err, r.body);
             }
-            self.next_seq = self.next_seq.max(seq + 1);
-        }
-        let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
-        match kind.as_str() {
-            "delta" => self.answer(out, err, &text("content")),
-            "reasoning" => {
-                self.end_out_line(out);
-                let c = text("content");
-                let _ = write!(err, "{}", self.dimmed(&c));
-                if !c.is_empty() {
-                    self.err_mid_line = !c.ends_with('\n');
+            Incoming::Unknown { kind, seq } => {
+                if let Some(seq) = seq {
+                    self.count(out, err, seq);
                 }
-                let _ = err.flush();
+                self.side(out, err, &format!("[{kind}]"));
             }
-            "tool_call" => {
-                let args = v["args"].to_string();
-                self.side(
-                    out,
-                    err,
-                    &format!("→ {} {}", text("tool"), clip(&args, 200)),
-                );
-            }
-            "status" if v["event"] == "provider_retry" => {
-                let limit = match v["retry_limit"].as_u64() {
-                    Some(n) if n > 0 => format!(" (the bridge gives up at {n})"),
-                    _ => String::new(),
-                };
-                self.side(
-                    out,
-                    err,
-                    &format!(
-                        "the model provider failed; OpenCode retries it: attempt {}{limit}: {}",
-                        v["attempt"],
-                        clip(&text("reason"), 200)
-                    ),
-                );
-            }
-            "tool_result" => {
-                let how = if v["success"].as_bool() == Some(true) {
-                    "ok"
-                } else {
-                    "failed"
-                };
-                let result = text("result");
-                let first = result.lines().next().unwrap_or("");
-                let more = result.lines().count().saturating_sub(1);
-                let more = if more > 0 {
-                    format!(" (+{more} lines)")
-                } else {
-                    String::new()
-                };
-                self.side(
-                    out,
-                    err,
-                    &format!("← {} {how}: {}{more}", text("tool"), clip(first, 200)),
-                );
-            }
-            "final" => {
-                let content = text("content");
-                if let Some(rest) = content.strip_prefix(self.printed.as_str()) {
-                    // Text the stream did not carry (the bridge's catch-up
-                    // normally makes this empty).
-                    self.answer(out, err, rest);
-                } else {
-                    self.note(
-                        out,
-                        err,
-                        "the stream lost part of the answer; the whole answer follows",
-                    );
-                    self.answer(out, err, &content);
-                }
-                if self.tty_out && self.out_mid_line {
-                    let _ = writeln!(out);
-                    self.out_mid_line = false;
-                }
-                let _ = out.flush();
-                if self.dim {
-                    let mut facts = Vec::new();
-                    if let Some(m) = v["model"].as_str() {
-                        facts.push(m.to_string());
-                    }
-                    if let Some(ms) = v["duration_ms"].as_u64() {
-                        facts.push(format!("{:.1}s", ms as f64 / 1000.0));
-                    }
-                    if let (Some(i), Some(o)) =
-                        (v["usage"]["input"].as_u64(), v["usage"]["output"].as_u64())
-                    {
-                        facts.push(format!("{i} in / {o} out tokens"));
-                    }
-                    for n in v["notes"].as_array().into_iter().flatten() {
-                        facts.push(n.as_str().unwrap_or("").to_string());
-                    }
-                    if !facts.is_empty() {
-                        self.side(out, err, &facts.join(" · "));
-                    }
-                }
-            }
-            "error" => {
-                let retry = if v["retryable"].as_bool() == Some(true) {
-                    ", retryable"
-                } else {
-                    ""
-                };
-                self.end_out_line(out);
-                if self.err_mid_line {
-                    let _ = writeln!(err);
-                }
-                let _ = writeln!(err, "error ({}{retry}): {}", text("code"), text("error"));
-                self.err_mid_line = false;
-            }
-            other => self.side(out, err, &format!("[{other}]")),
         }
         terminal
+    }
+
+    /// Notes replies that never arrived (a gap before `seq`).
+    fn count(&mut self, out: &mut impl Write, err: &mut impl Write, seq: u64) {
+        if seq > self.next_seq {
+            let lost = seq - self.next_seq;
+            self.note(
+                out,
+                err,
+                &format!(
+                    "{lost} repl{} lost on the way",
+                    if lost == 1 { "y" } else { "ies" }
+                ),
+            );
+        }
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    fn body(&mut self, out: &mut impl Write, err: &mut impl Write, body: ReplyBody) {
+        match body {
+            ReplyBody::Delta { content, .. } => self.answer(out, err, &content),
+            ReplyBody::Reasoning { content, .. } => self.reasoning(out, err, &content),
+            ReplyBody::ToolCall { tool, args, .. } => {
+                let args = args.to_string();
+                self.side(out, err, &format!("→ {tool} {}", clip(&args, 200)));
+            }
+            ReplyBody::ToolResult {
+                tool,
+                success,
+                result,
+                ..
+            } => self.tool_result(out, err, &tool, success, &result),
+            ReplyBody::Status {
+                event: StatusEvent::ProviderRetry,
+                attempt,
+                reason,
+                retry_limit,
+            } => {
+                let limit = match retry_limit {
+                    0 => String::new(),
+                    n => format!(" (the bridge gives up at {n})"),
+                };
+                self.side(
+                    out,
+                    err,
+                    &format!(
+                        "the model provider failed; OpenCode retries it: attempt {attempt}{limit}: {}",
+                        clip(&reason, 200)
+                    ),
+                );
+            }
+            ReplyBody::Final(fin) => self.final_reply(out, err, &fin),
+            ReplyBody::Error {
+                error,
+                code,
+                retryable,
+            } => self.error_reply(out, err, code, retryable, &error),
+            other @ (ReplyBody::Permission { .. } | ReplyBody::Question { .. }) => {
+                self.side(out, err, &format!("[{}]", other.kind()));
+            }
+        }
+    }
+
+    /// Reasoning text on stderr, dimmed.
+    fn reasoning(&mut self, out: &mut impl Write, err: &mut impl Write, content: &str) {
+        self.end_out_line(out);
+        let _ = write!(err, "{}", self.dimmed(content));
+        if !content.is_empty() {
+            self.err_mid_line = !content.ends_with('\n');
+        }
+        let _ = err.flush();
+    }
+
+    /// A tool's outcome: its first line and how many follow.
+    fn tool_result(
+        &mut self,
+        out: &mut impl Write,
+        err: &mut impl Write,
+        tool: &str,
+        success: bool,
+        result: &str,
+    ) {
+        let how = if success { "ok" } else { "failed" };
+        let first = result.lines().next().unwrap_or("");
+        let more = match result.lines().count().saturating_sub(1) {
+            0 => String::new(),
+            more => format!(" (+{more} lines)"),
+        };
+        self.side(
+            out,
+            err,
+            &format!("← {tool} {how}: {}{more}", clip(first, 200)),
+        );
+    }
+
+    /// The rest of the answer the stream did not carry, then (when stderr
+    /// is a terminal) model, time, tokens and notes.
+    fn final_reply(&mut self, out: &mut impl Write, err: &mut impl Write, fin: &FinalReply) {
+        if let Some(rest) = fin.content.strip_prefix(self.printed.as_str()) {
+            // Text the stream did not carry (the bridge's catch-up
+            // normally makes this empty).
+            self.answer(out, err, rest);
+        } else {
+            self.note(
+                out,
+                err,
+                "the stream lost part of the answer; the whole answer follows",
+            );
+            self.answer(out, err, &fin.content);
+        }
+        if self.tty_out && self.out_mid_line {
+            let _ = writeln!(out);
+            self.out_mid_line = false;
+        }
+        let _ = out.flush();
+        if self.dim {
+            let mut facts: Vec<String> = fin.model.iter().cloned().collect();
+            facts.push(format!("{:.1}s", fin.duration_ms as f64 / 1000.0));
+            facts.push(format!(
+                "{} in / {} out tokens",
+                fin.usage.input, fin.usage.output
+            ));
+            facts.extend(fin.notes.iter().cloned());
+            self.side(out, err, &facts.join(" · "));
+        }
+    }
+
+    fn error_reply(
+        &mut self,
+        out: &mut impl Write,
+        err: &mut impl Write,
+        code: ErrorCode,
+        retryable: bool,
+        error: &str,
+    ) {
+        let retry = if retryable { ", retryable" } else { "" };
+        self.end_out_line(out);
+        if self.err_mid_line {
+            let _ = writeln!(err);
+        }
+        let _ = writeln!(err, "error ({}{retry}): {error}", code.as_str());
+        self.err_mid_line = false;
     }
 
     /// Answer text on stdout.
@@ -686,12 +743,14 @@ mod tests {
 
     fn turn() -> Vec<Value> {
         vec![
-            json!({"kind": "reasoning", "seq": 0, "content": "Thinking."}),
-            json!({"kind": "delta", "seq": 1, "content": "Hello "}),
-            json!({"kind": "tool_call", "seq": 2, "tool": "bash", "call_id": "c", "args": {"command": "ls"}}),
-            json!({"kind": "tool_result", "seq": 3, "tool": "bash", "call_id": "c", "success": true, "result": "a\nb\n"}),
-            json!({"kind": "delta", "seq": 4, "content": "world"}),
-            json!({"kind": "final", "seq": 5, "content": "Hello world", "model": "p/m"}),
+            json!({"trace_id": "t", "kind": "reasoning", "seq": 0, "content": "Thinking.", "part_id": "p0"}),
+            json!({"trace_id": "t", "kind": "delta", "seq": 1, "content": "Hello ", "part_id": "p1"}),
+            json!({"trace_id": "t", "kind": "tool_call", "seq": 2, "tool": "bash", "call_id": "c", "args": {"command": "ls"}}),
+            json!({"trace_id": "t", "kind": "tool_result", "seq": 3, "tool": "bash", "call_id": "c", "success": true, "result": "a\nb\n"}),
+            json!({"trace_id": "t", "kind": "delta", "seq": 4, "content": "world", "part_id": "p1"}),
+            json!({"trace_id": "t", "kind": "final", "seq": 5, "content": "Hello world", "model": "p/m",
+                   "usage": {"input": 10, "output": 20, "reasoning": 0, "cache_read": 0, "cache_write": 0},
+                   "cost": 0.0, "duration_ms": 1500}),
         ]
     }
 
@@ -714,14 +773,19 @@ mod tests {
             err.starts_with("\x1b[2mThinking.\x1b[22m\n\x1b[2m→ bash"),
             "{err:?}"
         );
-        assert!(err.ends_with("\x1b[2mp/m\x1b[22m\n"), "{err:?}");
+        assert!(
+            err.ends_with("\x1b[2mp/m · 1.5s · 10 in / 20 out tokens\x1b[22m\n"),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn a_final_completes_what_the_stream_missed() {
         let replies = vec![
-            json!({"kind": "delta", "seq": 0, "content": "Hel"}),
-            json!({"kind": "final", "seq": 2, "content": "Hello"}),
+            json!({"trace_id": "t", "kind": "delta", "seq": 0, "content": "Hel", "part_id": "p1"}),
+            json!({"trace_id": "t", "kind": "final", "seq": 2, "content": "Hello",
+                   "usage": {"input": 1, "output": 1, "reasoning": 0, "cache_read": 0, "cache_write": 0},
+                   "cost": 0.0, "duration_ms": 10}),
         ];
         let (out, err, end) = run(&mut View::new(false, false, false), &replies);
         assert_eq!(out, "Hello");
@@ -732,7 +796,7 @@ mod tests {
     #[test]
     fn an_error_goes_to_stderr() {
         let replies = vec![
-            json!({"kind": "error", "seq": 0, "code": "timeout", "error": "late", "retryable": true}),
+            json!({"trace_id": "t", "kind": "error", "seq": 0, "code": "timeout", "error": "late", "retryable": true}),
         ];
         let (out, err, end) = run(&mut View::new(false, false, false), &replies);
         assert_eq!(out, "");
@@ -754,6 +818,35 @@ mod tests {
     }
 
     #[test]
+    fn kinds_it_does_not_render_are_named() {
+        let replies = [
+            json!({"trace_id": "t", "kind": "permission", "seq": 0, "request_id": "per_1",
+                   "permission": "bash", "patterns": ["ls"], "description": "",
+                   "reply_subject": "r.per_1"}),
+            json!({"trace_id": "t", "kind": "status", "seq": 1, "event": "later"}),
+            json!({"trace_id": "t", "kind": "news", "seq": 3}),
+            json!("not a reply"),
+            json!({"trace_id": "t", "kind": "error", "seq": 4, "code": "aborted", "error": "stop", "retryable": false}),
+        ];
+        let (out, err, end) = run(&mut View::new(false, false, false), &replies);
+        assert_eq!(out, "");
+        assert_eq!(end, Some(Terminal::Error));
+        assert_eq!(
+            err,
+            "[permission]\n[status]\nopencode-nats-bridge: 1 reply lost on the way\n[news]\n[]\nerror (aborted): stop\n"
+        );
+        let (_, err, end) = run(&mut View::new(false, false, false), &[]);
+        assert_eq!((err.as_str(), end), ("", None));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let end = View::new(false, false, false).reply(&mut out, &mut err, b"{oops");
+        assert_eq!(end, None);
+        assert_eq!(
+            String::from_utf8(err).unwrap(),
+            "opencode-nats-bridge: unreadable reply: {oops\n"
+        );
+    }
+
+    #[test]
     fn clip_respects_characters() {
         assert_eq!(clip("héllo", 2), "h…");
         assert_eq!(clip("abc", 3), "abc");
@@ -762,8 +855,8 @@ mod tests {
     #[test]
     fn provider_retries_are_shown_on_stderr() {
         let replies = [
-            json!({"kind": "status", "seq": 0, "event": "provider_retry", "attempt": 1, "reason": "Internal Server Error", "retry_limit": 3}),
-            json!({"kind": "error", "seq": 1, "code": "provider_error", "error": "failed", "retryable": true}),
+            json!({"trace_id": "t", "kind": "status", "seq": 0, "event": "provider_retry", "attempt": 1, "reason": "Internal Server Error", "retry_limit": 3}),
+            json!({"trace_id": "t", "kind": "error", "seq": 1, "code": "provider_error", "error": "failed", "retryable": true}),
         ];
         let (out, err, end) = run(&mut View::new(false, false, false), &replies);
         assert_eq!(out, "");

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cli::EXIT_CONFIG;
 use opencode_nats_bridge::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -18,8 +19,6 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Exit status for a configuration error (systemd's `RestartPreventExitStatus`).
-const EXIT_CONFIG: u8 = 78;
 /// Exit status for a failure at run time.
 const EXIT_RUNTIME: u8 = 1;
 

@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::opencode::events::{
-    Event, MessageError, MessageInfo, MessageWithParts, Part, PermissionAsked, QuestionAsked, Role,
-    SessionStatus,
+    Event, MessageError, MessageInfo, MessageWithParts, Part, PartKind, PermissionAsked,
+    QuestionAsked, Role, SessionStatus, ToolStatus,
 };
 use crate::protocol::reply::{floor_char_boundary, FinalReply};
 use crate::protocol::{ErrorCode, ReplyBody, Usage};
@@ -46,14 +46,6 @@ pub enum Signal {
     },
     Permission(PermissionAsked),
     Question(QuestionAsked),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PartKind {
-    Text,
-    Reasoning,
-    Tool,
-    Other,
 }
 
 #[derive(Debug)]
@@ -179,7 +171,7 @@ impl TurnMapper {
                             part_id: part_id.into(),
                         });
                     }
-                    PartKind::Tool | PartKind::Other => {}
+                    PartKind::Tool | PartKind::Other(_) => {}
                 }
             }
         }
@@ -252,7 +244,7 @@ impl TurnMapper {
         out: &mut Vec<ReplyBody>,
     ) -> Signal {
         match event {
-            Event::PartUpdated(p) if p.kind == "tool" => {
+            Event::PartUpdated(p) if p.kind == PartKind::Tool => {
                 tool_replies(
                     p,
                     &mut self.tools,
@@ -282,18 +274,15 @@ impl TurnMapper {
         if !self.is_ours(&part.message_id) {
             return;
         }
-        let kind = match part.kind.as_str() {
-            "text" => PartKind::Text,
-            "reasoning" => PartKind::Reasoning,
-            "tool" => PartKind::Tool,
-            _ => PartKind::Other,
-        };
-        let track = self.parts.entry(part.id.clone()).or_insert(PartTrack {
-            kind,
-            emitted: 0,
-            frozen: false,
-        });
-        match kind {
+        let track = self
+            .parts
+            .entry(part.id.clone())
+            .or_insert_with(|| PartTrack {
+                kind: part.kind.clone(),
+                emitted: 0,
+                frozen: false,
+            });
+        match part.kind {
             PartKind::Text | PartKind::Reasoning => {
                 let finished = part.time.as_ref().is_some_and(|t| t.end.is_some());
                 if finished {
@@ -303,7 +292,7 @@ impl TurnMapper {
                 }
             }
             PartKind::Tool => self.on_tool(part, out),
-            PartKind::Other => {}
+            PartKind::Other(_) => {}
         }
     }
 
@@ -346,7 +335,7 @@ impl TurnMapper {
             }
             fin.cost += m.info.cost.unwrap_or(0.0);
             for p in &m.parts {
-                if p.kind == "tool" {
+                if p.kind == PartKind::Tool {
                     tool_replies(
                         p,
                         &mut self.tools,
@@ -402,19 +391,17 @@ impl TurnMapper {
             }
             self.assistant.insert(m.info.id.clone(), m.info.clone());
             for part in &m.parts {
-                match part.kind.as_str() {
-                    "text" | "reasoning" => {
-                        let kind = if part.kind == "text" {
-                            PartKind::Text
-                        } else {
-                            PartKind::Reasoning
-                        };
+                match part.kind {
+                    PartKind::Text | PartKind::Reasoning => {
                         // A part first seen here had its live events lost.
-                        let track = self.parts.entry(part.id.clone()).or_insert(PartTrack {
-                            kind,
-                            emitted: 0,
-                            frozen: true,
-                        });
+                        let track =
+                            self.parts
+                                .entry(part.id.clone())
+                                .or_insert_with(|| PartTrack {
+                                    kind: part.kind.clone(),
+                                    emitted: 0,
+                                    frozen: true,
+                                });
                         let finished = part.time.as_ref().is_some_and(|t| t.end.is_some());
                         if at_end || finished || track.frozen {
                             if let Some(text) = &part.text {
@@ -422,8 +409,8 @@ impl TurnMapper {
                             }
                         }
                     }
-                    "tool" => self.on_tool(part, out),
-                    _ => {}
+                    PartKind::Tool => self.on_tool(part, out),
+                    PartKind::Other(_) => {}
                 }
             }
             last_done = Some(m.info.is_done());
@@ -489,7 +476,7 @@ impl TurnMapper {
         let mut usage = UsageSum::default();
         for m in &answers {
             for p in &m.parts {
-                if p.kind == "text" {
+                if p.kind == PartKind::Text {
                     if let Some(t) = &p.text {
                         fin.content.push_str(t);
                     }
@@ -538,15 +525,15 @@ fn tool_replies(
             });
         }
     };
-    match state.status.as_str() {
+    match state.status {
         // `pending` carries no arguments yet.
-        "pending" => {}
-        "running" => emit_call(track, out),
-        "completed" | "error" => {
+        ToolStatus::Pending => {}
+        ToolStatus::Running => emit_call(track, out),
+        ToolStatus::Completed | ToolStatus::Error => {
             emit_call(track, out);
             if !track.result_emitted {
                 track.result_emitted = true;
-                let success = state.status == "completed";
+                let success = state.status == ToolStatus::Completed;
                 let mut result = if success {
                     state.output.clone().unwrap_or_default()
                 } else {
@@ -564,7 +551,7 @@ fn tool_replies(
                 });
             }
         }
-        _ => {}
+        ToolStatus::Other(_) => {}
     }
 }
 

@@ -475,8 +475,7 @@ mod fuzz {
         fn mutated_real_events_never_panic(idx in 0usize..2000, cut in 0usize..400, junk in "[{}\\[\\]\":,a-z0-9]{0,8}") {
             let evs = real_events();
             let e = &evs[idx % evs.len()];
-            let mut cut = cut.min(e.len());
-            while !e.is_char_boundary(cut) { cut -= 1; }
+            let cut = floor_char_boundary(e, cut);
             let mutated = format!("{}{}{}", &e[..cut], junk, &e[cut..]);
             let _ = parse_event(&mutated);
         }

@@ -182,7 +182,7 @@ pub struct Part {
     #[serde(rename = "messageID")]
     pub message_id: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: PartKind,
     #[serde(default)]
     pub text: Option<String>,
     #[serde(default)]
@@ -197,6 +197,47 @@ pub struct Part {
     pub state: Option<ToolState>,
 }
 
+/// What a [`Part`] is (its `type`). OpenCode has more kinds (`step-start`,
+/// `patch`, `file`, ...) and adds new ones: those are kept by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartKind {
+    /// Answer text.
+    Text,
+    /// The model's reasoning.
+    Reasoning,
+    /// A tool call, with its [`ToolState`].
+    Tool,
+    /// Any other `type`, by name (nothing for a turn to relay).
+    Other(String),
+}
+
+impl PartKind {
+    fn from_name(name: &str) -> Self {
+        match name {
+            "text" => PartKind::Text,
+            "reasoning" => PartKind::Reasoning,
+            "tool" => PartKind::Tool,
+            other => PartKind::Other(other.to_string()),
+        }
+    }
+
+    /// The name OpenCode gives it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            PartKind::Text => "text",
+            PartKind::Reasoning => "reasoning",
+            PartKind::Tool => "tool",
+            PartKind::Other(name) => name,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PartKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ByName(PartKind::from_name))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct PartTime {
     #[serde(default)]
@@ -207,7 +248,7 @@ pub struct PartTime {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ToolState {
-    pub status: String,
+    pub status: ToolStatus,
     #[serde(default)]
     pub input: Value,
     #[serde(default)]
@@ -218,6 +259,68 @@ pub struct ToolState {
     /// (`sessionId`).
     #[serde(default)]
     pub metadata: Value,
+}
+
+/// Where a tool call is (`state.status`); a status OpenCode adds later is
+/// kept by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolStatus {
+    /// Announced; no arguments yet.
+    Pending,
+    /// Has its arguments and runs.
+    Running,
+    /// Ended with `output`.
+    Completed,
+    /// Ended with `error`.
+    Error,
+    /// Any other status, by name (the mapper waits for one it knows).
+    Other(String),
+}
+
+impl ToolStatus {
+    fn from_name(name: &str) -> Self {
+        match name {
+            "pending" => ToolStatus::Pending,
+            "running" => ToolStatus::Running,
+            "completed" => ToolStatus::Completed,
+            "error" => ToolStatus::Error,
+            other => ToolStatus::Other(other.to_string()),
+        }
+    }
+
+    /// The name OpenCode gives it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ToolStatus::Pending => "pending",
+            ToolStatus::Running => "running",
+            ToolStatus::Completed => "completed",
+            ToolStatus::Error => "error",
+            ToolStatus::Other(name) => name,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ToolStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ByName(ToolStatus::from_name))
+    }
+}
+
+/// Reads a JSON string through `.0`: the names a bridge knows without an
+/// allocation, any other kept. Anything but a string is the error reading
+/// a `String` gives.
+struct ByName<T>(fn(&str) -> T);
+
+impl<T> serde::de::Visitor<'_> for ByName<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        Ok((self.0)(v))
+    }
 }
 
 /// `message.part.delta`: text to append to one field of a part. Reasoning
@@ -679,6 +782,49 @@ mod tests {
                 .session_id(),
             None
         );
+    }
+
+    #[test]
+    fn part_kinds_and_tool_statuses_are_typed_and_new_ones_still_parse() {
+        let part = |kind: &str, status: &str| {
+            let data = format!(
+                r#"{{"type":"message.part.updated","properties":{{"part":{{"id":"prt_1","sessionID":"s","messageID":"m","type":"{kind}","callID":"c","tool":"bash","state":{{"status":"{status}"}}}}}}}}"#
+            );
+            match parse_event(&data) {
+                Ok(Event::PartUpdated(p)) => p,
+                other => panic!("{other:?}"),
+            }
+        };
+        for (name, kind) in [
+            ("text", PartKind::Text),
+            ("reasoning", PartKind::Reasoning),
+            ("tool", PartKind::Tool),
+            ("step-start", PartKind::Other("step-start".into())),
+            ("future-kind", PartKind::Other("future-kind".into())),
+        ] {
+            let p = part(name, "running");
+            assert_eq!(p.kind.as_str(), name);
+            assert_eq!(p.kind, kind);
+        }
+        for (name, status) in [
+            ("pending", ToolStatus::Pending),
+            ("running", ToolStatus::Running),
+            ("completed", ToolStatus::Completed),
+            ("error", ToolStatus::Error),
+            ("queued", ToolStatus::Other("queued".into())),
+        ] {
+            let state = part("tool", name).state.unwrap();
+            assert_eq!(state.status.as_str(), name);
+            assert_eq!(state.status, status);
+        }
+        // Not a string: the same error as for a `String` field.
+        let bad = r#"{"type":"message.part.updated","properties":{"part":{"id":"p","sessionID":"s","messageID":"m","type":5}}}"#;
+        match parse_event(bad) {
+            Err(EventError::Properties { error, .. }) => {
+                assert!(error.contains("expected a string"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod tenant;
 pub mod traceparent;
 
 pub use attachment::Attachment;
-pub use prompt::{parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, Rejection};
-pub use reply::{ErrorCode, Reply, ReplyBody, Usage};
+pub use prompt::{
+    parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, QueueKey, Rejection,
+};
+pub use reply::{ErrorCode, Reply, ReplyBody, ReplyOwned, StatusEvent, Usage};
 pub use subject::{reply_subject, subject_matches, validate_subject, SubjectError};

@@ -40,14 +40,25 @@ pub struct Prompt {
 }
 
 impl Prompt {
-    /// The key that serialises turns: the conversation, else the session.
-    pub fn queue_key(&self) -> Option<String> {
+    /// The key that serialises turns: the conversation, else the session;
+    /// `None` for a one-off prompt (its own session, nothing to wait for).
+    pub fn queue_key(&self) -> Option<QueueKey> {
         match (&self.conversation, &self.session_id) {
-            (Some(c), _) => Some(format!("c:{c}")),
-            (None, Some(s)) => Some(format!("s:{s}")),
+            (Some(c), _) => Some(QueueKey::Conversation(c.clone())),
+            (None, Some(s)) => Some(QueueKey::Session(s.clone())),
             (None, None) => None,
         }
     }
+}
+
+/// What two prompts share when they must not run at once: prompts with the
+/// same key run one after another, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum QueueKey {
+    /// The conversation key (`slack.C042`).
+    Conversation(String),
+    /// An OpenCode session driven directly (`session_id`, no conversation).
+    Session(String),
 }
 
 /// `provider/model`, split at the first `/`.
@@ -565,6 +576,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(r.reason.contains("max_attachment_bytes"), "{}", r.reason);
+    }
+
+    #[test]
+    fn the_conversation_then_the_session_is_the_queue_key() {
+        let key = |payload: &str| parse(payload).unwrap().queue_key();
+        assert_eq!(key(r#"{"text":"hi"}"#), None);
+        assert_eq!(
+            key(r#"{"text":"hi","session_id":"ses_9Zx"}"#),
+            Some(QueueKey::Session("ses_9Zx".into()))
+        );
+        assert_eq!(
+            key(r#"{"text":"hi","conversation":"c.1","session_id":"ses_9Zx"}"#),
+            Some(QueueKey::Conversation("c.1".into()))
+        );
+        // A conversation named like a session id is still a conversation.
+        assert_ne!(
+            key(r#"{"text":"hi","conversation":"ses_9Zx"}"#),
+            key(r#"{"text":"hi","session_id":"ses_9Zx"}"#)
+        );
     }
 
     #[test]

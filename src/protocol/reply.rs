@@ -1,12 +1,14 @@
 //! Replies: one JSON object per NATS message, in a fixed vocabulary.
 
 use crate::jsonscan::next_special;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The reply vocabulary. `Final` and `Error` are terminal: exactly one of
-/// them ends every turn and nothing follows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// them ends every turn and nothing follows it. The one definition of the
+/// contract: the bridge writes it, the CLI and the tests read it back
+/// ([`ReplyOwned`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ReplyBody {
     /// Answer text to append.
@@ -24,7 +26,7 @@ pub enum ReplyBody {
         parent_call_id: Option<String>,
         /// The arguments' longest strings were cut to fit
         /// `limits.max_tool_result_bytes` (a 1.5 MB `write`, say).
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         truncated: bool,
     },
     /// The outcome of a tool call; exactly one per `call_id`, after its call.
@@ -34,7 +36,7 @@ pub enum ReplyBody {
         success: bool,
         result: String,
         /// The result was cut at `limits.max_tool_result_bytes`.
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         truncated: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         parent_call_id: Option<String>,
@@ -67,7 +69,7 @@ pub enum ReplyBody {
     /// `reason`); at attempt `retry_limit` the bridge ends the turn with a
     /// `provider_error` (`retry_limit` 0: it waits for OpenCode to give up).
     Status {
-        event: &'static str,
+        event: StatusEvent,
         attempt: u64,
         reason: String,
         retry_limit: u32,
@@ -111,8 +113,16 @@ impl ReplyBody {
     }
 }
 
+/// What a `status` reply is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusEvent {
+    /// The model provider failed and OpenCode retries the call.
+    ProviderRetry,
+}
+
 /// The body of a `final` reply.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct FinalReply {
     /// The full text of the assistant's answer to this prompt, read from
     /// OpenCode's message history once the turn was over.
@@ -131,19 +141,19 @@ pub struct FinalReply {
     pub finish: Option<String>,
     /// Notes about decisions the bridge took during the turn (for example a
     /// permission request it rejected by policy).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     /// The conversation's OpenCode session was gone and a new one was made
     /// for this prompt (earlier context is lost).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub session_recreated: bool,
     /// `content` was cut to fit the payload limit (the deltas are whole).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub content_truncated: bool,
 }
 
 /// Token counts summed over the turn's assistant messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Usage {
     pub input: u64,
     pub output: u64,
@@ -153,7 +163,7 @@ pub struct Usage {
 }
 
 /// Stable error codes (snake_case on the wire). Documented in docs/PROTOCOL.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The prompt itself is unusable; resending it unchanged fails again.
@@ -303,6 +313,39 @@ impl Reply<'_> {
         push_json_str(&mut out, part_id);
         out.push(b'}');
         out
+    }
+}
+
+/// A reply as it is read off the wire: [`Reply`] with owned fields, the same
+/// JSON both ways (tested for every kind). Fields it does not know are
+/// ignored, so a reader keeps up with additions to the contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyOwned {
+    pub trace_id: String,
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(flatten)]
+    pub body: ReplyBody,
+}
+
+impl ReplyOwned {
+    /// Reads one reply's payload.
+    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The borrowed form the bridge writes.
+    pub fn as_reply(&self) -> Reply<'_> {
+        Reply {
+            trace_id: &self.trace_id,
+            seq: self.seq,
+            conversation: self.conversation.as_deref(),
+            session_id: self.session_id.as_deref(),
+            body: &self.body,
+        }
     }
 }
 
@@ -485,6 +528,331 @@ mod tests {
     fn error_codes_serialise_as_documented() {
         for code in ErrorCode::ALL {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+            assert_eq!(
+                serde_json::from_value::<ErrorCode>(json!(code.as_str())).unwrap(),
+                code
+            );
+        }
+        assert!(serde_json::from_value::<ErrorCode>(json!("no_such_code")).is_err());
+    }
+
+    /// Which kind a body is, as a number: a new kind fails to compile here
+    /// until the round-trip tests cover it.
+    fn kind_index(body: &ReplyBody) -> usize {
+        match body {
+            ReplyBody::Delta { .. } => 0,
+            ReplyBody::Reasoning { .. } => 1,
+            ReplyBody::ToolCall { .. } => 2,
+            ReplyBody::ToolResult { .. } => 3,
+            ReplyBody::Permission { .. } => 4,
+            ReplyBody::Question { .. } => 5,
+            ReplyBody::Status { .. } => 6,
+            ReplyBody::Final(_) => 7,
+            ReplyBody::Error { .. } => 8,
+        }
+    }
+    const KINDS: usize = 9;
+
+    /// One body of every kind, with its optional fields set, and where a
+    /// kind has some, once more with them unset.
+    fn every_kind() -> Vec<ReplyBody> {
+        let s = |t: &str| t.to_string();
+        vec![
+            ReplyBody::Delta {
+                content: s("Hel\"lo\n"),
+                part_id: s("prt_1"),
+            },
+            ReplyBody::Reasoning {
+                content: s("Thinking \u{e9}"),
+                part_id: s("prt_2"),
+            },
+            ReplyBody::ToolCall {
+                call_id: s("call_1"),
+                tool: s("bash"),
+                args: json!({"command": "ls", "n": [1, 2.5, null]}),
+                parent_call_id: Some(s("call_0")),
+                truncated: true,
+            },
+            ReplyBody::ToolCall {
+                call_id: s("call_1"),
+                tool: s("bash"),
+                args: json!({}),
+                parent_call_id: None,
+                truncated: false,
+            },
+            ReplyBody::ToolResult {
+                call_id: s("call_1"),
+                tool: s("bash"),
+                success: true,
+                result: s("a\nb\n"),
+                truncated: true,
+                parent_call_id: Some(s("call_0")),
+            },
+            ReplyBody::ToolResult {
+                call_id: s("call_1"),
+                tool: s("bash"),
+                success: false,
+                result: s("tool failed"),
+                truncated: false,
+                parent_call_id: None,
+            },
+            ReplyBody::Permission {
+                request_id: s("per_1"),
+                permission: s("bash"),
+                patterns: vec![s("rm *"), s("ls")],
+                tool: Some(s("bash")),
+                call_id: Some(s("call_2")),
+                description: s("run rm"),
+                reply_subject: s("opencode.answer.t1.per_1"),
+            },
+            ReplyBody::Permission {
+                request_id: s("per_1"),
+                permission: s("webfetch"),
+                patterns: Vec::new(),
+                tool: None,
+                call_id: None,
+                description: String::new(),
+                reply_subject: s("opencode.answer.t1.per_1"),
+            },
+            ReplyBody::Question {
+                request_id: s("que_1"),
+                questions: json!([{"question": "Which?", "options": [{"label": "a"}]}]),
+                call_id: Some(s("call_3")),
+                reply_subject: s("opencode.answer.t1.que_1"),
+            },
+            ReplyBody::Question {
+                request_id: s("que_1"),
+                questions: json!([]),
+                call_id: None,
+                reply_subject: s("opencode.answer.t1.que_1"),
+            },
+            ReplyBody::Status {
+                event: StatusEvent::ProviderRetry,
+                attempt: 2,
+                reason: s("Internal Server Error"),
+                retry_limit: 3,
+            },
+            ReplyBody::Final(Box::new(FinalReply {
+                content: s("Hello world"),
+                model: Some(s("p/m")),
+                agent: Some(s("build")),
+                usage: Usage {
+                    input: 1,
+                    output: 2,
+                    reasoning: 3,
+                    cache_read: 4,
+                    cache_write: 5,
+                },
+                cost: 0.0125,
+                duration_ms: 1500,
+                finish: Some(s("stop")),
+                notes: vec![s("a permission was rejected")],
+                session_recreated: true,
+                content_truncated: true,
+            })),
+            ReplyBody::Final(Box::default()),
+            ReplyBody::error(ErrorCode::Timeout, "late"),
+            ReplyBody::Error {
+                error: s("auth"),
+                code: ErrorCode::ProviderError,
+                retryable: false,
+            },
+        ]
+    }
+
+    /// Writes `body` as the bridge does and reads it back; the same value
+    /// and the same JSON again.
+    fn round_trip(body: &ReplyBody, conversation: Option<&str>, session_id: Option<&str>) {
+        let r = Reply {
+            trace_id: "t1",
+            seq: 7,
+            conversation,
+            session_id,
+            body,
+        };
+        let wire = r.to_json();
+        let back = ReplyOwned::from_json(&wire)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&wire)));
+        assert_eq!(&back.body, body);
+        assert_eq!(back.body.kind(), body.kind());
+        assert_eq!(
+            (back.trace_id.as_str(), back.seq),
+            (r.trace_id, r.seq),
+            "{back:?}"
+        );
+        assert_eq!(back.conversation.as_deref(), conversation);
+        assert_eq!(back.session_id.as_deref(), session_id);
+        assert_eq!(back.as_reply().to_json(), wire);
+        assert_eq!(serde_json::to_vec(&back).unwrap(), wire);
+    }
+
+    #[test]
+    fn every_kind_reads_back_as_written() {
+        let bodies = every_kind();
+        let mut seen = [false; KINDS];
+        for body in &bodies {
+            seen[kind_index(body)] = true;
+            round_trip(body, Some("slack.C1"), Some("ses_1"));
+            round_trip(body, None, None);
+        }
+        assert_eq!(seen, [true; KINDS], "every kind is covered");
+    }
+
+    #[test]
+    fn a_reply_missing_a_field_does_not_read() {
+        for bad in [
+            json!({"trace_id": "t", "seq": 0, "kind": "delta", "content": "x"}),
+            json!({"trace_id": "t", "seq": 0, "kind": "nope"}),
+            json!({"seq": 0, "kind": "error", "error": "x", "code": "timeout", "retryable": true}),
+            json!({"trace_id": "t", "seq": 0, "kind": "final", "content": "x"}),
+            json!({"trace_id": "t", "seq": 0, "kind": "status", "event": "later", "attempt": 1, "reason": "", "retry_limit": 0}),
+        ] {
+            assert!(
+                ReplyOwned::from_json(bad.to_string().as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
+        // Fields the reader does not know are ignored.
+        let newer = json!({"trace_id": "t", "seq": 0, "kind": "delta", "content": "x",
+                           "part_id": "p", "since": "v2"});
+        assert!(ReplyOwned::from_json(newer.to_string().as_bytes()).is_ok());
+    }
+
+    mod arbitrary {
+        use super::super::*;
+        use proptest::prelude::*;
+        use proptest::strategy::BoxedStrategy;
+        use serde_json::json;
+
+        fn text() -> BoxedStrategy<String> {
+            "\\PC{0,12}|[\\x00-\\x7f]{0,8}".boxed()
+        }
+
+        fn opt() -> BoxedStrategy<Option<String>> {
+            proptest::option::of(text()).boxed()
+        }
+
+        fn final_reply() -> impl Strategy<Value = FinalReply> {
+            (
+                (text(), opt(), opt(), opt()),
+                proptest::array::uniform5(any::<u64>()),
+                (0u32..1 << 20, any::<u64>()),
+                (
+                    proptest::collection::vec(text(), 0..3),
+                    any::<bool>(),
+                    any::<bool>(),
+                ),
+            )
+                .prop_map(
+                    |((content, model, agent, finish), u, (cost, duration_ms), (notes, r, t))| {
+                        FinalReply {
+                            content,
+                            model,
+                            agent,
+                            usage: Usage {
+                                input: u[0],
+                                output: u[1],
+                                reasoning: u[2],
+                                cache_read: u[3],
+                                cache_write: u[4],
+                            },
+                            // Dyadic fractions: exact in decimal, so the
+                            // float reads back bit for bit.
+                            cost: f64::from(cost) / 64.0,
+                            duration_ms,
+                            finish,
+                            notes,
+                            session_recreated: r,
+                            content_truncated: t,
+                        }
+                    },
+                )
+        }
+
+        pub fn body() -> impl Strategy<Value = ReplyBody> {
+            prop_oneof![
+                (text(), text())
+                    .prop_map(|(content, part_id)| ReplyBody::Delta { content, part_id }),
+                (text(), text())
+                    .prop_map(|(content, part_id)| ReplyBody::Reasoning { content, part_id }),
+                (text(), text(), text(), opt(), any::<bool>()).prop_map(
+                    |(call_id, tool, arg, parent_call_id, truncated)| ReplyBody::ToolCall {
+                        call_id,
+                        tool,
+                        args: json!({ "command": arg }),
+                        parent_call_id,
+                        truncated,
+                    }
+                ),
+                (text(), text(), any::<bool>(), text(), any::<bool>(), opt()).prop_map(
+                    |(call_id, tool, success, result, truncated, parent_call_id)| {
+                        ReplyBody::ToolResult {
+                            call_id,
+                            tool,
+                            success,
+                            result,
+                            truncated,
+                            parent_call_id,
+                        }
+                    }
+                ),
+                (
+                    (text(), text(), proptest::collection::vec(text(), 0..3)),
+                    (opt(), opt(), text(), text())
+                )
+                    .prop_map(
+                        |(
+                            (request_id, permission, patterns),
+                            (tool, call_id, description, reply_subject),
+                        )| {
+                            ReplyBody::Permission {
+                                request_id,
+                                permission,
+                                patterns,
+                                tool,
+                                call_id,
+                                description,
+                                reply_subject,
+                            }
+                        }
+                    ),
+                (text(), text(), opt(), text()).prop_map(
+                    |(request_id, q, call_id, reply_subject)| ReplyBody::Question {
+                        request_id,
+                        questions: json!([{ "question": q }]),
+                        call_id,
+                        reply_subject,
+                    }
+                ),
+                (any::<u64>(), text(), any::<u32>()).prop_map(|(attempt, reason, retry_limit)| {
+                    ReplyBody::Status {
+                        event: StatusEvent::ProviderRetry,
+                        attempt,
+                        reason,
+                        retry_limit,
+                    }
+                }),
+                final_reply().prop_map(|f| ReplyBody::Final(Box::new(f))),
+                (0..ErrorCode::ALL.len(), text(), any::<bool>()).prop_map(
+                    |(i, error, retryable)| ReplyBody::Error {
+                        error,
+                        code: ErrorCode::ALL[i],
+                        retryable,
+                    }
+                ),
+            ]
+        }
+    }
+
+    proptest::proptest! {
+        /// Any reply of any kind reads back as the value it was written from.
+        #[test]
+        fn any_reply_reads_back_as_written(
+            body in arbitrary::body(),
+            conversation in proptest::option::of("[a-z.]{1,8}"),
+            session_id in proptest::option::of("ses_[a-z0-9]{1,8}"),
+        ) {
+            round_trip(&body, conversation.as_deref(), session_id.as_deref());
         }
     }
 

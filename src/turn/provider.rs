@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::context::{TurnContext, TurnError};
 use super::sink::ReplySink;
-use crate::protocol::{ErrorCode, Prompt, ReplyBody};
+use crate::protocol::{ErrorCode, Prompt, ReplyBody, StatusEvent};
 
 /// Counts one turn's provider retries.
 pub struct ProviderRetries {
@@ -40,7 +40,7 @@ impl ProviderRetries {
         );
         if self.progress {
             sink.send(ReplyBody::Status {
-                event: "provider_retry",
+                event: StatusEvent::ProviderRetry,
                 attempt,
                 reason: reason.clone(),
                 retry_limit: self.limit,

@@ -15,7 +15,7 @@ use super::driver::run_turn;
 use super::sink::ReplySink;
 use crate::protocol::control::{AbortAnswer, AbortRequest, AbortTarget};
 use crate::protocol::tenant::Caller;
-use crate::protocol::{ErrorCode, Prompt, ReplyBody};
+use crate::protocol::{ErrorCode, Prompt, QueueKey, ReplyBody};
 
 /// One accepted prompt, waiting for its turn.
 pub struct Job {
@@ -27,7 +27,7 @@ pub struct Job {
 
 /// A turn that is running now, for aborts.
 struct Running {
-    key: Option<String>,
+    key: Option<QueueKey>,
     caller: Caller,
     abort: CancellationToken,
 }
@@ -43,7 +43,7 @@ pub enum Refused {
 
 pub struct Dispatcher {
     ctx: Arc<TurnContext>,
-    queues: Mutex<HashMap<String, VecDeque<Job>>>,
+    queues: Mutex<HashMap<QueueKey, VecDeque<Job>>>,
     running: Mutex<HashMap<String, Running>>,
     /// Trace ids of every queued or running turn.
     live: Mutex<HashSet<String>>,
@@ -109,7 +109,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn work(self: Arc<Self>, key: String, first: Job) {
+    async fn work(self: Arc<Self>, key: QueueKey, first: Job) {
         let mut next = Some(first);
         while let Some(job) = next {
             self.run_job(Some(&key), job).await;
@@ -124,7 +124,7 @@ impl Dispatcher {
         }
     }
 
-    async fn run_job(&self, key: Option<&str>, job: Job) {
+    async fn run_job(&self, key: Option<&QueueKey>, job: Job) {
         let Job {
             prompt,
             sink,
@@ -135,7 +135,7 @@ impl Dispatcher {
         self.lock_running().insert(
             trace_id.clone(),
             Running {
-                key: key.map(str::to_string),
+                key: key.cloned(),
                 caller: prompt.caller.clone(),
                 abort: abort.clone(),
             },
@@ -161,7 +161,7 @@ impl Dispatcher {
     /// exactly like one that does not exist.
     pub fn abort(self: &Arc<Self>, req: &AbortRequest, from: &Caller) -> AbortAnswer {
         let (aborted, key) = self.cancel_running(req, from);
-        let dropped = self.take_queued(req, from, aborted, key.as_deref());
+        let dropped = self.take_queued(req, from, aborted, key.as_ref());
         let n = dropped.len();
         for job in dropped {
             self.tracker.spawn(async move {
@@ -192,8 +192,8 @@ impl Dispatcher {
     /// Cancels the running turn `req` names, if `from` may reach it:
     /// whether one was, and the queue key of its conversation (also when
     /// none runs, for `drop_queued`).
-    fn cancel_running(&self, req: &AbortRequest, from: &Caller) -> (bool, Option<String>) {
-        let key_of_conv = |c: &str| format!("c:{c}");
+    fn cancel_running(&self, req: &AbortRequest, from: &Caller) -> (bool, Option<QueueKey>) {
+        let key_of_conv = |c: &str| QueueKey::Conversation(c.to_string());
         let reachable = match &req.target {
             AbortTarget::Conversation(c) => from.owns_conversation(c),
             AbortTarget::Trace(_) => true,
@@ -204,9 +204,7 @@ impl Dispatcher {
             AbortTarget::Trace(t) => running.get(t).filter(|r| from.may_act_for(&r.caller)),
             AbortTarget::Conversation(c) => {
                 let k = key_of_conv(c);
-                running
-                    .values()
-                    .find(|r| r.key.as_deref() == Some(k.as_str()))
+                running.values().find(|r| r.key.as_ref() == Some(&k))
             }
         };
         match (found, &req.target) {
@@ -227,7 +225,7 @@ impl Dispatcher {
         req: &AbortRequest,
         from: &Caller,
         aborted: bool,
-        key: Option<&str>,
+        key: Option<&QueueKey>,
     ) -> Vec<Job> {
         let mut dropped = Vec::new();
         {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::bridge::{assert_well_formed, request, terminal};
+use crate::support::bridge::{assert_typed, assert_well_formed, request, terminal};
 use crate::support::fake_llm::{self};
 use crate::support::nats::{subscribe_ready, Reply};
 use crate::support::rig::RealStack;
@@ -342,6 +342,7 @@ async fn models_usage_and_cost() {
 pub(crate) fn assert_well_formed_with_extensions(replies: &[Reply]) {
     let core = replies;
     for (i, (_, v)) in core.iter().enumerate() {
+        assert_typed(i, v);
         assert_eq!(v["seq"], i as u64, "seq gap at {i}: {replies:#?}");
     }
     let terminals: Vec<usize> = core

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use opencode_nats_bridge::app;
 use opencode_nats_bridge::config::Config;
+use opencode_nats_bridge::protocol::ReplyOwned;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -147,9 +148,24 @@ pub fn terminal(replies: &[Reply]) -> &Value {
     last
 }
 
-/// Checks the contract every turn keeps: seq 0.. without gaps, one trace
-/// id, exactly one terminal reply and it is last, headers match the body,
-/// and (for a final) the deltas add up to its content.
+/// Reads reply `i` through the contract's one definition
+/// ([`ReplyOwned`]): it must read, and write back to the same JSON (no field
+/// the contract does not know, none missing).
+pub fn assert_typed(i: usize, v: &Value) -> ReplyOwned {
+    let typed: ReplyOwned = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("reply {i} is not a typed reply ({e}): {v}"));
+    assert_eq!(
+        &serde_json::to_value(&typed).expect("a typed reply serialises"),
+        v,
+        "reply {i} does not write back as it was read"
+    );
+    typed
+}
+
+/// Checks the contract every turn keeps: every reply reads as the typed
+/// contract, seq 0.. without gaps, one trace id, exactly one terminal reply
+/// and it is last, headers match the body, and (for a final) the deltas add
+/// up to its content.
 pub fn assert_well_formed(replies: &[Reply]) {
     assert!(!replies.is_empty(), "no replies");
     let trace = replies[0].1["trace_id"]
@@ -158,9 +174,10 @@ pub fn assert_well_formed(replies: &[Reply]) {
         .to_string();
     let mut terminals = 0;
     for (i, (h, v)) in replies.iter().enumerate() {
-        assert_eq!(v["seq"], i as u64, "seq gap at {i}: {replies:#?}");
-        assert_eq!(v["trace_id"], trace.as_str());
-        let kind = v["kind"].as_str().expect("kind");
+        let typed = assert_typed(i, v);
+        assert_eq!(typed.seq, i as u64, "seq gap at {i}: {replies:#?}");
+        assert_eq!(typed.trace_id, trace);
+        let kind = typed.body.kind();
         assert!(
             [
                 "delta",
