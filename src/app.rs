@@ -425,7 +425,7 @@ async fn audit_permissions(client: &OpenCodeClient, config: &Config) -> Vec<Stri
         }
     };
     let mut found = Vec::new();
-    for agent in agents.iter().filter(|a| !a.hidden) {
+    for agent in &agents {
         let allowed = &config.prompt.agents;
         if !allowed.is_empty() && !allowed.contains(&agent.name) {
             continue;

@@ -181,6 +181,13 @@ impl Intake {
                 );
                 (ErrorCode::SessionBusy, reason, job)
             }
+            Err(Refused::TenantBusy(job)) => {
+                let reason = format!(
+                    "{} has {} turns queued or running ([tenancy] max_turns_per_tenant); send again when one has ended",
+                    job.prompt.caller, self.config.tenancy.max_turns_per_tenant
+                );
+                (ErrorCode::Overloaded, reason, job)
+            }
             Err(Refused::DuplicateTrace(job)) => {
                 let reason = format!(
                     "trace_id {:?} is already used by a queued or running turn; each live turn needs its own",

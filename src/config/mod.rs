@@ -54,6 +54,10 @@ pub struct TenancyConfig {
     /// Where tenants' reply inboxes live (`_INBOX.<tenant>.` for a client
     /// with `custom_inbox_prefix("_INBOX.<tenant>")`).
     pub inbox_prefix: String,
+    /// Turns one tenant may have queued or running at once; one more gets
+    /// `overloaded` (retryable), so one tenant cannot take every slot of
+    /// `turn.max_in_flight`. 0: no limit. The operator has none.
+    pub max_turns_per_tenant: usize,
 }
 
 impl Default for TenancyConfig {
@@ -61,6 +65,7 @@ impl Default for TenancyConfig {
         TenancyConfig {
             strict: false,
             inbox_prefix: "_INBOX".into(),
+            max_turns_per_tenant: 64,
         }
     }
 }

@@ -12,7 +12,7 @@
 
 pub use super::caller::{is_under, Caller};
 use super::prompt::Prompt;
-use super::subject::subject_matches;
+use super::subject::{subject_matches, validate_token};
 
 /// The tail of `subject` below `base`: `None` when `subject` is not `base`
 /// or below it, `Some(None)` for `base` itself.
@@ -76,6 +76,9 @@ impl Route {
                     caller: Caller::Operator,
                     conversation: None,
                 },
+                // A tenant token that could not be a subject token (a
+                // server that let a user publish `*`) is nobody's.
+                Some(t) if validate_token(first_token(t)).is_err() => Route::Unknown,
                 Some(t) => Route::Prompt {
                     caller: Caller::Tenant(first_token(t).to_string()),
                     conversation: Some(t.to_string()),
@@ -87,7 +90,7 @@ impl Route {
                 None => Route::Abort {
                     caller: Caller::Operator,
                 },
-                Some(t) if !t.contains('.') => Route::Abort {
+                Some(t) if validate_token(t).is_ok() => Route::Abort {
                     caller: Caller::Tenant(t.to_string()),
                 },
                 Some(_) => Route::Unknown,
@@ -103,7 +106,9 @@ impl Route {
             let (caller, request_id) = match t.map(|t| t.split_once('.')) {
                 None => (Caller::Operator, None),
                 Some(None) => (Caller::Operator, t.map(str::to_string)),
-                Some(Some((tenant, id))) if !id.contains('.') => {
+                Some(Some((tenant, id)))
+                    if validate_token(tenant).is_ok() && validate_token(id).is_ok() =>
+                {
                     (Caller::Tenant(tenant.to_string()), Some(id.to_string()))
                 }
                 Some(Some(_)) => return Route::Unknown,
@@ -323,6 +328,13 @@ mod tests {
             }
         );
         assert_eq!(Route::of(&S, "opencode.abort.a.b"), Route::Unknown);
+        // A wildcard token is nobody's tenant.
+        assert_eq!(Route::of(&S, "opencode.prompt.*.x"), Route::Unknown);
+        assert_eq!(Route::of(&S, "opencode.abort.*"), Route::Unknown);
+        assert_eq!(
+            Route::of(&S, "opencode.permission.reply.>.per_1"),
+            Route::Unknown
+        );
         assert_eq!(
             Route::of(&S, "opencode.permission.reply.per_1"),
             Route::Answer {

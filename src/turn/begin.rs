@@ -35,6 +35,11 @@ pub async fn begin(
     prompt: &Prompt,
     sink: &mut ReplySink,
 ) -> Result<Accepted, TurnError> {
+    // The model first: a prompt refused for it must not cost a session (nor
+    // a slot of the conversation map).
+    if let Some(m) = &prompt.model {
+        check_model(ctx, m).await?;
+    }
     let mut session_id = resolve_session(ctx, prompt).await?;
     let mut recreated = false;
     // Follow the session before prompting, so no event is missed.
@@ -52,9 +57,6 @@ pub async fn begin(
             ErrorCode::OpencodeUnavailable,
             "OpenCode's event stream is not connected",
         ));
-    }
-    if let Some(m) = &prompt.model {
-        check_model(ctx, m).await?;
     }
     let body = prompt_body(prompt);
     // Watch the stream from before the prompt: a reconnect while OpenCode

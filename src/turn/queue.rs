@@ -3,7 +3,7 @@
 //! or gets `session_busy`. Each conversation with work has one worker task
 //! that runs its turns in arrival order and exits when the queue is empty.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -39,15 +39,61 @@ pub enum Refused {
     /// Another queued or running turn has the same trace id (`bad_request`):
     /// an abort or a reply subject must name one turn.
     DuplicateTrace(Box<Job>),
+    /// The prompt's tenant has `[tenancy] max_turns_per_tenant` turns
+    /// queued or running (`overloaded`): one tenant cannot take every slot.
+    TenantBusy(Box<Job>),
+}
+
+/// The turns queued or running: their trace ids (with their tenant), and
+/// how many each tenant has.
+#[derive(Default)]
+struct Live {
+    traces: HashMap<String, Option<String>>,
+    per_tenant: HashMap<String, usize>,
+}
+
+impl Live {
+    /// Takes `job` in, or says why not.
+    fn admit(
+        &mut self,
+        prompt: &crate::protocol::Prompt,
+        limit: usize,
+    ) -> Result<(), fn(Box<Job>) -> Refused> {
+        if self.traces.contains_key(&prompt.trace_id) {
+            return Err(Refused::DuplicateTrace);
+        }
+        let tenant = prompt.caller.tenant().map(str::to_string);
+        if let Some(t) = &tenant {
+            let n = self.per_tenant.entry(t.clone()).or_default();
+            if limit > 0 && *n >= limit {
+                return Err(Refused::TenantBusy);
+            }
+            *n += 1;
+        }
+        self.traces.insert(prompt.trace_id.clone(), tenant);
+        Ok(())
+    }
+
+    fn release(&mut self, trace_id: &str) {
+        if let Some(Some(t)) = self.traces.remove(trace_id) {
+            if let Some(n) = self.per_tenant.get_mut(&t) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_tenant.remove(&t);
+                }
+            }
+        }
+    }
 }
 
 pub struct Dispatcher {
     ctx: Arc<TurnContext>,
     queues: Mutex<HashMap<QueueKey, VecDeque<Job>>>,
     running: Mutex<HashMap<String, Running>>,
-    /// Trace ids of every queued or running turn.
-    live: Mutex<HashSet<String>>,
+    /// Every queued or running turn.
+    live: Mutex<Live>,
     capacity: usize,
+    per_tenant: usize,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -61,12 +107,14 @@ impl Dispatcher {
         cancel: CancellationToken,
     ) -> Arc<Self> {
         let capacity = ctx.config.turn.conversation_queue;
+        let per_tenant = ctx.config.tenancy.max_turns_per_tenant;
         Arc::new(Dispatcher {
             ctx,
             queues: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
-            live: Mutex::new(HashSet::new()),
+            live: Mutex::new(Live::default()),
             capacity,
+            per_tenant,
             tracker,
             cancel,
         })
@@ -77,11 +125,11 @@ impl Dispatcher {
     }
 
     /// Accepts a job: runs it now, queues it behind its conversation, or
-    /// hands it back when the conversation's queue is full or its trace id
-    /// is in use.
+    /// hands it back when the conversation's queue is full, its trace id
+    /// is in use or its tenant has too many turns.
     pub fn dispatch(self: &Arc<Self>, job: Job) -> Result<(), Refused> {
-        if !self.lock_live().insert(job.prompt.trace_id.clone()) {
-            return Err(Refused::DuplicateTrace(Box::new(job)));
+        if let Err(refuse) = self.lock_live().admit(&job.prompt, self.per_tenant) {
+            return Err(refuse(Box::new(job)));
         }
         let Some(key) = job.prompt.queue_key() else {
             // A one-off prompt has its own session: nothing to wait for.
@@ -94,7 +142,7 @@ impl Dispatcher {
         match queues.get_mut(&key) {
             Some(q) => {
                 if q.len() >= self.capacity {
-                    self.lock_live().remove(&job.prompt.trace_id);
+                    self.lock_live().release(&job.prompt.trace_id);
                     return Err(Refused::Busy(Box::new(job)));
                 }
                 q.push_back(job);
@@ -142,7 +190,7 @@ impl Dispatcher {
         );
         run_turn(&self.ctx, prompt, sink, self.cancel.child_token(), abort).await;
         self.lock_running().remove(&trace_id);
-        self.lock_live().remove(&trace_id);
+        self.lock_live().release(&trace_id);
         drop(permit);
     }
 
@@ -150,7 +198,7 @@ impl Dispatcher {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -248,7 +296,7 @@ impl Dispatcher {
         }
         let mut live = self.lock_live();
         for job in &dropped {
-            live.remove(&job.prompt.trace_id);
+            live.release(&job.prompt.trace_id);
         }
         dropped
     }

@@ -633,3 +633,58 @@ async fn require_ask_refuses_an_opencode_that_would_not_ask() {
     let bridge = Bridge::start(cfg).await;
     bridge.stop().await.unwrap();
 }
+
+/// One tenant cannot take every slot: beyond `[tenancy]
+/// max_turns_per_tenant` its prompts get `overloaded` at once, while
+/// another tenant's prompt is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_gets_overloaded_beyond_its_share_and_others_are_still_served() {
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start().await;
+    fake.set_script(script);
+    let mut cfg = test_config(&nats.url(), &fake.url(), None);
+    cfg.tenancy.max_turns_per_tenant = 2;
+    let bridge = Bridge::start(cfg).await;
+    let c = crate::support::nats::client(&nats.url()).await;
+    // Two slow turns of `greedy` (20 deltas, 100 ms apart), on conversations
+    // of their own.
+    let mut subs = Vec::new();
+    for i in 0..2 {
+        let inbox = c.new_inbox();
+        let mut sub = crate::support::nats::subscribe_ready(&c, inbox.clone()).await;
+        c.publish_with_reply(
+            format!("opencode.prompt.greedy.c{i}"),
+            inbox,
+            "[slow] count".into(),
+        )
+        .await
+        .unwrap();
+        // The first reply: the turn is running.
+        tokio::time::timeout(TURN, sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        subs.push(sub);
+    }
+    let r =
+        crate::support::bridge::request(&c, "opencode.prompt.greedy.c9", "one more", TURN).await;
+    assert_well_formed(&r);
+    let t = terminal(&r);
+    assert_eq!(
+        (t["kind"].as_str(), t["code"].as_str()),
+        (Some("error"), Some("overloaded")),
+        "{r:#?}"
+    );
+    assert_eq!(t["retryable"], true);
+    // Another tenant is served meanwhile.
+    let r = crate::support::bridge::request(&c, "opencode.prompt.polite.c1", "hello", TURN).await;
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+    // The greedy turns end whole; then greedy may prompt again.
+    for mut sub in subs {
+        let rest = collect_until_terminal(&mut sub, TURN).await;
+        assert_eq!(terminal(&rest)["kind"], "final", "{rest:#?}");
+    }
+    let r = crate::support::bridge::request(&c, "opencode.prompt.greedy.c9", "again", TURN).await;
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+    bridge.stop().await.unwrap();
+}
