@@ -183,6 +183,8 @@ async fn two_hundred_concurrent_conversations_get_their_own_answers() {
         },
         |c| {
             c.turn.max_in_flight = 2 * LOAD_TURNS;
+            // All 200 conversations are one tenant's (`load`).
+            c.tenancy.max_turns_per_tenant = 0;
             c.turn.first_event_timeout = Duration::from_secs(20);
             c.turn.idle_timeout = Duration::from_secs(20);
         },
