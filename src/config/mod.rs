@@ -56,7 +56,9 @@ pub struct TenancyConfig {
     pub inbox_prefix: String,
     /// Turns one tenant may have queued or running at once; one more gets
     /// `overloaded` (retryable), so one tenant cannot take every slot of
-    /// `turn.max_in_flight`. 0: no limit. The operator has none.
+    /// `turn.max_in_flight` (default: a quarter of it). A chat platform is
+    /// one tenant for all its channels: size it for the busiest. 0: no
+    /// limit. The operator has none.
     pub max_turns_per_tenant: usize,
 }
 
@@ -65,7 +67,7 @@ impl Default for TenancyConfig {
         TenancyConfig {
             strict: false,
             inbox_prefix: "_INBOX".into(),
-            max_turns_per_tenant: 64,
+            max_turns_per_tenant: 256,
         }
     }
 }
