@@ -24,10 +24,6 @@ use crate::turn::interactive::{AnswerMsg, AnswerRegistry};
 use crate::turn::queue::Refused;
 use crate::turn::{Dispatcher, Job, ReplySink};
 
-/// How often an agent-protocol stream hears `ack` while its turn runs
-/// (the protocol SDK's cadence; callers time out after 60 s of silence).
-const AGENT_ACK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// A prompt that will not run: its one reply and where it goes.
 struct Refusal {
     subject: String,
@@ -187,7 +183,7 @@ impl Intake {
         let mut sink = self
             .sink(inbox, &trace_id, conversation.as_deref(), &msg)
             .agent_protocol();
-        sink.ack(AGENT_ACK_EVERY).await;
+        sink.ack(self.config.agent_protocol.ack_interval).await;
         let checked = parsed
             .map_err(|(reason, _)| (ErrorCode::BadRequest, reason))
             .and_then(|p| {

@@ -61,6 +61,11 @@ pub struct AgentProtocolConfig {
     /// (the protocol's default is 30 s; at least 1 s).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// How often a running turn's stream hears `{"type":"status","data":"ack"}`
+    /// again (the protocol SDK's 30 s; callers give up after 60 s of
+    /// silence). At least 1 s.
+    #[serde(with = "humantime_serde")]
+    pub ack_interval: Duration,
 }
 
 impl Default for AgentProtocolConfig {
@@ -70,6 +75,7 @@ impl Default for AgentProtocolConfig {
             owner: "default".into(),
             name: None,
             heartbeat_interval: Duration::from_secs(30),
+            ack_interval: Duration::from_secs(30),
         }
     }
 }

@@ -34,11 +34,16 @@ impl Config {
         if let Some(name) = &a.name {
             token("agent_protocol.name", name)?;
         }
-        if a.heartbeat_interval < std::time::Duration::from_secs(1) {
-            return Err(ConfigError::Invalid {
-                key: "agent_protocol.heartbeat_interval",
-                reason: "must be at least 1s".into(),
-            });
+        for (key, d) in [
+            ("agent_protocol.heartbeat_interval", a.heartbeat_interval),
+            ("agent_protocol.ack_interval", a.ack_interval),
+        ] {
+            if d < std::time::Duration::from_secs(1) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1s".into(),
+                });
+            }
         }
         Ok(())
     }

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::fake_opencode::{text_turn, tool_turn, TurnInput};
+use crate::support::fake_opencode::{
+    api_error, error_turn, text_turn, tool_turn, TurnBuilder, TurnInput,
+};
 use crate::support::nats::subscribe_ready;
 use crate::support::rig::Rig;
 
@@ -28,6 +30,7 @@ async fn rig(
         c.agent_protocol.owner = "ops".into();
         c.agent_protocol.name = Some("box-1".into());
         c.agent_protocol.heartbeat_interval = Duration::from_secs(1);
+        c.agent_protocol.ack_interval = Duration::from_secs(1);
     })
     .await
 }
@@ -341,5 +344,60 @@ async fn heartbeats_and_status_carry_the_section_8_3_fields() {
         assert_eq!(status[key], beat[key], "{key}");
     }
     assert!(status["ts"].is_string());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_turn_hears_ack_again_and_none_after_the_terminator() {
+    let rig = rig(|i| {
+        let mut t = TurnBuilder::new(i);
+        t.begin();
+        t.sleep_ms(2600);
+        let a = t.assistant();
+        t.text(&a, &["late answer"]);
+        t.finish(&a, "stop");
+        t.end();
+        t.build()
+    })
+    .await;
+    let got = stream(
+        &rig.client,
+        "agents.prompt.opencode.ops.box-1",
+        HeaderMap::new(),
+        b"take your time",
+    )
+    .await;
+    assert_acked_first(&got);
+    let acks = chunks(&got).iter().filter(|v| v["data"] == "ack").count();
+    assert!(acks >= 3, "the first ack and one a second after: {got:#?}");
+    assert_eq!(response_text(&got), "late answer");
+    // `stream` checked that nothing (no late ack) follows the terminator.
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_turn_ends_with_a_500_error_message_then_the_terminator() {
+    let rig = rig(|i| error_turn(i, api_error(401, "Incorrect API key provided", false))).await;
+    let got = stream(
+        &rig.client,
+        "agents.prompt.opencode.ops.box-1",
+        HeaderMap::new(),
+        b"hello",
+    )
+    .await;
+    assert_acked_first(&got);
+    let n = got.len();
+    let Got::Error {
+        code,
+        description,
+        body,
+    } = &got[n - 2]
+    else {
+        panic!("the message before the terminator is not an error: {got:#?}")
+    };
+    assert_eq!(code, "500");
+    assert!(description.contains("API key"), "{description}");
+    assert_eq!(body["error"], "provider_error");
+    assert_eq!(body["retryable"], false);
     rig.stop().await;
 }
