@@ -401,3 +401,110 @@ async fn a_failed_turn_ends_with_a_500_error_message_then_the_terminator() {
     assert_eq!(body["retryable"], false);
     rig.stop().await;
 }
+
+// End to end: the same client against the real OpenCode (pinned) and the
+// fake LLM.
+
+/// The real stack with the agent registered as `ops/e2e`.
+async fn real_stack() -> crate::support::rig::RealStack {
+    crate::support::rig::RealStack::start(
+        |_| {},
+        |c| {
+            c.agent_protocol.enabled = true;
+            c.agent_protocol.owner = "ops".into();
+            c.agent_protocol.name = Some("e2e".into());
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_opencode_text_turn_has_the_answer_exactly_once() {
+    let s = real_stack().await;
+    let info = discover(&s.client).await;
+    assert_eq!(
+        info["metadata"]["opencode_version"]
+            .as_str()
+            .map(|v| !v.is_empty()),
+        Some(true)
+    );
+    let subject = endpoint(&info, "prompt")["subject"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let got = stream(
+        &s.client,
+        &subject,
+        HeaderMap::new(),
+        b"Say hello over NATS",
+    )
+    .await;
+    assert_acked_first(&got);
+    assert!(
+        !got.iter().any(|g| matches!(g, Got::Error { .. })),
+        "{got:#?}"
+    );
+    let want = crate::support::fake_llm::text_reply("Say hello over NATS");
+    assert_eq!(
+        response_text(&got),
+        want,
+        "the answer exactly once: {got:#?}"
+    );
+    let responses = chunks(&got)
+        .iter()
+        .filter(|v| v["type"] == "response")
+        .count();
+    assert!(responses > 1, "streamed in pieces: {got:#?}");
+    let usage = chunks(&got)
+        .iter()
+        .filter_map(|v| v["data"].as_str())
+        .find(|d| d.starts_with("usage:"))
+        .map(str::to_string)
+        .expect("a usage status");
+    let usage: Value = serde_json::from_str(&usage["usage:".len()..]).unwrap();
+    assert!(usage["tokens"]["output"].as_u64().unwrap() > 0, "{usage}");
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_opencode_tool_turn_reports_the_tool_and_answers_once() {
+    let s = real_stack().await;
+    let marker = format!("agent-tool-{}", std::process::id());
+    let prompt = json!({"prompt": format!("[tool:bash echo {marker}] run it")}).to_string();
+    let got = stream(
+        &s.client,
+        "agents.prompt.opencode.ops.e2e",
+        HeaderMap::new(),
+        prompt.as_bytes(),
+    )
+    .await;
+    assert_acked_first(&got);
+    let statuses: Vec<String> = chunks(&got)
+        .iter()
+        .filter(|v| v["type"] == "status")
+        .filter_map(|v| v["data"].as_str().map(str::to_string))
+        .collect();
+    let tool_use = statuses
+        .iter()
+        .find_map(|s| s.strip_prefix("tool_use:"))
+        .unwrap_or_else(|| panic!("no tool_use: {got:#?}"));
+    let tool_use: Value = serde_json::from_str(tool_use).unwrap();
+    assert_eq!(tool_use["name"], "bash");
+    let result = statuses
+        .iter()
+        .find_map(|s| s.strip_prefix("tool_result:"))
+        .expect("a tool_result");
+    let result: Value = serde_json::from_str(result).unwrap();
+    assert_eq!(result["id"], tool_use["id"]);
+    assert!(
+        result["output"].as_str().unwrap().contains(&marker),
+        "{result}"
+    );
+    let text = response_text(&got);
+    assert_eq!(
+        text,
+        crate::support::fake_llm::tool_followup_reply(&marker),
+        "{got:#?}"
+    );
+    s.bridge.stop().await.unwrap();
+}
