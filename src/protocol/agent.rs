@@ -6,7 +6,7 @@
 //! become `{"type","data"}` chunks here: answer text as `response`, tool
 //! activity, reasoning, retries and usage as `status` tokens
 //! (`tool_use:{json}`, `tool_result:{json}`, `reasoning:{json}`,
-//! `retry:{json}`, `usage:{json}`), an error as one message with the
+//! `retry:{json}`, `note:{json}`, `usage:{json}`), an error as one message with the
 //! micro service error headers. The terminator (an empty message without
 //! headers) is the sink's to send.
 
@@ -204,6 +204,9 @@ impl Encoder {
                     self.answered = true;
                     out.push(chunk("response", json!(fin.content)));
                 }
+                for note in &fin.notes {
+                    out.push(status("note", json!({"text": note})));
+                }
                 out.push(status(
                     "usage",
                     json!({"model": fin.model, "tokens": fin.usage, "cost": fin.cost, "duration_ms": fin.duration_ms, "finish": fin.finish}),
@@ -309,6 +312,14 @@ mod tests {
         // Without deltas the final carries the text.
         let f = Encoder::default().encode(&fin("Hello"));
         assert_eq!(data(&f[0]), json!({"type": "response", "data": "Hello"}));
+        // The bridge's notes are status tokens before the usage.
+        let mut noted = fin("x");
+        if let ReplyBody::Final(f) = &mut noted {
+            f.notes.push("denied by policy".into());
+        }
+        let f = Encoder::default().encode(&noted);
+        assert_eq!(data(&f[1])["data"], r#"note:{"text":"denied by policy"}"#);
+        assert!(data(&f[2])["data"].as_str().unwrap().starts_with("usage:"));
     }
 
     #[test]

@@ -508,3 +508,61 @@ async fn real_opencode_tool_turn_reports_the_tool_and_answers_once() {
     );
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_opencode_denied_permission_ends_the_turn_without_a_query_or_an_error() {
+    use opencode_nats_bridge::protocol::interactive::{Action, Rule};
+    // OpenCode asks before bash; the policy would ask an interactive
+    // caller, and agent-protocol prompts are not interactive: denied.
+    let s = crate::support::rig::RealStack::start(
+        |oc| oc["permission"]["bash"] = json!("ask"),
+        |c| {
+            c.agent_protocol.enabled = true;
+            c.agent_protocol.owner = "ops".into();
+            c.agent_protocol.name = Some("e2e".into());
+            c.permissions.rules = vec![Rule {
+                tenant: None,
+                permission: "bash".into(),
+                pattern: "*".into(),
+                action: Action::Ask,
+            }];
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let got = stream(
+        &s.client,
+        "agents.prompt.opencode.ops.e2e",
+        HeaderMap::new(),
+        b"[tool:bash echo agent-denied] go",
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert_acked_first(&got);
+    assert!(
+        !got.iter().any(|g| matches!(g, Got::Error { .. })),
+        "{got:#?}"
+    );
+    assert!(
+        !chunks(&got).iter().any(|v| v["type"] == "query"),
+        "no query: {got:#?}"
+    );
+    let statuses: Vec<&str> = chunks(&got)
+        .iter()
+        .filter_map(|v| v["data"].as_str())
+        .collect();
+    let result = statuses
+        .iter()
+        .find_map(|s| s.strip_prefix("tool_result:"))
+        .expect("a tool_result");
+    let result: Value = serde_json::from_str(result).unwrap();
+    assert_eq!(result["ok"], false, "{result}");
+    assert!(
+        statuses.iter().any(|s| s.starts_with("note:")),
+        "the policy's note: {statuses:#?}"
+    );
+    // OpenCode 1.18 ends a turn whose tool was rejected without a second
+    // model call (finish `tool-calls`): no answer text, and none invented.
+    assert_eq!(response_text(&got), "", "{got:#?}");
+    s.bridge.stop().await.unwrap();
+}
