@@ -154,8 +154,8 @@ impl Intake {
     /// A prompt on the Synadia Agent Protocol `prompt` endpoint: `ack`
     /// first, then the checks and the queue of the bridge's own prompts
     /// (as the operator: the registration has no tenant), its replies a
-    /// protocol reply stream on the request's reply subject. Not
-    /// interactive; `reply_to` is ignored.
+    /// protocol reply stream on the request's reply subject. Interactive
+    /// (permissions and questions as `query` chunks); `reply_to` is ignored.
     pub async fn agent_prompt(&self, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
         let Some(inbox) = msg
             .reply
@@ -194,7 +194,8 @@ impl Intake {
         match checked {
             Ok(mut prompt) => {
                 prompt.reply_to = None;
-                prompt.interactive = false;
+                // Permissions and questions become `query` chunks.
+                prompt.interactive = true;
                 self.dispatch_with(prompt, sink, permit).await
             }
             Err((code, reason)) => {

@@ -7,7 +7,8 @@
 //! activity, reasoning, retries and usage as `status` tokens
 //! (`tool_use:{json}`, `tool_result:{json}`, `reasoning:{json}`,
 //! `retry:{json}`, `note:{json}`, `usage:{json}`), an error as one message with the
-//! micro service error headers. The terminator (an empty message without
+//! micro service error headers; a permission request or a question as a
+//! `query` chunk whose `reply_subject` is the bridge's own answer subject. The terminator (an empty message without
 //! headers) is the sink's to send.
 
 use serde_json::{json, Value};
@@ -195,9 +196,39 @@ impl Encoder {
                 "retry",
                 json!({"attempt": attempt, "reason": reason}),
             )],
-            // Agent-protocol prompts are not interactive: the policy
-            // answers permissions and questions alone.
-            ReplyBody::Permission { .. } | ReplyBody::Question { .. } => Vec::new(),
+            ReplyBody::Permission {
+                request_id,
+                permission,
+                patterns,
+                tool,
+                description,
+                reply_subject,
+                ..
+            } => {
+                let what = if patterns.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", patterns.join(", "))
+                };
+                let prompt = format!(
+                    "OpenCode asks permission `{permission}`{what}: {description}. Answer yes (once), always or no."
+                );
+                vec![chunk(
+                    "query",
+                    json!({"id": request_id, "reply_subject": reply_subject, "prompt": prompt,
+                           "kind": "permission", "permission": permission, "patterns": patterns, "tool": tool}),
+                )]
+            }
+            ReplyBody::Question {
+                request_id,
+                questions,
+                reply_subject,
+                ..
+            } => vec![chunk(
+                "query",
+                json!({"id": request_id, "reply_subject": reply_subject,
+                       "prompt": question_text(questions), "kind": "question", "questions": questions}),
+            )],
             ReplyBody::Final(fin) => {
                 let mut out = Vec::new();
                 if !self.answered && !fin.content.is_empty() {
@@ -226,6 +257,25 @@ impl Encoder {
             }],
         }
     }
+}
+
+/// OpenCode's questions as one text: each question and its options.
+fn question_text(questions: &Value) -> String {
+    let mut out = Vec::new();
+    for q in questions.as_array().into_iter().flatten() {
+        let mut line = q["question"].as_str().unwrap_or_default().to_string();
+        let labels: Vec<&str> = q["options"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["label"].as_str())
+            .collect();
+        if !labels.is_empty() {
+            line.push_str(&format!(" ({})", labels.join(" / ")));
+        }
+        out.push(line);
+    }
+    out.join("\n")
 }
 
 /// A header value: one line, at most 200 bytes.
@@ -348,6 +398,38 @@ mod tests {
         });
         let s = data(&r[0])["data"].as_str().unwrap().to_string();
         assert!(s.starts_with("tool_result:{"));
+    }
+
+    #[test]
+    fn permissions_and_questions_are_queries() {
+        let mut e = Encoder::default();
+        let q = e.encode(&ReplyBody::Permission {
+            request_id: "per_1".into(),
+            permission: "bash".into(),
+            patterns: vec!["ls".into()],
+            tool: None,
+            call_id: None,
+            description: "run ls".into(),
+            reply_subject: "opencode.permission.reply.per_1".into(),
+        });
+        let q = data(&q[0]);
+        assert_eq!(q["type"], "query");
+        assert_eq!(q["data"]["id"], "per_1");
+        assert_eq!(
+            q["data"]["reply_subject"],
+            "opencode.permission.reply.per_1"
+        );
+        assert!(q["data"]["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("`bash` (ls)"));
+        let q = e.encode(&ReplyBody::Question {
+            request_id: "que_1".into(),
+            questions: json!([{"question": "Which?", "options": [{"label": "a"}, {"label": "b"}]}]),
+            call_id: None,
+            reply_subject: "opencode.question.reply.que_1".into(),
+        });
+        assert_eq!(data(&q[0])["data"]["prompt"], "Which? (a / b)");
     }
 
     #[test]

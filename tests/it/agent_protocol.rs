@@ -96,6 +96,17 @@ fn classify(m: &Message) -> Got {
 /// Sends `payload` to `subject` and reads the stream to its terminator,
 /// then checks that nothing follows it.
 async fn stream(client: &Client, subject: &str, headers: HeaderMap, payload: &[u8]) -> Vec<Got> {
+    stream_answering(client, subject, headers, payload, None).await
+}
+
+/// [`stream`], answering every `query` chunk (§7) with `answer`.
+async fn stream_answering(
+    client: &Client,
+    subject: &str,
+    headers: HeaderMap,
+    payload: &[u8],
+    answer: Option<&str>,
+) -> Vec<Got> {
     let inbox = client.new_inbox();
     let mut sub = subscribe_ready(client, inbox.clone()).await;
     client
@@ -115,6 +126,16 @@ async fn stream(client: &Client, subject: &str, headers: HeaderMap, payload: &[u
             .unwrap_or_else(|_| panic!("inactivity timeout; so far {got:#?}"))
             .expect("subscription open");
         let g = classify(&m);
+        if let (Got::Chunk(v), Some(a)) = (&g, answer) {
+            if v["type"] == "query" {
+                let to = v["data"]["reply_subject"].as_str().expect("reply_subject");
+                client
+                    .publish(to.to_string(), a.to_string().into())
+                    .await
+                    .unwrap();
+                client.flush().await.unwrap();
+            }
+        }
         let end = matches!(g, Got::Terminator);
         got.push(g);
         if end {
@@ -509,12 +530,11 @@ async fn real_opencode_tool_turn_reports_the_tool_and_answers_once() {
     s.bridge.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_opencode_denied_permission_ends_the_turn_without_a_query_or_an_error() {
+/// The real stack where OpenCode asks before bash and the policy asks the
+/// caller.
+async fn asking_stack() -> crate::support::rig::RealStack {
     use opencode_nats_bridge::protocol::interactive::{Action, Rule};
-    // OpenCode asks before bash; the policy would ask an interactive
-    // caller, and agent-protocol prompts are not interactive: denied.
-    let s = crate::support::rig::RealStack::start(
+    crate::support::rig::RealStack::start(
         |oc| oc["permission"]["bash"] = json!("ask"),
         |c| {
             c.agent_protocol.enabled = true;
@@ -528,39 +548,75 @@ async fn real_opencode_denied_permission_ends_the_turn_without_a_query_or_an_err
             }];
         },
     )
+    .await
+}
+
+fn queries(got: &[Got]) -> Vec<&Value> {
+    chunks(got)
+        .into_iter()
+        .filter(|v| v["type"] == "query")
+        .collect()
+}
+
+fn tool_result(got: &[Got]) -> Value {
+    let s = chunks(got)
+        .iter()
+        .filter_map(|v| v["data"].as_str())
+        .find_map(|s| s.strip_prefix("tool_result:"))
+        .unwrap_or_else(|| panic!("no tool_result: {got:#?}"))
+        .to_string();
+    serde_json::from_str(&s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_opencode_permission_query_answered_yes_runs_the_tool() {
+    let s = asking_stack().await;
+    let marker = format!("agent-allowed-{}", std::process::id());
+    let got = stream_answering(
+        &s.client,
+        "agents.prompt.opencode.ops.e2e",
+        HeaderMap::new(),
+        format!("[tool:bash echo {marker}] go").as_bytes(),
+        Some("yes"),
+    )
     .await;
+    assert_acked_first(&got);
+    let q = queries(&got);
+    assert_eq!(q.len(), 1, "{got:#?}");
+    let data = &q[0]["data"];
+    assert!(data["id"].as_str().is_some_and(|i| !i.is_empty()));
+    assert!(data["prompt"].as_str().unwrap().contains("bash"), "{data}");
+    let result = tool_result(&got);
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(result["output"].as_str().unwrap().contains(&marker));
+    assert_eq!(
+        response_text(&got),
+        crate::support::fake_llm::tool_followup_reply(&marker),
+        "the answer exactly once: {got:#?}"
+    );
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_opencode_permission_query_answered_no_denies_the_tool() {
+    let s = asking_stack().await;
     let started = std::time::Instant::now();
-    let got = stream(
+    let got = stream_answering(
         &s.client,
         "agents.prompt.opencode.ops.e2e",
         HeaderMap::new(),
         b"[tool:bash echo agent-denied] go",
+        Some("no"),
     )
     .await;
     assert!(started.elapsed() < Duration::from_secs(25));
     assert_acked_first(&got);
+    assert_eq!(queries(&got).len(), 1, "{got:#?}");
     assert!(
         !got.iter().any(|g| matches!(g, Got::Error { .. })),
         "{got:#?}"
     );
-    assert!(
-        !chunks(&got).iter().any(|v| v["type"] == "query"),
-        "no query: {got:#?}"
-    );
-    let statuses: Vec<&str> = chunks(&got)
-        .iter()
-        .filter_map(|v| v["data"].as_str())
-        .collect();
-    let result = statuses
-        .iter()
-        .find_map(|s| s.strip_prefix("tool_result:"))
-        .expect("a tool_result");
-    let result: Value = serde_json::from_str(result).unwrap();
-    assert_eq!(result["ok"], false, "{result}");
-    assert!(
-        statuses.iter().any(|s| s.starts_with("note:")),
-        "the policy's note: {statuses:#?}"
-    );
+    assert_eq!(tool_result(&got)["ok"], false);
     // OpenCode 1.18 ends a turn whose tool was rejected without a second
     // model call (finish `tool-calls`): no answer text, and none invented.
     assert_eq!(response_text(&got), "", "{got:#?}");
