@@ -196,39 +196,7 @@ impl Encoder {
                 "retry",
                 json!({"attempt": attempt, "reason": reason}),
             )],
-            ReplyBody::Permission {
-                request_id,
-                permission,
-                patterns,
-                tool,
-                description,
-                reply_subject,
-                ..
-            } => {
-                let what = if patterns.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", patterns.join(", "))
-                };
-                let prompt = format!(
-                    "OpenCode asks permission `{permission}`{what}: {description}. Answer yes (once), always or no."
-                );
-                vec![chunk(
-                    "query",
-                    json!({"id": request_id, "reply_subject": reply_subject, "prompt": prompt,
-                           "kind": "permission", "permission": permission, "patterns": patterns, "tool": tool}),
-                )]
-            }
-            ReplyBody::Question {
-                request_id,
-                questions,
-                reply_subject,
-                ..
-            } => vec![chunk(
-                "query",
-                json!({"id": request_id, "reply_subject": reply_subject,
-                       "prompt": question_text(questions), "kind": "question", "questions": questions}),
-            )],
+            ReplyBody::Permission { .. } | ReplyBody::Question { .. } => query(body),
             ReplyBody::Final(fin) => {
                 let mut out = Vec::new();
                 if !self.answered && !fin.content.is_empty() {
@@ -256,6 +224,47 @@ impl Encoder {
                     .into_bytes(),
             }],
         }
+    }
+}
+
+/// A permission request or a question as a `query` chunk (§7); its
+/// `reply_subject` is the bridge's own answer subject.
+fn query(body: &ReplyBody) -> Vec<Chunk> {
+    match body {
+        ReplyBody::Permission {
+            request_id,
+            permission,
+            patterns,
+            tool,
+            description,
+            reply_subject,
+            ..
+        } => {
+            let what = if patterns.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", patterns.join(", "))
+            };
+            let prompt = format!(
+                "OpenCode asks permission `{permission}`{what}: {description}. Answer yes (once), always or no."
+            );
+            vec![chunk(
+                "query",
+                json!({"id": request_id, "reply_subject": reply_subject, "prompt": prompt,
+                       "kind": "permission", "permission": permission, "patterns": patterns, "tool": tool}),
+            )]
+        }
+        ReplyBody::Question {
+            request_id,
+            questions,
+            reply_subject,
+            ..
+        } => vec![chunk(
+            "query",
+            json!({"id": request_id, "reply_subject": reply_subject,
+                   "prompt": question_text(questions), "kind": "question", "questions": questions}),
+        )],
+        _ => Vec::new(),
     }
 }
 
