@@ -306,6 +306,14 @@ impl Daemon {
         if let Some(agent) = self.agent.take() {
             agent.stop().await;
         }
+        // The endpoint unsubscribed; serve what it had already received.
+        if let Some(mut agent_prompts) = self.agent_prompts.take() {
+            while let Ok(Some(msg)) =
+                tokio::time::timeout(Duration::from_secs(2), agent_prompts.next()).await
+            {
+                self.intake.agent_prompt(msg, None).await;
+            }
+        }
         self.prompts.drain().await;
         // Serve what the server had already delivered before the drain.
         while let Ok(Some(msg)) =
