@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bus::{self, BusError, ControlSubscription, PromptSubscription, Publisher};
+use crate::bus::{
+    self, AgentOptions, AgentPrompts, AgentService, BusError, ControlSubscription, Incoming,
+    PromptSubscription, Publisher,
+};
 use crate::config::Config;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
@@ -160,6 +163,10 @@ struct Daemon {
     publisher: Publisher,
     intake: Arc<Intake>,
     prompts: PromptSubscription,
+    /// The Synadia Agent Protocol registration and its prompts, when
+    /// `[agent_protocol] enabled`.
+    agent: Option<AgentService>,
+    agent_prompts: Option<AgentPrompts>,
     in_flight: Arc<Semaphore>,
     /// Every turn's task.
     tracker: TaskTracker,
@@ -221,6 +228,10 @@ impl Daemon {
         let control = spawn_control(&nats, &config, intake.clone(), stream_cancel.clone()).await?;
         let prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
         let opencode_url = client.base_url().to_string();
+        let (agent, agent_prompts) = match start_agent(&config, &publisher, &seen_version).await? {
+            Some((a, p)) => (Some(a), Some(p)),
+            None => (None, None),
+        };
         let sources = Sources {
             publisher: publisher.clone(),
             hub,
@@ -241,6 +252,8 @@ impl Daemon {
             publisher,
             intake,
             prompts,
+            agent,
+            agent_prompts,
             tracker,
             turn_cancel,
             stream_cancel,
@@ -265,13 +278,24 @@ impl Daemon {
             let msg = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => break,
-                m = self.prompts.next() => m,
+                m = self.prompts.next() => m.map(|m| (false, m)),
+                m = next_agent_prompt(&mut self.agent_prompts) => match m {
+                    Some(m) => Some((true, m)),
+                    None => {
+                        warn!("the agent protocol endpoint ended");
+                        self.agent_prompts = None;
+                        continue;
+                    }
+                },
             };
-            let Some(msg) = msg else {
-                warn!("prompt subscriptions ended (NATS connection closed)");
-                break;
-            };
-            self.intake.prompt(msg, Some(permit)).await;
+            match msg {
+                Some((false, msg)) => self.intake.prompt(msg, Some(permit)).await,
+                Some((true, msg)) => self.intake.agent_prompt(msg, Some(permit)).await,
+                None => {
+                    warn!("prompt subscriptions ended (NATS connection closed)");
+                    break;
+                }
+            }
         }
     }
 
@@ -279,6 +303,17 @@ impl Daemon {
     async fn stop(mut self) {
         info!("shutting down: no new prompts");
         self.ops.stopping().await;
+        if let Some(agent) = self.agent.take() {
+            agent.stop().await;
+        }
+        // The endpoint unsubscribed; serve what it had already received.
+        if let Some(mut agent_prompts) = self.agent_prompts.take() {
+            while let Ok(Some(msg)) =
+                tokio::time::timeout(Duration::from_secs(2), agent_prompts.next()).await
+            {
+                self.intake.agent_prompt(msg, None).await;
+            }
+        }
         self.prompts.drain().await;
         // Serve what the server had already delivered before the drain.
         while let Ok(Some(msg)) =
@@ -319,6 +354,58 @@ impl Daemon {
         }
         info!("stopped");
     }
+}
+
+/// The next prompt on the agent protocol endpoint (never, without one).
+async fn next_agent_prompt(prompts: &mut Option<AgentPrompts>) -> Option<Incoming> {
+    match prompts {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Registers as a Synadia Agent Protocol agent, if `[agent_protocol]
+/// enabled`.
+async fn start_agent(
+    config: &Config,
+    publisher: &Publisher,
+    seen_version: &SeenVersion,
+) -> Result<Option<(AgentService, AgentPrompts)>, AppError> {
+    let a = &config.agent_protocol;
+    if !a.enabled {
+        return Ok(None);
+    }
+    use crate::protocol::agent::{name_token, size_label, Identity};
+    let name = a.name.clone().unwrap_or_else(|| {
+        name_token(
+            &config
+                .service
+                .host
+                .clone()
+                .unwrap_or_else(crate::ops::status::hostname),
+        )
+    });
+    let mut metadata = std::collections::HashMap::from([(
+        "bridge_service".to_string(),
+        config.service.name.clone(),
+    )]);
+    if let Some(v) = seen_version.version() {
+        metadata.insert("opencode_version".into(), v);
+    }
+    let max = config.limits.max_prompt_bytes.min(publisher.max_payload());
+    let opts = AgentOptions {
+        identity: Identity {
+            owner: a.owner.clone(),
+            name,
+        },
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        description: "OpenCode through opencode-nats-bridge".into(),
+        metadata,
+        max_payload: size_label(max),
+        attachments_ok: true,
+        heartbeat_interval: a.heartbeat_interval,
+    };
+    Ok(Some(AgentService::start(publisher, opts).await?))
 }
 
 /// The one reader of OpenCode's event stream, and the task that reads

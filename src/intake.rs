@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::bus::{Incoming, Publisher};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::protocol::agent;
 use crate::protocol::control::parse_abort;
 use crate::protocol::tenant::{authorize, Caller, Route};
 use crate::protocol::{parse_prompt, validate_subject, ErrorCode, Prompt, ReplyBody};
@@ -150,6 +151,60 @@ impl Intake {
         Ok((prompt, subject))
     }
 
+    /// A prompt on the Synadia Agent Protocol `prompt` endpoint: `ack`
+    /// first, then the checks and the queue of the bridge's own prompts
+    /// (as the operator: the registration has no tenant), its replies a
+    /// protocol reply stream on the request's reply subject. Interactive
+    /// (permissions and questions as `query` chunks); `reply_to` is ignored.
+    pub async fn agent_prompt(&self, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
+        let Some(inbox) = msg
+            .reply
+            .clone()
+            .filter(|r| validate_subject(r).is_ok() && !self.config.reply_rules().is_own(r))
+        else {
+            warn!(subject = %msg.subject, reply = ?msg.reply, "an agent prompt without a usable reply subject: not answered");
+            return;
+        };
+        let limits = self.config.limits.prompt_limits();
+        let parsed = agent::check_request(&msg.payload)
+            .map_err(|r| (r, None))
+            .and_then(|()| {
+                parse_prompt(&msg.payload, &msg.headers, None, limits)
+                    .map_err(|r| (r.reason, Some(r.trace_id)))
+            });
+        let trace_id = match &parsed {
+            Ok(p) => p.trace_id.clone(),
+            Err((_, t)) => t
+                .clone()
+                .or_else(|| msg.headers.trace_id.clone())
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        };
+        let conversation = parsed.as_ref().ok().and_then(|p| p.conversation.clone());
+        let mut sink = self
+            .sink(inbox, &trace_id, conversation.as_deref(), &msg)
+            .agent_protocol();
+        sink.ack(self.config.agent_protocol.ack_interval).await;
+        let checked = parsed
+            .map_err(|(reason, _)| (ErrorCode::BadRequest, reason))
+            .and_then(|p| {
+                authorize(&Caller::Operator, &p, &self.config.prompt_policy())
+                    .map(|()| p)
+                    .map_err(|reason| (ErrorCode::Forbidden, reason))
+            });
+        match checked {
+            Ok(mut prompt) => {
+                prompt.reply_to = None;
+                // Permissions and questions become `query` chunks.
+                prompt.interactive = true;
+                self.dispatch_with(prompt, sink, permit).await
+            }
+            Err((code, reason)) => {
+                warn!(%trace_id, subject = %msg.subject, code = code.as_str(), %reason, "agent prompt refused");
+                sink.send(ReplyBody::error(code, reason)).await;
+            }
+        }
+    }
+
     /// Queues an admitted prompt; a full conversation queue or a trace id
     /// in use is answered at once.
     async fn dispatch(
@@ -165,6 +220,17 @@ impl Intake {
             prompt.conversation.as_deref(),
             msg,
         );
+        self.dispatch_with(prompt, sink, permit).await
+    }
+
+    /// Queues a prompt with its sink; a full conversation queue or a trace
+    /// id in use is answered at once.
+    async fn dispatch_with(
+        &self,
+        prompt: Prompt,
+        sink: ReplySink,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         let job = Job {
             prompt,
             sink,

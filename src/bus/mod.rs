@@ -1,12 +1,14 @@
 //! The async-nats adapter, by role: [`connect`] (options, backoff, events),
 //! [`incoming`] (a message off the bus), [`subscribe`] (prompt and control
 //! subscriptions, one subscribe loop, drain), [`publish`] (replies with
-//! their headers), [`service`] (the NATS micro service: `$SRV.*`, `status`)
+//! their headers), [`service`] (the NATS micro service: `$SRV.*`, `status`),
+//! [`agent`] (the Synadia Agent Protocol registration and heartbeat)
 //! and [`caller`] (the client side of the contract, for the CLI).
 //! Architecture invariant: this is the only module that imports
 //! `async_nats`; the rest of the daemon sees [`Incoming`], [`Publisher`],
 //! [`Service`] and [`Caller`].
 
+pub mod agent;
 pub mod caller;
 pub mod connect;
 pub mod incoming;
@@ -14,6 +16,7 @@ pub mod publish;
 pub mod service;
 pub mod subscribe;
 
+pub use agent::{AgentOptions, AgentPrompts, AgentService};
 /// A NATS connection, for the wiring that hands it from [`connect`] to the
 /// subscriptions and the publisher.
 pub use async_nats::Client as Connection;

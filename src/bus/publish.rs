@@ -7,6 +7,7 @@ use tracing::warn;
 
 use super::BusError;
 use crate::config::ReplyHeaders;
+use crate::protocol::agent::Chunk;
 use crate::protocol::{Reply, ReplyBody};
 
 /// Publishes replies.
@@ -92,6 +93,49 @@ impl Publisher {
         }
         self.client
             .publish_with_headers(subject.to_string(), h, Bytes::from(reply.to_json()))
+            .await
+            .map_err(publish_failed(subject))
+    }
+
+    /// Publishes one message of an agent-protocol reply stream: a chunk
+    /// without headers, or the error message with the micro service error
+    /// headers (`Nats-Service-Error-Code`, `Nats-Service-Error`).
+    pub async fn publish_chunk(&self, subject: &str, chunk: &Chunk) -> Result<(), BusError> {
+        let (headers, body) = match chunk {
+            Chunk::Data(body) => (None, body.clone()),
+            Chunk::Error {
+                code,
+                description,
+                body,
+            } => {
+                let mut h = HeaderMap::new();
+                h.insert(
+                    async_nats::service::NATS_SERVICE_ERROR_CODE,
+                    code.to_string(),
+                );
+                h.insert(
+                    async_nats::service::NATS_SERVICE_ERROR,
+                    description.as_str(),
+                );
+                (Some(h), body.clone())
+            }
+        };
+        let subject_owned = subject.to_string();
+        let sent = match headers {
+            Some(h) => {
+                self.client
+                    .publish_with_headers(subject_owned, h, Bytes::from(body))
+                    .await
+            }
+            None => self.client.publish(subject_owned, Bytes::from(body)).await,
+        };
+        sent.map_err(publish_failed(subject))
+    }
+
+    /// Ends an agent-protocol reply stream: an empty message, no headers.
+    pub async fn publish_terminator(&self, subject: &str) -> Result<(), BusError> {
+        self.client
+            .publish(subject.to_string(), Bytes::new())
             .await
             .map_err(publish_failed(subject))
     }

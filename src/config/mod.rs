@@ -36,6 +36,48 @@ pub struct Config {
     pub permissions: PermissionsConfig,
     pub tenancy: TenancyConfig,
     pub prompt: PromptConfig,
+    /// `[agent_protocol]`: the Synadia Agent Protocol v0.3 registration.
+    pub agent_protocol: AgentProtocolConfig,
+}
+
+/// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
+/// "Agent protocol profile"): the micro service `agents`, its `prompt`
+/// and `status` endpoints and heartbeats on
+/// `agents.{prompt|status|hb}.opencode.<owner>.<name>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentProtocolConfig {
+    /// Register as an agent beside the bridge's own subjects. Prompts on
+    /// the agent subjects act as the operator (no tenant): restrict who
+    /// may publish to `agents.prompt.>` with NATS permissions.
+    pub enabled: bool,
+    /// The operator or account owning this agent (`metadata.owner`, the
+    /// 4th subject token). Letters, digits, `-` and `_`.
+    pub owner: String,
+    /// The instance name (the 5th subject token). Unset: `[service] host`,
+    /// else the machine's host name (dots become `-`).
+    pub name: Option<String>,
+    /// How often a heartbeat goes out on `agents.hb.opencode.<owner>.<name>`
+    /// (the protocol's default is 30 s; at least 1 s).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How often a running turn's stream hears `{"type":"status","data":"ack"}`
+    /// again (the protocol SDK's 30 s; callers give up after 60 s of
+    /// silence). At least 1 s.
+    #[serde(with = "humantime_serde")]
+    pub ack_interval: Duration,
+}
+
+impl Default for AgentProtocolConfig {
+    fn default() -> Self {
+        AgentProtocolConfig {
+            enabled: true,
+            owner: "default".into(),
+            name: None,
+            heartbeat_interval: Duration::from_secs(30),
+            ack_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Tenants: the first token after the prompt subject (docs/PROTOCOL.md,

@@ -10,7 +10,42 @@ impl Config {
         self.validate_subjects()?;
         self.validate_opencode()?;
         self.validate_sizes()?;
-        self.validate_service()
+        self.validate_service()?;
+        self.validate_agent_protocol()
+    }
+
+    fn validate_agent_protocol(&self) -> Result<(), ConfigError> {
+        let a = &self.agent_protocol;
+        let token = |key, v: &str| {
+            if v.is_empty()
+                || v.len() > 63
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{v:?} must be 1-63 letters, digits, - or _"),
+                });
+            }
+            Ok(())
+        };
+        token("agent_protocol.owner", &a.owner)?;
+        if let Some(name) = &a.name {
+            token("agent_protocol.name", name)?;
+        }
+        for (key, d) in [
+            ("agent_protocol.heartbeat_interval", a.heartbeat_interval),
+            ("agent_protocol.ack_interval", a.ack_interval),
+        ] {
+            if d < std::time::Duration::from_secs(1) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1s".into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn validate_nats(&self) -> Result<(), ConfigError> {

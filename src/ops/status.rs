@@ -260,7 +260,7 @@ impl Health {
 }
 
 /// The machine's host name (Linux), else `localhost`.
-fn hostname() -> String {
+pub fn hostname() -> String {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())

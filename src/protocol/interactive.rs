@@ -186,7 +186,11 @@ pub struct PermissionAnswer {
 
 #[derive(Deserialize)]
 struct RawPermission {
-    reply: String,
+    #[serde(default)]
+    reply: Option<String>,
+    /// An agent-protocol query reply (`{"prompt": "yes"}`).
+    #[serde(default)]
+    prompt: Option<String>,
     #[serde(default)]
     message: Option<String>,
     #[serde(default)]
@@ -201,14 +205,18 @@ pub fn parse_permission_answer(payload: &[u8]) -> Result<PermissionAnswer, Strin
     let a = if t.starts_with('{') {
         let r: RawPermission =
             serde_json::from_str(t).map_err(|e| format!("answer is not valid JSON: {e}"))?;
+        let reply = r
+            .reply
+            .or(r.prompt)
+            .ok_or("answer needs `reply` (or `prompt`)")?;
         PermissionAnswer {
-            reply: r.reply,
+            reply: word(&reply),
             message: r.message.filter(|m| !m.is_empty()),
             request_id: r.request_id,
         }
     } else {
         PermissionAnswer {
-            reply: t.to_ascii_lowercase(),
+            reply: word(t),
             message: None,
             request_id: None,
         }
@@ -218,6 +226,17 @@ pub fn parse_permission_answer(payload: &[u8]) -> Result<PermissionAnswer, Strin
         other => Err(format!(
             "`reply` must be \"once\", \"always\" or \"reject\", got {other:?}"
         )),
+    }
+}
+
+/// An answer word, lowercase; the agent protocol's `yes`/`no` (and
+/// `allow`/`deny`) read as `once`/`reject`.
+fn word(w: &str) -> String {
+    let w = w.trim().to_ascii_lowercase();
+    match w.as_str() {
+        "yes" | "y" | "allow" => "once".into(),
+        "no" | "n" | "deny" => "reject".into(),
+        _ => w,
     }
 }
 
@@ -250,8 +269,17 @@ impl PermissionAnswer {
     }
 }
 
-/// Parses `{"answers": [["label", ...], ...]}` or `{"reject": true}`.
+/// Parses `{"answers": [["label", ...], ...]}` or `{"reject": true}`; an
+/// agent-protocol query reply (plain text, or `{"prompt": "..."}`) is the
+/// one label of the first question.
 pub fn parse_question_answer(payload: &[u8]) -> Result<QuestionAnswer, String> {
+    let text = std::str::from_utf8(payload).map_err(|_| "answer is not UTF-8".to_string())?;
+    if !text.trim_start().starts_with('{') {
+        return Ok(QuestionAnswer::Answers {
+            answers: vec![vec![text.trim().to_string()]],
+            request_id: None,
+        });
+    }
     let v: Value =
         serde_json::from_slice(payload).map_err(|e| format!("answer is not valid JSON: {e}"))?;
     let request_id = v
@@ -260,6 +288,12 @@ pub fn parse_question_answer(payload: &[u8]) -> Result<QuestionAnswer, String> {
         .map(str::to_string);
     if v.get("reject").and_then(Value::as_bool) == Some(true) {
         return Ok(QuestionAnswer::Reject { request_id });
+    }
+    if let (None, Some(p)) = (v.get("answers"), v.get("prompt").and_then(Value::as_str)) {
+        return Ok(QuestionAnswer::Answers {
+            answers: vec![vec![p.trim().to_string()]],
+            request_id,
+        });
     }
     let answers = v
         .get("answers")

@@ -3,6 +3,7 @@
 //! Nothing here does I/O; `bus/` moves these values over NATS. The contract is
 //! written up for users in `docs/PROTOCOL.md`; the two must agree.
 
+pub mod agent;
 pub mod attachment;
 pub mod caller;
 pub mod control;

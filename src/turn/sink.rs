@@ -5,11 +5,13 @@
 //! W3C `traceparent`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
 use crate::bus::Publisher;
 use crate::metrics::{Metrics, TurnObserver};
+use crate::protocol::agent::{ack, Encoder};
 use crate::protocol::reply::split_utf8;
 use crate::protocol::traceparent::TraceParent;
 use crate::protocol::{ErrorCode, Reply, ReplyBody};
@@ -37,6 +39,26 @@ pub struct ReplySink {
     /// came with a trace context.
     traceparent: Option<String>,
     observer: Option<TurnObserver>,
+    /// How replies are encoded on the subject.
+    wire: Wire,
+}
+
+/// The encoding of a turn's replies.
+enum Wire {
+    /// The bridge's own contract: one JSON reply per message, with headers.
+    Bridge,
+    /// The Synadia Agent Protocol reply stream ([`crate::protocol::agent`]).
+    Agent(AgentStream),
+}
+
+/// An agent-protocol reply stream: its encoder, and the lock that keeps
+/// the periodic `ack` from following the terminator.
+struct AgentStream {
+    encoder: Encoder,
+    /// `true` once the terminator is out; held while publishing.
+    ended: Arc<tokio::sync::Mutex<bool>>,
+    /// Stops the `ack` keeper when the sink goes.
+    _keeper: Option<tokio_util::sync::DropGuard>,
 }
 
 impl ReplySink {
@@ -64,7 +86,51 @@ impl ReplySink {
             max_body,
             traceparent: None,
             observer: None,
+            wire: Wire::Bridge,
         }
+    }
+
+    /// Encodes this turn's replies as a Synadia Agent Protocol reply stream
+    /// on the subject; [`ack`](Self::ack) must come first.
+    pub fn agent_protocol(mut self) -> Self {
+        self.wire = Wire::Agent(AgentStream {
+            encoder: Encoder::default(),
+            ended: Arc::new(tokio::sync::Mutex::new(false)),
+            _keeper: None,
+        });
+        self
+    }
+
+    /// Agent protocol: publishes the first `ack` now and another every
+    /// `every` until the terminator (none on the bridge's own wire).
+    pub async fn ack(&mut self, every: Duration) {
+        let Wire::Agent(stream) = &mut self.wire else {
+            return;
+        };
+        if let Err(e) = self.publisher.publish_chunk(&self.subject, &ack()).await {
+            warn!(trace_id = %self.trace_id, error = %e, "publishing the agent ack failed");
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (publisher, subject, ended) = (
+            self.publisher.clone(),
+            self.subject.clone(),
+            stream.ended.clone(),
+        );
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let ended = ended.lock().await;
+                if *ended {
+                    break;
+                }
+                let _ = publisher.publish_chunk(&subject, &ack()).await;
+            }
+        });
+        stream._keeper = Some(stop.drop_guard());
     }
 
     /// Makes the turn a child span of the prompt's `traceparent` (if it is
@@ -203,6 +269,10 @@ impl ReplySink {
     }
 
     async fn publish(&mut self, body: &ReplyBody) {
+        if let Wire::Agent(stream) = &mut self.wire {
+            publish_agent(&self.publisher, &self.subject, &self.trace_id, stream, body).await;
+            return self.published(body);
+        }
         let reply = Reply {
             trace_id: &self.trace_id,
             seq: self.seq,
@@ -235,8 +305,12 @@ impl ReplySink {
         } else {
             debug!(trace_id = %self.trace_id, seq = self.seq, kind = body.kind(), "reply published");
         }
-        // After the fallback above: the metrics count the reply that
-        // stands (and the turn's real outcome).
+        self.published(body);
+    }
+
+    /// Counts a reply that went out. After the fallback above: the metrics
+    /// count the reply that stands (and the turn's real outcome).
+    fn published(&mut self, body: &ReplyBody) {
         if let Some(o) = &mut self.observer {
             o.on_reply(body);
         }
@@ -245,4 +319,31 @@ impl ReplySink {
             self.terminated = true;
         }
     }
+}
+
+/// One reply as agent-protocol chunks; after the terminal one, the
+/// terminator (under the lock, so no `ack` follows it).
+async fn publish_agent(
+    publisher: &Publisher,
+    subject: &str,
+    trace_id: &str,
+    stream: &mut AgentStream,
+    body: &ReplyBody,
+) {
+    let mut ended = stream.ended.lock().await;
+    if *ended {
+        return;
+    }
+    for chunk in stream.encoder.encode(body) {
+        if let Err(e) = publisher.publish_chunk(subject, &chunk).await {
+            warn!(%trace_id, kind = body.kind(), error = %e, "publishing an agent chunk failed");
+        }
+    }
+    if body.is_terminal() {
+        if let Err(e) = publisher.publish_terminator(subject).await {
+            warn!(%trace_id, error = %e, "publishing the agent terminator failed");
+        }
+        *ended = true;
+    }
+    debug!(%trace_id, kind = body.kind(), "agent reply published");
 }

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod agent_protocol;
 mod bridge_fake;
 mod daemon_binary;
 mod e2e_interactive;

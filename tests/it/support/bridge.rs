@@ -35,6 +35,9 @@ pub fn test_config(nats_url: &str, opencode_url: &str, password: Option<&str>) -
     c.turn.turn_timeout = Duration::from_secs(60);
     c.turn.abort_timeout = Duration::from_secs(2);
     c.shutdown.grace = Duration::from_secs(5);
+    // On in tests/it/agent_protocol.rs; elsewhere one service per daemon.
+    c.agent_protocol.enabled = false;
+    c.agent_protocol.name = Some("test".into());
     c.validate().expect("test config is valid");
     c
 }
