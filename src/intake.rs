@@ -214,12 +214,14 @@ impl Intake {
         subject: String,
         permit: Option<OwnedSemaphorePermit>,
     ) {
-        let sink = self.sink(
-            subject,
-            &prompt.trace_id,
-            prompt.conversation.as_deref(),
-            msg,
-        );
+        let sink = self
+            .sink(
+                subject,
+                &prompt.trace_id,
+                prompt.conversation.as_deref(),
+                msg,
+            )
+            .streaming(prompt.stream);
         self.dispatch_with(prompt, sink, permit).await
     }
 

@@ -16,7 +16,7 @@ pub mod traceparent;
 
 pub use attachment::Attachment;
 pub use prompt::{
-    parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, QueueKey, Rejection,
+    parse_prompt, ModelRef, Prompt, PromptHeaders, PromptLimits, QueueKey, Rejection, StreamMode,
 };
 pub use reply::{ErrorCode, Reply, ReplyBody, ReplyOwned, StatusEvent, Usage};
 pub use subject::{reply_subject, subject_matches, validate_subject, SubjectError};

@@ -37,6 +37,47 @@ pub struct Prompt {
     pub progress: bool,
     /// Files sent with the text, in order ([`parse_attachments`]).
     pub attachments: Vec<Attachment>,
+    /// At what pace the caller wants the turn's text (`"stream"`).
+    pub stream: StreamMode,
+}
+
+/// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamMode {
+    /// Every delta as it comes (`"full"`, the default).
+    #[default]
+    Full,
+    /// Text of one part merged and sent at most every `ms` milliseconds:
+    /// the first at once, what is held goes out before any other reply and
+    /// before the terminal one (`{"coalesce_ms": N}`).
+    Coalesce { ms: u64 },
+    /// Only the terminal reply, and the replies that ask the caller
+    /// something (`permission`, `question`) or tell it why it waits
+    /// (`status`): no `delta`, `reasoning`, `tool_call`, `tool_result`
+    /// (`"final"`).
+    Final,
+}
+
+/// The longest `coalesce_ms` accepted (a minute).
+pub const MAX_COALESCE_MS: u64 = 60_000;
+
+fn stream_mode(v: Option<Value>) -> Result<StreamMode, String> {
+    let bad = |v: &Value| {
+        format!(
+            "`stream` must be \"full\", \"final\" or {{\"coalesce_ms\": 0..={MAX_COALESCE_MS}}}, got {v}"
+        )
+    };
+    match v {
+        None | Some(Value::Null) => Ok(StreamMode::Full),
+        Some(Value::String(s)) if s == "full" => Ok(StreamMode::Full),
+        Some(Value::String(s)) if s == "final" => Ok(StreamMode::Final),
+        Some(Value::Object(m)) => match (m.len(), m.get("coalesce_ms").and_then(Value::as_u64)) {
+            (1, Some(0)) => Ok(StreamMode::Full),
+            (1, Some(ms)) if ms <= MAX_COALESCE_MS => Ok(StreamMode::Coalesce { ms }),
+            _ => Err(bad(&Value::Object(m))),
+        },
+        Some(other) => Err(bad(&other)),
+    }
 }
 
 impl Prompt {
@@ -143,6 +184,7 @@ struct JsonPrompt {
     reply_to: Option<Value>,
     interactive: Option<Value>,
     progress: Option<Value>,
+    stream: Option<Value>,
     attachments: Option<Value>,
 }
 
@@ -223,6 +265,7 @@ struct Fields {
     reply_to: Option<String>,
     interactive: bool,
     progress: bool,
+    stream: StreamMode,
     attachments: Vec<Attachment>,
 }
 
@@ -290,6 +333,7 @@ impl Fields {
                 ))
             }
         };
+        self.stream = stream_mode(j.stream)?;
         self.progress = match j.progress {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => b,
@@ -385,6 +429,7 @@ impl Fields {
             interactive: self.interactive,
             caller,
             progress: self.progress,
+            stream: self.stream,
             attachments: self.attachments,
         })
     }
@@ -457,6 +502,7 @@ impl Salvage {
             reply_to: get("reply_to"),
             interactive: None,
             progress: None,
+            stream: None,
             attachments: None,
         });
     }
@@ -506,6 +552,38 @@ mod tests {
             })
         );
         assert_eq!(p.agent.as_deref(), Some("plan"));
+    }
+
+    #[test]
+    fn the_stream_mode_is_parsed() {
+        let mode = |json: &str| parse(json).map(|p| p.stream);
+        assert_eq!(mode(r#"{"text":"x"}"#).unwrap(), StreamMode::Full);
+        assert_eq!(
+            mode(r#"{"text":"x","stream":"final"}"#).unwrap(),
+            StreamMode::Final
+        );
+        assert_eq!(
+            mode(r#"{"text":"x","stream":"full"}"#).unwrap(),
+            StreamMode::Full
+        );
+        assert_eq!(
+            mode(r#"{"text":"x","stream":{"coalesce_ms":500}}"#).unwrap(),
+            StreamMode::Coalesce { ms: 500 }
+        );
+        assert_eq!(
+            mode(r#"{"text":"x","stream":{"coalesce_ms":0}}"#).unwrap(),
+            StreamMode::Full
+        );
+        for bad in [
+            r#""fast""#,
+            "5",
+            r#"{"coalesce_ms":-1}"#,
+            r#"{"coalesce_ms":60001}"#,
+            r#"{"coalesce_ms":5,"x":1}"#,
+        ] {
+            let r = parse(&format!(r#"{{"text":"x","stream":{bad}}}"#)).unwrap_err();
+            assert!(r.reason.contains("`stream`"), "{bad}: {}", r.reason);
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tracing::{debug, info, warn};
 
 use crate::bus::Publisher;
@@ -14,7 +16,7 @@ use crate::metrics::{Metrics, TurnObserver};
 use crate::protocol::agent::{ack, Encoder};
 use crate::protocol::reply::split_utf8;
 use crate::protocol::traceparent::TraceParent;
-use crate::protocol::{ErrorCode, Reply, ReplyBody};
+use crate::protocol::{ErrorCode, Reply, ReplyBody, StreamMode};
 
 /// Room left in a payload for the JSON envelope and headers around the text.
 const ENVELOPE_ROOM: usize = 1024;
@@ -41,6 +43,29 @@ pub struct ReplySink {
     observer: Option<TurnObserver>,
     /// How replies are encoded on the subject.
     wire: Wire,
+    /// At what pace the caller wants text (`"stream"` in the prompt).
+    stream: StreamMode,
+    /// Text held back by `coalesce_ms`, and when text last went out.
+    held: Option<Held>,
+    last_text: Option<Instant>,
+}
+
+/// Text of one part held back for `coalesce_ms`.
+struct Held {
+    reasoning: bool,
+    part_id: String,
+    text: String,
+}
+
+impl Held {
+    fn into_body(self) -> ReplyBody {
+        let (content, part_id) = (self.text, self.part_id);
+        if self.reasoning {
+            ReplyBody::Reasoning { content, part_id }
+        } else {
+            ReplyBody::Delta { content, part_id }
+        }
+    }
 }
 
 /// The encoding of a turn's replies.
@@ -87,6 +112,9 @@ impl ReplySink {
             traceparent: None,
             observer: None,
             wire: Wire::Bridge,
+            stream: StreamMode::Full,
+            held: None,
+            last_text: None,
         }
     }
 
@@ -152,6 +180,13 @@ impl ReplySink {
     }
 
     /// Counts this turn in `metrics` from now to its terminal reply.
+    /// The caller's pace (`"stream"`): every delta, merged text at most
+    /// every N ms, or the terminal reply only.
+    pub fn streaming(mut self, stream: StreamMode) -> Self {
+        self.stream = stream;
+        self
+    }
+
     pub fn observed(mut self, metrics: &Arc<Metrics>) -> Self {
         self.observer = Some(TurnObserver::new(metrics.clone()));
         self
@@ -194,6 +229,66 @@ impl ReplySink {
             warn!(trace_id = %self.trace_id, kind = body.kind(), "reply after the terminal reply suppressed");
             return;
         }
+        let text = matches!(body, ReplyBody::Delta { .. } | ReplyBody::Reasoning { .. });
+        match self.stream {
+            StreamMode::Full => self.send_now(body).await,
+            StreamMode::Final => {
+                let progress_only = text
+                    || matches!(
+                        body,
+                        ReplyBody::ToolCall { .. } | ReplyBody::ToolResult { .. }
+                    );
+                if !progress_only {
+                    self.send_now(body).await;
+                }
+            }
+            StreamMode::Coalesce { .. } if !text => {
+                // Held text goes first: the order of a turn's replies stays.
+                self.flush_held().await;
+                self.send_now(body).await;
+            }
+            StreamMode::Coalesce { ms } => self.coalesce(body, ms).await,
+        }
+    }
+
+    /// Holds text of one part and sends it at most every `ms` ms (the
+    /// first at once): a deterministic merge, whatever the event rate.
+    async fn coalesce(&mut self, body: ReplyBody, ms: u64) {
+        let (reasoning, content, part_id) = match body {
+            ReplyBody::Delta { content, part_id } => (false, content, part_id),
+            ReplyBody::Reasoning { content, part_id } => (true, content, part_id),
+            other => return self.send_now(other).await,
+        };
+        match &mut self.held {
+            Some(h) if h.reasoning == reasoning && h.part_id == part_id => {
+                h.text.push_str(&content)
+            }
+            _ => {
+                self.flush_held().await;
+                self.held = Some(Held {
+                    reasoning,
+                    part_id,
+                    text: content,
+                });
+            }
+        }
+        let due = self
+            .last_text
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(ms));
+        if due {
+            self.flush_held().await;
+        }
+    }
+
+    async fn flush_held(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.last_text = Some(Instant::now());
+            self.send_now(h.into_body()).await;
+        }
+    }
+
+    /// Publishes one reply now (several, if its text must be split).
+    async fn send_now(&mut self, body: ReplyBody) {
         match &body {
             ReplyBody::Delta { content, part_id } | ReplyBody::Reasoning { content, part_id }
                 if content.len() > self.max_content =>

@@ -1603,3 +1603,70 @@ async fn a_long_plain_answer_arrives_whole_in_the_final() {
     assert_eq!(fin["content"].as_str().unwrap().len(), 300 * 1024);
     rig.stop().await;
 }
+
+/// `"stream": {"coalesce_ms": N}`: the text of a part merged and sent at
+/// most every N ms (the first at once), whole in the end; `"stream":
+/// "final"`: the terminal reply only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_chooses_the_pace_of_the_text() {
+    // 400 deltas, 5 ms apart: about 2 s of text.
+    let words: Vec<String> = (0..400).map(|i| format!("w{i} ")).collect();
+    let whole = words.concat();
+    let rig = Rig::start(
+        move |input| {
+            let mut t = TurnBuilder::new(input);
+            t.gap_ms(5);
+            t.begin();
+            let a = t.assistant();
+            t.text(&a, &owned(&words));
+            t.finish(&a, "stop");
+            t.end();
+            t.build()
+        },
+        |_| {},
+    )
+    .await;
+    let started = Instant::now();
+    let r = rig
+        .ask(
+            "opencode.prompt",
+            r#"{"text":"talk","stream":{"coalesce_ms":500}}"#,
+        )
+        .await;
+    let took = started.elapsed();
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], whole.as_str());
+    let deltas = of_kind(&r, "delta");
+    // At most one per 500 ms, plus the first and what is left at the end.
+    let bound = (took.as_millis() / 500) as usize + 2;
+    assert!(
+        !deltas.is_empty() && deltas.len() <= bound,
+        "{} delta replies in {took:?}",
+        deltas.len()
+    );
+    assert_eq!(
+        delta_text(&r),
+        whole,
+        "the merged deltas add up to the final"
+    );
+
+    // (Not `ask`: its check that the deltas add up to the final does not
+    // hold when no delta is sent.)
+    let r = request(
+        &rig.client,
+        "opencode.prompt",
+        r#"{"text":"talk","stream":"final"}"#,
+        TURN,
+    )
+    .await;
+    assert_eq!(kinds(&r), ["final"], "{r:#?}");
+    assert_eq!(terminal(&r)["seq"], 0);
+    assert_eq!(terminal(&r)["content"], whole.as_str());
+
+    let r = rig
+        .ask("opencode.prompt", r#"{"text":"talk","stream":"fast"}"#)
+        .await;
+    assert_eq!(terminal(&r)["code"], "bad_request", "{r:#?}");
+    rig.stop().await;
+}

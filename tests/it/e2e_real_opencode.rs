@@ -358,3 +358,31 @@ async fn status_and_service_metadata_show_the_opencode_version() {
     );
     s.bridge.stop().await.unwrap();
 }
+
+/// The real OpenCode streaming 2,000 deltas: with `"stream":
+/// {"coalesce_ms": 500}` the caller gets a handful of delta replies whose
+/// concatenation is the whole answer, the same as `final.content`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_text_is_a_handful_of_replies_and_whole() {
+    let s = stack().await;
+    let started = std::time::Instant::now();
+    let r = request(
+        &s.client,
+        "opencode.prompt",
+        r#"{"text":"[many] go","stream":{"coalesce_ms":500}}"#,
+        TURN,
+    )
+    .await;
+    let took = started.elapsed();
+    assert_well_formed(&r);
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], fake_llm::many_reply());
+    let deltas = r.iter().filter(|(_, v)| v["kind"] == "delta").count();
+    let bound = (took.as_millis() / 500) as usize + 2;
+    assert!(
+        (1..=bound).contains(&deltas),
+        "{deltas} delta replies for 2,000 deltas in {took:?}"
+    );
+    s.bridge.stop().await.unwrap();
+}

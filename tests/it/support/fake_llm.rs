@@ -14,6 +14,7 @@
 //! | `[error401]` | HTTP 401 with an OpenAI-style JSON error ([`ERROR_401_MESSAGE`]) |
 //! | `[error500]` | HTTP 500 with an OpenAI-style JSON error ([`ERROR_500_MESSAGE`]); OpenCode retries it |
 //! | `[slow]` | text [`slow_reply`]`()`: [`SLOW_CHUNKS`] chunks, [`SLOW_CHUNK_DELAY`] apart |
+//! | `[many]` | text [`many_reply`]`()`: [`MANY_CHUNKS`] chunks, [`MANY_PAUSE`] after every ten |
 //! | `[recall]` | text [`recall_reply`]`(first user message of the conversation)` |
 //!
 //! Title requests (no tools, and either `stream: false` or a system prompt that
@@ -79,6 +80,20 @@ pub fn recall_reply(first_user_message: &str) -> String {
     format!("Your first message was: \"{}\"", first_user_message.trim())
 }
 
+/// Chunks of the `[many]` answer.
+pub const MANY_CHUNKS: usize = 2000;
+/// Pause after every ten chunks of the `[many]` answer (about 2 s in all).
+pub const MANY_PAUSE: Duration = Duration::from_millis(10);
+
+/// The full text of the `[many]` answer.
+pub fn many_reply() -> String {
+    many_chunks().concat()
+}
+
+fn many_chunks() -> Vec<String> {
+    (1..=MANY_CHUNKS).map(|i| format!("m{i} ")).collect()
+}
+
 /// The full text of the `[slow]` answer.
 pub fn slow_reply() -> String {
     slow_chunks().concat()
@@ -101,6 +116,8 @@ pub enum Scenario {
     Error401,
     Error500,
     Slow,
+    /// `[many]`: [`MANY_CHUNKS`] short text chunks, a few ms apart.
+    Many,
     Recall,
     /// Call OpenCode's `question` tool with [`question_args`].
     Question,
@@ -243,6 +260,8 @@ pub fn scenario_for(body: &Value) -> Scenario {
         Scenario::Reasoning
     } else if last_user.contains("[slow]") {
         Scenario::Slow
+    } else if last_user.contains("[many]") {
+        Scenario::Many
     } else if last_user.contains("[recall]") {
         Scenario::Recall
     } else {
@@ -319,6 +338,15 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
             full_text = slow_reply();
             for chunk in slow_chunks() {
                 steps.push(Step::Sleep(SLOW_CHUNK_DELAY));
+                steps.push(Step::Content(chunk));
+            }
+        }
+        Scenario::Many => {
+            full_text = many_reply();
+            for (i, chunk) in many_chunks().into_iter().enumerate() {
+                if i % 10 == 0 {
+                    steps.push(Step::Sleep(MANY_PAUSE));
+                }
                 steps.push(Step::Content(chunk));
             }
         }
