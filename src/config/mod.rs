@@ -338,6 +338,10 @@ pub struct OpenCodeConfig {
     /// Session titles are `<title_prefix><conversation>`, so the
     /// conversation map can be rebuilt from `GET /session` after a restart.
     pub title_prefix: String,
+    /// Idle HTTP connections to OpenCode kept for reuse. Too few and the
+    /// calls of concurrent turns keep opening new connections; each one
+    /// kept costs about 20 KB. Size it near the turns you expect at once.
+    pub max_idle_connections: usize,
     /// With an external server (`base_url`): refuse to start (exit 78) when
     /// OpenCode's own config allows a permission that the bridge's policy
     /// would deny or ask about, since OpenCode would then never ask.
@@ -373,6 +377,7 @@ impl Default for OpenCodeConfig {
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             title_prefix: "nats:".into(),
+            max_idle_connections: 16,
             require_ask: false,
             one_off_sessions: OneOffSessions::Delete,
         }

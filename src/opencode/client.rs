@@ -221,10 +221,11 @@ impl OpenCodeClient {
                 .connect_timeout(cfg.connect_timeout)
                 .pool_idle_timeout(Duration::from_secs(30))
                 // A burst of turns opens many connections at once; keeping
-                // all of them idle (with their buffers) cost ~20 KB per turn
-                // in the end-to-end benchmark. 16 warm ones serve the calls
-                // turns make between bursts (docs/BENCHMARKS.md).
-                .pool_max_idle_per_host(16)
+                // every one of them idle (with its buffers) cost ~20 KB per
+                // turn in the end-to-end benchmark, keeping too few makes
+                // every turn's calls open new ones (docs/BENCHMARKS.md):
+                // `[opencode] max_idle_connections`.
+                .pool_max_idle_per_host(cfg.max_idle_connections)
                 .user_agent(concat!("opencode-nats-bridge/", env!("CARGO_PKG_VERSION")));
             if let Some(t) = timeout {
                 b = b.timeout(t);
