@@ -280,6 +280,36 @@ fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> 
     }
 }
 
+/// `tools`: an object of tool name to boolean.
+fn tools_field(v: Option<Value>) -> Result<Option<BTreeMap<String, bool>>, String> {
+    Ok(match v {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => {
+            let mut tools = BTreeMap::new();
+            for (k, v) in map {
+                match v {
+                    Value::Bool(b) => {
+                        tools.insert(k, b);
+                    }
+                    other => {
+                        return Err(format!(
+                            "`tools.{k}` must be a boolean, got {}",
+                            json_type(&other)
+                        ))
+                    }
+                }
+            }
+            Some(tools)
+        }
+        Some(other) => {
+            return Err(format!(
+                "`tools` must be an object of name to boolean, got {}",
+                json_type(&other)
+            ))
+        }
+    })
+}
+
 fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -344,32 +374,7 @@ impl Fields {
                 ))
             }
         };
-        self.tools = match j.tools {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(map)) => {
-                let mut tools = BTreeMap::new();
-                for (k, v) in map {
-                    match v {
-                        Value::Bool(b) => {
-                            tools.insert(k, b);
-                        }
-                        other => {
-                            return Err(format!(
-                                "`tools.{k}` must be a boolean, got {}",
-                                json_type(&other)
-                            ))
-                        }
-                    }
-                }
-                Some(tools)
-            }
-            Some(other) => {
-                return Err(format!(
-                    "`tools` must be an object of name to boolean, got {}",
-                    json_type(&other)
-                ))
-            }
-        };
+        self.tools = tools_field(j.tools)?;
         self.attachments = parse_attachments(j.attachments, limits)?;
         Ok(())
     }
