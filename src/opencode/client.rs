@@ -105,8 +105,6 @@ pub struct SessionInfo {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AgentInfo {
     pub name: String,
-    #[serde(default)]
-    pub hidden: bool,
     /// Its merged rules, in order (the last match wins).
     #[serde(default)]
     pub permission: Vec<crate::protocol::interactive::OpenCodeRule>,

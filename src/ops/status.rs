@@ -272,14 +272,7 @@ pub fn hostname() -> String {
 /// `host` as one subject token: lowercase letters, digits, `-` and `_`
 /// (`build-01.example.com` -> `build-01-example-com`).
 pub fn subject_token(host: &str) -> String {
-    let t: String = host
-        .chars()
-        .map(|c| match c {
-            'a'..='z' | '0'..='9' | '-' | '_' => c,
-            'A'..='Z' => c.to_ascii_lowercase(),
-            _ => '-',
-        })
-        .collect();
+    let t = crate::protocol::subject::to_token(host, usize::MAX);
     if t.is_empty() {
         "unknown".into()
     } else {

@@ -52,15 +52,7 @@ impl Identity {
 /// A host name as a subject token: lowercase, anything but letters,
 /// digits, `-` and `_` as `-`, at most 63 bytes.
 pub fn name_token(host: &str) -> String {
-    let t: String = host
-        .chars()
-        .map(|c| match c {
-            'a'..='z' | '0'..='9' | '-' | '_' => c,
-            'A'..='Z' => c.to_ascii_lowercase(),
-            _ => '-',
-        })
-        .take(63)
-        .collect();
+    let t = super::subject::to_token(host, 63);
     if t.is_empty() {
         "default".into()
     } else {

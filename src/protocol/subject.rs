@@ -75,6 +75,20 @@ fn validate_token_chars(token: &str) -> Result<(), SubjectError> {
     Ok(())
 }
 
+/// `s` as one subject token, at most `max_chars` characters: lowercase
+/// letters, digits, `-` and `_`; anything else becomes `-`
+/// (`build-01.Example.com` -> `build-01-example-com`). Empty for empty `s`.
+pub fn to_token(s: &str, max_chars: usize) -> String {
+    s.chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' | '_' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '-',
+        })
+        .take(max_chars)
+        .collect()
+}
+
 /// Where a turn's replies go: the NATS reply subject (request style), else
 /// the prompt's `reply_to`, else `<reply_prefix>.<trace_id>`. Callers pass
 /// only validated values.
