@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -79,7 +79,9 @@ pub async fn run(
     // A signal during start-up (waiting for NATS, OpenCode starting) stops
     // the daemon at once: nothing is serving yet, so nothing is drained.
     tokio::pin!(shutdown);
-    let Some(nats) = unless_shutdown(&mut shutdown, bus::connect(&config.nats)).await else {
+    let metrics = Metrics::new();
+    let connect = bus::connect_observed(&config.nats, metrics.clone());
+    let Some(nats) = unless_shutdown(&mut shutdown, connect).await else {
         info!("stopped during start-up, before NATS was connected");
         return Ok(());
     };
@@ -110,7 +112,7 @@ pub async fn run(
         permission_bypasses: bypasses,
         seen_version,
     };
-    let mut daemon = Daemon::start(config, nats, opencode).await?;
+    let mut daemon = Daemon::start(config, nats, opencode, metrics).await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
             opencode_url: daemon.opencode_url.clone(),
@@ -168,6 +170,9 @@ struct Daemon {
     agent: Option<AgentService>,
     agent_prompts: Option<AgentPrompts>,
     in_flight: Arc<Semaphore>,
+    /// Prompts read while every slot was taken (`turn.max_waiting`).
+    waiting: std::collections::VecDeque<(From, Incoming)>,
+    metrics: Arc<Metrics>,
     /// Every turn's task.
     tracker: TaskTracker,
     /// Ends running turns (`shutting_down`) after the grace.
@@ -190,6 +195,7 @@ impl Daemon {
         config: Arc<Config>,
         nats: bus::Connection,
         opencode: Started,
+        metrics: Arc<Metrics>,
     ) -> Result<Daemon, AppError> {
         let Started {
             embedded,
@@ -217,7 +223,6 @@ impl Daemon {
         let tracker = TaskTracker::new();
         let turn_cancel = CancellationToken::new();
         let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
-        let metrics = Metrics::new();
         let intake = Arc::new(Intake::new(
             dispatcher.clone(),
             ctx.answers.clone(),
@@ -236,7 +241,8 @@ impl Daemon {
             publisher: publisher.clone(),
             hub,
             dispatcher,
-            metrics,
+            metrics: metrics.clone(),
+            cluster: None,
             embedded_restarts,
             opencode_url: opencode_url.clone(),
             embedded: config.opencode.base_url.is_none(),
@@ -247,6 +253,8 @@ impl Daemon {
         let ops = Ops::start(&config, Health::new(&config, sources), publisher.clone()).await?;
         Ok(Daemon {
             in_flight: Arc::new(Semaphore::new(config.turn.max_in_flight)),
+            waiting: std::collections::VecDeque::new(),
+            metrics,
             config,
             nats,
             publisher,
@@ -266,21 +274,25 @@ impl Daemon {
         })
     }
 
-    /// Takes prompts until `shutdown` (or the connection closes); a permit
-    /// of `turn.max_in_flight` before each.
+    /// Takes prompts until `shutdown` (or the connection closes). Never
+    /// stops reading: a prompt that finds every `turn.max_in_flight` slot
+    /// taken waits in `turn.max_waiting` (arrival order); beyond that it is
+    /// answered `overloaded` at once, so no NATS buffer ever fills.
     async fn serve(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) {
         loop {
-            let permit = tokio::select! {
+            let next = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => break,
-                p = self.in_flight.clone().acquire_owned() => p.expect("semaphore never closed"),
-            };
-            let msg = tokio::select! {
-                biased;
-                _ = shutdown.as_mut() => break,
-                m = self.prompts.next() => m.map(|m| (false, m)),
+                p = self.in_flight.clone().acquire_owned(), if !self.waiting.is_empty() => {
+                    let permit = p.expect("semaphore never closed");
+                    let (from, msg) = self.waiting.pop_front().expect("not empty");
+                    self.metrics.set_waiting(self.waiting.len());
+                    self.take(from, msg, Some(permit)).await;
+                    continue;
+                }
+                m = self.prompts.next() => m.map(|m| (From::Prompts, m)),
                 m = next_agent_prompt(&mut self.agent_prompts) => match m {
-                    Some(m) => Some((true, m)),
+                    Some(m) => Some((From::Agent, m)),
                     None => {
                         warn!("the agent protocol endpoint ended");
                         self.agent_prompts = None;
@@ -288,14 +300,42 @@ impl Daemon {
                     }
                 },
             };
-            match msg {
-                Some((false, msg)) => self.intake.prompt(msg, Some(permit)).await,
-                Some((true, msg)) => self.intake.agent_prompt(msg, Some(permit)).await,
-                None => {
-                    warn!("prompt subscriptions ended (NATS connection closed)");
-                    break;
-                }
+            let Some((from, msg)) = next else {
+                warn!("prompt subscriptions ended (NATS connection closed)");
+                break;
+            };
+            self.arrived(from, msg).await;
+        }
+    }
+
+    /// A prompt just read: runs at once if a slot is free and nothing
+    /// waits before it, else waits, else is answered `overloaded`.
+    async fn arrived(&mut self, from: From, msg: Incoming) {
+        if self.waiting.is_empty() {
+            if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
+                return self.take(from, msg, Some(permit)).await;
             }
+        }
+        if self.waiting.len() < self.config.turn.max_waiting {
+            self.waiting.push_back((from, msg));
+            self.metrics.set_waiting(self.waiting.len());
+            return;
+        }
+        let reason = format!(
+            "the bridge has {} turns in flight and {} prompts waiting (turn.max_in_flight, turn.max_waiting); send again shortly",
+            self.config.turn.max_in_flight, self.config.turn.max_waiting
+        );
+        match from {
+            From::Prompts => self.intake.overloaded(msg, reason).await,
+            From::Agent => self.intake.agent_overloaded(msg, reason).await,
+        }
+    }
+
+    /// Hands a prompt to the intake, with its slot (none while stopping).
+    async fn take(&self, from: From, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
+        match from {
+            From::Prompts => self.intake.prompt(msg, permit).await,
+            From::Agent => self.intake.agent_prompt(msg, permit).await,
         }
     }
 
@@ -315,7 +355,12 @@ impl Daemon {
             }
         }
         self.prompts.drain().await;
-        // Serve what the server had already delivered before the drain.
+        // Serve what waited for a slot, then what the server had already
+        // delivered before the drain.
+        while let Some((from, msg)) = self.waiting.pop_front() {
+            self.take(from, msg, None).await;
+        }
+        self.metrics.set_waiting(0);
         while let Ok(Some(msg)) =
             tokio::time::timeout(Duration::from_secs(2), self.prompts.next()).await
         {
@@ -354,6 +399,15 @@ impl Daemon {
         }
         info!("stopped");
     }
+}
+
+/// Where a prompt came from.
+#[derive(Debug, Clone, Copy)]
+enum From {
+    /// The bridge's prompt subjects.
+    Prompts,
+    /// The Synadia Agent Protocol endpoint.
+    Agent,
 }
 
 /// The next prompt on the agent protocol endpoint (never, without one).

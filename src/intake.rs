@@ -104,6 +104,32 @@ impl Intake {
         }
     }
 
+    /// A prompt that finds the daemon full (`turn.max_in_flight` turns and
+    /// `turn.max_waiting` prompts waiting): `overloaded` (retryable) on the
+    /// subject its replies would have gone to; a prompt that would have
+    /// been refused anyway gets that refusal instead.
+    pub async fn overloaded(&self, msg: Incoming, reason: String) {
+        let Route::Prompt {
+            caller,
+            conversation,
+        } = Route::of(&self.config.route_subjects(), &msg.subject)
+        else {
+            warn!(subject = %msg.subject, "a message on the prompt subscription that is not a prompt");
+            return;
+        };
+        let refusal = match self.admit(&msg, &caller, conversation.as_deref()) {
+            Ok((prompt, subject)) => Refusal {
+                subject,
+                trace_id: prompt.trace_id,
+                conversation: prompt.conversation,
+                code: ErrorCode::Overloaded,
+                reason,
+            },
+            Err(r) => r,
+        };
+        self.refuse(&msg, refusal).await
+    }
+
     /// The prompt and where its replies go, or why it is refused. Where the
     /// replies go is decided first: a refusal must not land on a subject
     /// the caller may not name.
@@ -157,13 +183,46 @@ impl Intake {
     /// protocol reply stream on the request's reply subject. Interactive
     /// (permissions and questions as `query` chunks); `reply_to` is ignored.
     pub async fn agent_prompt(&self, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
+        let Some((mut sink, checked)) = self.agent_admit(&msg).await else {
+            return;
+        };
+        match checked {
+            Ok(mut prompt) => {
+                prompt.reply_to = None;
+                // Permissions and questions become `query` chunks.
+                prompt.interactive = true;
+                self.dispatch_with(prompt, sink, permit).await
+            }
+            Err((code, reason)) => {
+                warn!(trace_id = %sink.trace_id(), subject = %msg.subject, code = code.as_str(), %reason, "agent prompt refused");
+                sink.send(ReplyBody::error(code, reason)).await;
+            }
+        }
+    }
+
+    /// An agent protocol prompt that finds the daemon full: `overloaded`.
+    pub async fn agent_overloaded(&self, msg: Incoming, reason: String) {
+        let Some((mut sink, checked)) = self.agent_admit(&msg).await else {
+            return;
+        };
+        let (code, reason) = checked.err().unwrap_or((ErrorCode::Overloaded, reason));
+        warn!(trace_id = %sink.trace_id(), subject = %msg.subject, code = code.as_str(), %reason, "agent prompt refused");
+        sink.send(ReplyBody::error(code, reason)).await;
+    }
+
+    /// An agent protocol prompt's reply stream (acknowledged) and the
+    /// prompt, or why it is refused; `None` when it cannot be answered.
+    async fn agent_admit(
+        &self,
+        msg: &Incoming,
+    ) -> Option<(ReplySink, Result<Prompt, (ErrorCode, String)>)> {
         let Some(inbox) = msg
             .reply
             .clone()
             .filter(|r| validate_subject(r).is_ok() && !self.config.reply_rules().is_own(r))
         else {
             warn!(subject = %msg.subject, reply = ?msg.reply, "an agent prompt without a usable reply subject: not answered");
-            return;
+            return None;
         };
         let limits = self.config.limits.prompt_limits();
         let parsed = agent::check_request(&msg.payload)
@@ -181,7 +240,7 @@ impl Intake {
         };
         let conversation = parsed.as_ref().ok().and_then(|p| p.conversation.clone());
         let mut sink = self
-            .sink(inbox, &trace_id, conversation.as_deref(), &msg)
+            .sink(inbox, &trace_id, conversation.as_deref(), msg)
             .agent_protocol();
         sink.ack(self.config.agent_protocol.ack_interval).await;
         let checked = parsed
@@ -191,18 +250,7 @@ impl Intake {
                     .map(|()| p)
                     .map_err(|reason| (ErrorCode::Forbidden, reason))
             });
-        match checked {
-            Ok(mut prompt) => {
-                prompt.reply_to = None;
-                // Permissions and questions become `query` chunks.
-                prompt.interactive = true;
-                self.dispatch_with(prompt, sink, permit).await
-            }
-            Err((code, reason)) => {
-                warn!(%trace_id, subject = %msg.subject, code = code.as_str(), %reason, "agent prompt refused");
-                sink.send(ReplyBody::error(code, reason)).await;
-            }
-        }
+        Some((sink, checked))
     }
 
     /// Queues an admitted prompt; a full conversation queue or a trace id

@@ -97,6 +97,11 @@ pub struct Metrics {
     replies: Mutex<BTreeMap<&'static str, u64>>,
     duration: Histogram,
     ttft: Histogram,
+    /// Messages the NATS client dropped because a subscription's buffer
+    /// was full (a slow consumer): at least this many.
+    dropped: AtomicU64,
+    /// Prompts read and waiting for a `turn.max_in_flight` slot.
+    waiting: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -110,6 +115,8 @@ impl Default for Metrics {
             replies: Mutex::new(KINDS.iter().map(|k| (*k, 0)).collect()),
             duration: Histogram::new(DURATION_BUCKETS),
             ttft: Histogram::new(TTFT_BUCKETS),
+            dropped: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
         }
     }
 }
@@ -146,6 +153,25 @@ impl Metrics {
                 .collect(),
             in_flight: self.in_flight(),
         }
+    }
+
+    /// A message dropped by the NATS client (slow consumer).
+    pub fn dropped_message(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages dropped by the NATS client so far (at least).
+    pub fn dropped_messages(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// How many prompts wait for a slot now.
+    pub fn set_waiting(&self, n: usize) {
+        self.waiting.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Replies published, by kind.
@@ -200,6 +226,18 @@ impl Metrics {
             "opencode_bridge_turns_in_flight",
             "Turns accepted and not ended (running or queued).",
             t.in_flight,
+        );
+        gauge(
+            out,
+            "opencode_bridge_prompts_waiting",
+            "Prompts read and waiting for a turn.max_in_flight slot (turn.max_waiting).",
+            self.waiting(),
+        );
+        counter(
+            out,
+            "opencode_bridge_nats_dropped_messages_total",
+            "Messages the NATS client dropped for a full subscription buffer (slow consumer); should stay 0.",
+            self.dropped_messages(),
         );
         self.duration.render(
             out,

@@ -61,7 +61,7 @@ impl Caller {
     pub async fn connect(cfg: &NatsConfig) -> Result<Caller, BusError> {
         let (errors, _) = tokio::sync::broadcast::channel(16);
         Ok(Caller {
-            client: connect_with(cfg, Some(errors.clone())).await?,
+            client: connect_with(cfg, Some(errors.clone()), None).await?,
             errors,
         })
     }

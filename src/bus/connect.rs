@@ -1,6 +1,7 @@
 //! Connecting with every option of `[nats]`: auth, TLS, capacities, one log
 //! line per NATS event and per backoff step.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::ServerAddr;
@@ -8,10 +9,20 @@ use tracing::{debug, info, warn};
 
 use super::BusError;
 use crate::config::NatsConfig;
+use crate::metrics::Metrics;
 
 /// Connects with every option of `[nats]`.
 pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, BusError> {
-    connect_with(cfg, None).await
+    connect_with(cfg, None, None).await
+}
+
+/// [`connect`], counting every message the client drops for a full
+/// subscription buffer (a slow consumer) in `metrics`.
+pub async fn connect_observed(
+    cfg: &NatsConfig,
+    metrics: Arc<Metrics>,
+) -> Result<async_nats::Client, BusError> {
+    connect_with(cfg, None, Some(metrics)).await
 }
 
 /// [`connect`], also handing every server error (`-ERR`, e.g. a
@@ -19,6 +30,7 @@ pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, BusError> {
 pub(super) async fn connect_with(
     cfg: &NatsConfig,
     errors: Option<tokio::sync::broadcast::Sender<String>>,
+    metrics: Option<Arc<Metrics>>,
 ) -> Result<async_nats::Client, BusError> {
     let mut addrs = Vec::new();
     for url in cfg.urls() {
@@ -54,7 +66,8 @@ pub(super) async fn connect_with(
         .event_callback(move |event| {
             let errors = errors.clone();
             let urls = urls.clone();
-            async move { log_event(event, &urls, errors) }
+            let metrics = metrics.clone();
+            async move { log_event(event, &urls, errors, metrics) }
         });
     if cfg.retry_on_initial_connect {
         opts = opts.retry_on_initial_connect();
@@ -82,6 +95,7 @@ fn log_event(
     event: async_nats::Event,
     urls: &str,
     errors: Option<tokio::sync::broadcast::Sender<String>>,
+    metrics: Option<Arc<Metrics>>,
 ) {
     match event {
         async_nats::Event::Connected => info!(url = %urls, "NATS connected"),
@@ -93,7 +107,10 @@ fn log_event(
         }
         async_nats::Event::Disconnected => warn!("NATS disconnected; reconnecting"),
         async_nats::Event::SlowConsumer(sid) => {
-            warn!(sid, "NATS slow consumer: the server dropped prompts for us")
+            if let Some(m) = metrics {
+                m.dropped_message();
+            }
+            tracing::error!(sid, "NATS slow consumer: a subscription's buffer was full and a message was dropped ([nats] subscription_capacity; counted in status and metrics)")
         }
         // A failed connection attempt: the backoff line says it.
         async_nats::Event::ClientError(e) => debug!(error = %e, "NATS client error"),

@@ -2,7 +2,8 @@
 //! [`incoming`] (a message off the bus), [`subscribe`] (prompt and control
 //! subscriptions, one subscribe loop, drain), [`publish`] (replies with
 //! their headers), [`service`] (the NATS micro service: `$SRV.*`, `status`),
-//! [`agent`] (the Synadia Agent Protocol registration and heartbeat)
+//! [`agent`] (the Synadia Agent Protocol registration and heartbeat),
+//! [`jetstream`] (JetStream found or not, KV buckets with compare-and-swap)
 //! and [`caller`] (the client side of the contract, for the CLI).
 //! Architecture invariant: this is the only module that imports
 //! `async_nats`; the rest of the daemon sees [`Incoming`], [`Publisher`],
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod caller;
 pub mod connect;
 pub mod incoming;
+pub mod jetstream;
 pub mod publish;
 pub mod service;
 pub mod subscribe;
@@ -21,8 +23,9 @@ pub use agent::{AgentOptions, AgentPrompts, AgentService};
 /// subscriptions and the publisher.
 pub use async_nats::Client as Connection;
 pub use caller::{Caller, Received, ReplyStream};
-pub use connect::connect;
+pub use connect::{connect, connect_observed};
 pub use incoming::Incoming;
+pub use jetstream::{Bucket, Entry, JetStream};
 pub use publish::Publisher;
 pub use service::{Service, ServiceOptions, StatusFn};
 pub use subscribe::{barrier, ControlSubscription, PromptSubscription};
@@ -48,6 +51,8 @@ pub enum BusError {
     Publish { subject: String, source: Source },
     #[error("cannot start the NATS micro service {name}: {source}")]
     Service { name: String, source: Source },
+    #[error("JetStream: cannot {what}: {source}")]
+    JetStream { what: String, source: Source },
     #[error("the NATS server refused a request on {subject}: {detail}")]
     Refused { subject: String, detail: String },
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
+
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
 pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
 
@@ -38,6 +40,10 @@ pub struct Config {
     pub prompt: PromptConfig,
     /// `[agent_protocol]`: the Synadia Agent Protocol v0.3 registration.
     pub agent_protocol: AgentProtocolConfig,
+    /// `[cluster]`: conversation homes, leases and turn states in KV.
+    pub cluster: ClusterConfig,
+    /// `[jetstream]`: durable jobs and the optional replies stream.
+    pub jetstream: JetStreamConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -401,9 +407,13 @@ pub struct TurnConfig {
     /// Prompts waiting behind a running turn of the same conversation; one
     /// more gets `session_busy`.
     pub conversation_queue: usize,
-    /// Turns in flight (running or queued) across all conversations; the
-    /// daemon stops reading prompts while at the limit.
+    /// Turns in flight (running or queued behind their conversation)
+    /// across all conversations.
     pub max_in_flight: usize,
+    /// Prompts read while `max_in_flight` turns are in flight wait here
+    /// (in arrival order) for a slot; one more gets `overloaded` at once.
+    /// The daemon never stops reading, so the NATS buffer never drops one.
+    pub max_waiting: usize,
     /// Events buffered between the stream reader and one turn; a turn that
     /// falls this far behind loses live events and is reconciled over HTTP.
     pub event_buffer: usize,
@@ -431,6 +441,7 @@ impl Default for TurnConfig {
             turn_timeout: Duration::from_secs(1800),
             conversation_queue: 8,
             max_in_flight: 1024,
+            max_waiting: 1024,
             event_buffer: 1024,
             abort_timeout: Duration::from_secs(10),
             max_conversations: 10_000,
@@ -708,6 +719,7 @@ impl OpenCodeConfig {
     }
 }
 
+mod cluster;
 mod load;
 #[cfg(test)]
 mod tests;

@@ -54,6 +54,26 @@ fn example_file_is_valid_and_complete() {
         "opencode.password_file",
         "turn.provider_retry_limit",
         "nats.retry_on_initial_connect",
+        "turn.max_waiting",
+        "cluster.enabled",
+        "cluster.instance_id",
+        "cluster.opencode_id",
+        "cluster.conversations_bucket",
+        "cluster.instances_bucket",
+        "cluster.turns_bucket",
+        "cluster.lease_ttl",
+        "cluster.turn_ttl",
+        "cluster.instance_prefix",
+        "cluster.forward_timeout",
+        "jetstream.jobs",
+        "jetstream.jobs_stream",
+        "jetstream.jobs_subject",
+        "jetstream.jobs_consumer",
+        "jetstream.ack_wait",
+        "jetstream.max_deliver",
+        "jetstream.retry_delay",
+        "jetstream.replies_stream",
+        "jetstream.replies_max_age",
     ] {
         assert!(
             example.iter().any(|k| k == key),
@@ -332,4 +352,38 @@ fn several_urls() {
         ..Default::default()
     };
     assert_eq!(c.urls(), vec!["nats://a:1", "nats://b:2"]);
+}
+
+#[test]
+fn cluster_settings_are_checked() {
+    let bad = |pairs: &[(&str, &str)], key: &str| {
+        let e = Config::load_with_env(None, env(pairs))
+            .unwrap_err()
+            .to_string();
+        let (section, name) = key.split_once('.').unwrap();
+        assert!(e.contains(&format!("[{section}] {name}")), "{e}");
+    };
+    bad(
+        &[("OPENCODE_BRIDGE__CLUSTER__INSTANCE_ID", "a.b")],
+        "cluster.instance_id",
+    );
+    bad(
+        &[("OPENCODE_BRIDGE__CLUSTER__LEASE_TTL", "1s")],
+        "cluster.lease_ttl",
+    );
+    bad(
+        &[("OPENCODE_BRIDGE__CLUSTER__TURNS_BUCKET", "a.b")],
+        "cluster.turns_bucket",
+    );
+    bad(
+        &[("OPENCODE_BRIDGE__JETSTREAM__MAX_DELIVER", "0")],
+        "jetstream.max_deliver",
+    );
+    bad(
+        &[("OPENCODE_BRIDGE__JETSTREAM__JOBS_SUBJECT", "opencode.job.>")],
+        "jetstream.jobs_subject",
+    );
+    let c =
+        Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__CLUSTER__ENABLED", "off")])).unwrap();
+    assert_eq!(c.cluster.enabled, Switch::Off);
 }

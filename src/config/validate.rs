@@ -11,7 +11,71 @@ impl Config {
         self.validate_opencode()?;
         self.validate_sizes()?;
         self.validate_service()?;
+        self.validate_cluster()?;
         self.validate_agent_protocol()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let (c, j) = (&self.cluster, &self.jetstream);
+        let name_ok = |v: &str| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if let Some(id) = &c.instance_id {
+            if !name_ok(id) {
+                return invalid(
+                    "cluster.instance_id",
+                    format!("{id:?} must be 1-64 letters, digits, - or _"),
+                );
+            }
+        }
+        for (key, v) in [
+            ("cluster.conversations_bucket", &c.conversations_bucket),
+            ("cluster.instances_bucket", &c.instances_bucket),
+            ("cluster.turns_bucket", &c.turns_bucket),
+            ("jetstream.jobs_stream", &j.jobs_stream),
+            ("jetstream.jobs_consumer", &j.jobs_consumer),
+        ] {
+            if !name_ok(v) {
+                return invalid(key, format!("{v:?} must be 1-64 letters, digits, - or _"));
+            }
+        }
+        if !j.replies_stream.is_empty() && !name_ok(&j.replies_stream) {
+            return invalid(
+                "jetstream.replies_stream",
+                "must be letters, digits, - or _".into(),
+            );
+        }
+        for (key, v) in [
+            ("cluster.instance_prefix", &c.instance_prefix),
+            ("jetstream.jobs_subject", &j.jobs_subject),
+        ] {
+            if let Err(e) = validate_subject(v) {
+                return invalid(key, format!("{v:?} {e}"));
+            }
+            if v.contains(['*', '>']) {
+                return invalid(key, format!("{v:?} must not contain wildcards"));
+            }
+        }
+        if c.lease_ttl < std::time::Duration::from_secs(3) {
+            return invalid(
+                "cluster.lease_ttl",
+                "must be at least 3s (renewed every third)".into(),
+            );
+        }
+        if j.max_deliver < 1 {
+            return invalid("jetstream.max_deliver", "must be at least 1".into());
+        }
+        if j.ack_wait < std::time::Duration::from_secs(3) {
+            return invalid(
+                "jetstream.ack_wait",
+                "must be at least 3s (in-progress acks every third)".into(),
+            );
+        }
+        Ok(())
     }
 
     fn validate_agent_protocol(&self) -> Result<(), ConfigError> {
@@ -147,6 +211,7 @@ impl Config {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         for (key, n) in [
             ("turn.max_in_flight", self.turn.max_in_flight),
+            ("turn.max_waiting", self.turn.max_waiting),
             ("turn.event_buffer", self.turn.event_buffer),
             ("turn.max_conversations", self.turn.max_conversations),
             ("limits.max_prompt_bytes", self.limits.max_prompt_bytes),

@@ -44,6 +44,15 @@ pub struct Status {
     pub opencode_connected: bool,
     /// Prompts accepted and not ended (running or queued).
     pub turns_in_flight: u64,
+    /// Prompts read and waiting for a `turn.max_in_flight` slot.
+    pub prompts_waiting: u64,
+    /// Messages the NATS client dropped for a full subscription buffer
+    /// (slow consumer): should stay 0; each is also logged at error level.
+    pub nats_dropped_messages: u64,
+    /// The cluster this daemon is part of (docs/CLUSTER.md); absent when
+    /// it runs single-host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
     /// Conversations with a turn running or queued.
     pub conversations: usize,
     /// Conversations the bridge has a session for (its conversation map,
@@ -67,8 +76,20 @@ pub struct Status {
     pub permission_bypasses: Vec<String>,
 }
 
+/// This daemon in the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterStatus {
+    /// Its id: forwarded prompts reach it on `<instance_prefix>.<id>.prompt`.
+    pub instance_id: String,
+    /// The OpenCode server it drives, as the cluster names it.
+    pub opencode_id: String,
+}
+
 /// The live parts the health is read from.
 pub struct Sources {
+    /// Set when the daemon is part of a cluster.
+    pub cluster: Option<ClusterStatus>,
     pub publisher: Publisher,
     pub hub: Arc<EventHub>,
     pub dispatcher: Arc<Dispatcher>,
@@ -168,6 +189,9 @@ impl Health {
             opencode_version: self.opencode_version().unwrap_or_default(),
             opencode_connected: self.opencode_connected(),
             turns_in_flight: s.metrics.in_flight(),
+            prompts_waiting: s.metrics.waiting(),
+            nats_dropped_messages: s.metrics.dropped_messages(),
+            cluster: s.cluster.clone(),
             conversations: s.dispatcher.active_conversations(),
             conversations_known: s.dispatcher.context().sessions.known(),
             uptime_s: self.started.elapsed().as_secs(),

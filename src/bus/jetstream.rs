@@ -1,0 +1,149 @@
+//! JetStream, as the daemon uses it: found or not at start (a server
+//! without it means single-host, logged once), and KV buckets with
+//! compare-and-swap on the revision.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use tracing::info;
+
+use super::BusError;
+
+/// A JetStream context on the daemon's connection.
+#[derive(Clone)]
+pub struct JetStream {
+    pub(super) ctx: jetstream::Context,
+}
+
+/// One key's last value and its revision (a deleted key reads as none).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub value: Bytes,
+    pub revision: u64,
+}
+
+/// A KV bucket.
+#[derive(Clone)]
+pub struct Bucket {
+    store: kv::Store,
+    name: String,
+}
+
+fn failed(what: impl Into<String>) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> BusError {
+    let what = what.into();
+    move |source| BusError::JetStream { what, source }
+}
+
+impl JetStream {
+    /// JetStream on `client`, or `None` (logged once) when the server has
+    /// none or this user may not use it.
+    pub async fn probe(client: &async_nats::Client) -> Option<JetStream> {
+        let ctx = jetstream::new(client.clone());
+        match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
+            Ok(Ok(_)) => Some(JetStream { ctx }),
+            Ok(Err(e)) => {
+                info!(reason = %e, "the NATS server offers no JetStream to this daemon: running single-host (no conversation homes, jobs or turn states; docs/CLUSTER.md)");
+                None
+            }
+            Err(_) => {
+                info!("the NATS server did not answer a JetStream account request within 5s: running single-host (docs/CLUSTER.md)");
+                None
+            }
+        }
+    }
+
+    /// The bucket `name`, created when missing with `max_age` (zero: keep)
+    /// and one value per key. An existing bucket is used as it is.
+    pub async fn bucket(&self, name: &str, max_age: Duration) -> Result<Bucket, BusError> {
+        let store = match self.ctx.get_key_value(name).await {
+            Ok(s) => s,
+            Err(_) => self
+                .ctx
+                .create_key_value(kv::Config {
+                    bucket: name.to_string(),
+                    history: 1,
+                    max_age,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| failed(format!("create KV bucket {name}"))(e.into()))?,
+        };
+        Ok(Bucket {
+            store,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Bucket {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The key's value and revision; `None` if never set, deleted, purged
+    /// or expired.
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, BusError> {
+        let e = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|e| failed(format!("read {} in {}", key, self.name))(e.into()))?;
+        Ok(e.filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| Entry {
+                value: e.value,
+                revision: e.revision,
+            }))
+    }
+
+    /// Sets the key only if it has no value: `Some(revision)`, or `None`
+    /// when another writer got there first.
+    pub async fn create(&self, key: &str, value: Bytes) -> Result<Option<u64>, BusError> {
+        match self.store.create(key, value).await {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(failed(format!("create {} in {}", key, self.name))(e.into())),
+        }
+    }
+
+    /// Sets the key only if its revision is still `revision`: `Some(new
+    /// revision)`, or `None` when it changed meanwhile.
+    pub async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<Option<u64>, BusError> {
+        match self.store.update(key, value, revision).await {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(failed(format!("update {} in {}", key, self.name))(e.into())),
+        }
+    }
+
+    /// Sets the key whatever it held.
+    pub async fn put(&self, key: &str, value: Bytes) -> Result<u64, BusError> {
+        self.store
+            .put(key, value)
+            .await
+            .map_err(|e| failed(format!("write {} in {}", key, self.name))(e.into()))
+    }
+
+    /// Deletes the key if its revision is still `revision`; `false` when it
+    /// changed meanwhile.
+    pub async fn delete_if(&self, key: &str, revision: u64) -> Result<bool, BusError> {
+        match self.store.delete_expect_revision(key, Some(revision)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(failed(format!("delete {} in {}", key, self.name))(e.into())),
+        }
+    }
+
+    /// Deletes the key.
+    pub async fn delete(&self, key: &str) -> Result<(), BusError> {
+        self.store
+            .delete(key)
+            .await
+            .map_err(|e| failed(format!("delete {} in {}", key, self.name))(e.into()))
+    }
+}
