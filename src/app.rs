@@ -233,10 +233,9 @@ impl Daemon {
         let control = spawn_control(&nats, &config, intake.clone(), stream_cancel.clone()).await?;
         let prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
         let opencode_url = client.base_url().to_string();
-        let (agent, agent_prompts) = match start_agent(&config, &publisher, &seen_version).await? {
-            Some((a, p)) => (Some(a), Some(p)),
-            None => (None, None),
-        };
+        let (agent, agent_prompts) = start_agent(&config, &publisher, &seen_version)
+            .await?
+            .map_or((None, None), |(a, p)| (Some(a), Some(p)));
         let sources = Sources {
             publisher: publisher.clone(),
             hub,

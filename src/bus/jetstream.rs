@@ -30,7 +30,9 @@ pub struct Bucket {
     name: String,
 }
 
-fn failed(what: impl Into<String>) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> BusError {
+fn failed(
+    what: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> BusError {
     let what = what.into();
     move |source| BusError::JetStream { what, source }
 }
