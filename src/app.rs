@@ -213,13 +213,8 @@ impl Daemon {
         let (hub, reader, version_watch) =
             spawn_reader(&config, &client, &seen_version, &stream_cancel);
         let sessions: Arc<dyn SessionStore> = Arc::new(rebuild_sessions(&client, &config).await);
-        let ctx = Arc::new(TurnContext::new(
-            client.clone(),
-            hub.clone(),
-            publisher.clone(),
-            sessions,
-            config.clone(),
-        ));
+        let (c, h, p) = (client.clone(), hub.clone(), publisher.clone());
+        let ctx = Arc::new(TurnContext::new(c, h, p, sessions, config.clone()));
         let tracker = TaskTracker::new();
         let turn_cancel = CancellationToken::new();
         let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
