@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::bus::JetStream;
 use crate::bus::{
     self, AgentOptions, AgentPrompts, AgentService, BusError, ControlSubscription, Incoming,
     PromptSubscription, Publisher,
 };
-use crate::config::Config;
+use crate::config::{Config, Switch};
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::opencode::compat::{self, SeenVersion};
@@ -47,6 +48,10 @@ pub enum AppError {
     /// or a server without the v1 routes (`opencode::compat`).
     #[error("{0}")]
     UnsupportedOpenCode(String),
+    /// `[cluster] enabled` or `[jetstream] jobs` is `on` and the NATS
+    /// server offers no JetStream to this daemon.
+    #[error("[cluster] enabled or [jetstream] jobs is \"on\", but the NATS server offers no JetStream to this daemon (start nats-server with -js, or grant the user $JS.API.>)")]
+    NoJetStream,
     /// `[opencode] require_ask` and OpenCode would run tools without asking.
     #[error("OpenCode allows without asking what the bridge's policy would deny or ask ([opencode] require_ask): {0}")]
     PolicyBypassed(String),
@@ -57,7 +62,7 @@ impl AppError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            AppError::PolicyBypassed(_) | AppError::UnsupportedOpenCode(_)
+            AppError::PolicyBypassed(_) | AppError::UnsupportedOpenCode(_) | AppError::NoJetStream
         )
     }
 }
@@ -86,6 +91,7 @@ pub async fn run(
         return Ok(());
     };
     let nats = nats?;
+    let jetstream = jetstream(&config, &nats).await?;
     // Dropping the start stops a half-started `opencode serve`.
     let Some(opencode) = unless_shutdown(&mut shutdown, opencode(&config)).await else {
         info!("stopped during start-up, while OpenCode was starting");
@@ -112,7 +118,7 @@ pub async fn run(
         permission_bypasses: bypasses,
         seen_version,
     };
-    let mut daemon = Daemon::start(config, nats, opencode, metrics).await?;
+    let mut daemon = Daemon::start(config, nats, opencode, metrics, jetstream).await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
             opencode_url: daemon.opencode_url.clone(),
@@ -127,6 +133,21 @@ pub async fn run(
     daemon.serve(&mut shutdown).await;
     daemon.stop().await;
     Ok(())
+}
+
+/// JetStream, if the cluster or the jobs may use it (`auto`) or must
+/// (`on`: a server without it is a configuration fault, exit 78).
+async fn jetstream(config: &Config, nats: &bus::Connection) -> Result<Option<JetStream>, AppError> {
+    let wanted = [config.cluster.enabled, config.jetstream.jobs];
+    if wanted.iter().all(|s| *s == Switch::Off) {
+        info!("[cluster] enabled and [jetstream] jobs are off: running single-host");
+        return Ok(None);
+    }
+    let js = JetStream::probe(nats).await;
+    if js.is_none() && wanted.contains(&Switch::On) {
+        return Err(AppError::NoJetStream);
+    }
+    Ok(js)
 }
 
 /// The OpenCode server to drive: an external one, or `opencode serve`
@@ -170,6 +191,9 @@ struct Daemon {
     agent: Option<AgentService>,
     agent_prompts: Option<AgentPrompts>,
     in_flight: Arc<Semaphore>,
+    /// JetStream, when the server offers it (docs/CLUSTER.md).
+    #[allow(dead_code)] // read by the cluster, the jobs and the turn states, next
+    jetstream: Option<JetStream>,
     /// Prompts read while every slot was taken (`turn.max_waiting`).
     waiting: std::collections::VecDeque<(From, Incoming)>,
     metrics: Arc<Metrics>,
@@ -196,6 +220,7 @@ impl Daemon {
         nats: bus::Connection,
         opencode: Started,
         metrics: Arc<Metrics>,
+        jetstream: Option<JetStream>,
     ) -> Result<Daemon, AppError> {
         let Started {
             embedded,
@@ -248,6 +273,7 @@ impl Daemon {
         Ok(Daemon {
             in_flight: Arc::new(Semaphore::new(config.turn.max_in_flight)),
             waiting: std::collections::VecDeque::new(),
+            jetstream,
             metrics,
             config,
             nats,
