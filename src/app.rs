@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bus::JetStream;
 use crate::bus::{
     self, AgentOptions, AgentPrompts, AgentService, BusError, ControlSubscription, Incoming,
     PromptSubscription, Publisher,
 };
+use crate::bus::{InstanceSubscription, JetStream};
+use crate::cluster::{Cluster, ClusterSessions};
 use crate::config::{Config, Switch};
 use crate::intake::Intake;
 use crate::metrics::Metrics;
@@ -194,6 +195,11 @@ struct Daemon {
     /// JetStream, when the server offers it (docs/CLUSTER.md).
     #[allow(dead_code)] // read by the cluster, the jobs and the turn states, next
     jetstream: Option<JetStream>,
+    /// This daemon in the cluster, its forwarded prompts and its lease
+    /// renewal (none single-host).
+    cluster: Option<Arc<Cluster>>,
+    forwarded: Option<InstanceSubscription>,
+    renewal: Option<JoinHandle<()>>,
     /// Prompts read while every slot was taken (`turn.max_waiting`).
     waiting: std::collections::VecDeque<(From, Incoming)>,
     metrics: Arc<Metrics>,
@@ -231,25 +237,24 @@ impl Daemon {
         let publisher =
             Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
         let stream_cancel = CancellationToken::new();
-        let embedded_restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let supervisor = embedded.map(|server| {
-            tokio::spawn(server.supervise(stream_cancel.clone(), embedded_restarts.clone()))
-        });
+        let (supervisor, embedded_restarts) = spawn_supervisor(embedded, &stream_cancel);
         let (hub, reader, version_watch) =
             spawn_reader(&config, &client, &seen_version, &stream_cancel);
-        let sessions: Arc<dyn SessionStore> = Arc::new(rebuild_sessions(&client, &config).await);
+        let cluster = join_cluster(&config, &nats, jetstream.as_ref(), &client).await?;
+        let sessions = sessions(&client, &config, &cluster).await;
         let (c, h, p) = (client.clone(), hub.clone(), publisher.clone());
         let ctx = Arc::new(TurnContext::new(c, h, p, sessions, config.clone()));
-        let tracker = TaskTracker::new();
-        let turn_cancel = CancellationToken::new();
+        let (tracker, turn_cancel) = (TaskTracker::new(), CancellationToken::new());
         let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
-        let intake = Arc::new(Intake::new(
+        let intake = Intake::new(
             dispatcher.clone(),
             ctx.answers.clone(),
             publisher.clone(),
             config.clone(),
             metrics.clone(),
-        ));
+        );
+        let intake = Arc::new(intake.in_cluster(cluster.clone()));
+        let (forwarded, renewal) = serve_cluster(&nats, &config, &cluster, &stream_cancel).await?;
         let control = spawn_control(&nats, &config, intake.clone(), stream_cancel.clone()).await?;
         let prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
         let opencode_url = client.base_url().to_string();
@@ -261,7 +266,7 @@ impl Daemon {
             hub,
             dispatcher,
             metrics: metrics.clone(),
-            cluster: None,
+            cluster: cluster.as_ref().map(|c| c.status()),
             embedded_restarts,
             opencode_url: opencode_url.clone(),
             embedded: config.opencode.base_url.is_none(),
@@ -274,6 +279,9 @@ impl Daemon {
             in_flight: Arc::new(Semaphore::new(config.turn.max_in_flight)),
             waiting: std::collections::VecDeque::new(),
             jetstream,
+            cluster,
+            forwarded,
+            renewal,
             metrics,
             config,
             nats,
@@ -311,6 +319,14 @@ impl Daemon {
                     continue;
                 }
                 m = self.prompts.next() => m.map(|m| (From::Prompts, m)),
+                m = next_forwarded(&mut self.forwarded) => match m {
+                    Some(m) => Some((From::Prompts, m)),
+                    None => {
+                        warn!("the instance subscription ended");
+                        self.forwarded = None;
+                        continue;
+                    }
+                },
                 m = next_agent_prompt(&mut self.agent_prompts) => match m {
                     Some(m) => Some((From::Agent, m)),
                     None => {
@@ -359,8 +375,9 @@ impl Daemon {
         }
     }
 
-    /// The shutdown tree (see the module's documentation).
-    async fn stop(mut self) {
+    /// Stops taking prompts and serves what was already delivered; idle
+    /// conversations go back to the cluster.
+    async fn stop_taking(&mut self) {
         info!("shutting down: no new prompts");
         self.ops.stopping().await;
         if let Some(agent) = self.agent.take() {
@@ -375,6 +392,9 @@ impl Daemon {
             }
         }
         self.prompts.drain().await;
+        if let Some(f) = &mut self.forwarded {
+            f.drain().await;
+        }
         // Serve what waited for a slot, then what the server had already
         // delivered before the drain.
         while let Some((from, msg)) = self.waiting.pop_front() {
@@ -386,6 +406,26 @@ impl Daemon {
         {
             self.intake.prompt(msg, None).await;
         }
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_secs(2), next_forwarded(&mut self.forwarded)).await
+        {
+            self.intake.prompt(msg, None).await;
+        }
+        // Conversations with nothing running are handed back now: their
+        // next prompt is served at once by another daemon.
+        if let Some(c) = &self.cluster {
+            let d = self.intake.dispatcher().clone();
+            let n = c.release(|conv| d.is_active(conv)).await;
+            info!(
+                conversations = n,
+                "handed idle conversations back to the cluster"
+            );
+        }
+    }
+
+    /// The shutdown tree (see the module's documentation).
+    async fn stop(mut self) {
+        self.stop_taking().await;
         self.tracker.close();
         let grace = self.config.shutdown.grace;
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -404,6 +444,17 @@ impl Daemon {
             {
                 warn!("some turns did not end; exiting anyway");
             }
+        }
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
+        if let Some(c) = &self.cluster {
+            let n = c.release(|_| false).await;
+            info!(
+                conversations = n,
+                "handed the remaining conversations back; leaving the cluster"
+            );
+            c.leave().await;
         }
         self.publisher.flush().await;
         self.stream_cancel.cancel();
@@ -428,6 +479,14 @@ enum From {
     Prompts,
     /// The Synadia Agent Protocol endpoint.
     Agent,
+}
+
+/// The next prompt forwarded by another daemon (never, single-host).
+async fn next_forwarded(sub: &mut Option<InstanceSubscription>) -> Option<Incoming> {
+    match sub {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next prompt on the agent protocol endpoint (never, without one).
@@ -480,6 +539,18 @@ async fn start_agent(
         heartbeat_interval: a.heartbeat_interval,
     };
     Ok(Some(AgentService::start(publisher, opts).await?))
+}
+
+/// Restarts the embedded `opencode serve` when it dies (counted), until
+/// `cancel`.
+fn spawn_supervisor(
+    embedded: Option<EmbeddedServer>,
+    cancel: &CancellationToken,
+) -> (Option<JoinHandle<()>>, Arc<std::sync::atomic::AtomicU64>) {
+    let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let task =
+        embedded.map(|server| tokio::spawn(server.supervise(cancel.clone(), restarts.clone())));
+    (task, restarts)
 }
 
 /// The one reader of OpenCode's event stream, and the task that reads
@@ -537,6 +608,76 @@ async fn spawn_control(
             intake.control(msg).await;
         }
     }))
+}
+
+/// Joins the cluster when JetStream is there and `[cluster] enabled` is
+/// not `off`.
+async fn join_cluster(
+    config: &Config,
+    nats: &bus::Connection,
+    jetstream: Option<&JetStream>,
+    client: &OpenCodeClient,
+) -> Result<Option<Arc<Cluster>>, AppError> {
+    let Some(js) = jetstream.filter(|_| config.cluster.enabled != Switch::Off) else {
+        return Ok(None);
+    };
+    let host = config
+        .service
+        .host
+        .clone()
+        .unwrap_or_else(crate::ops::status::hostname);
+    let opencode_id =
+        config
+            .cluster
+            .opencode_id
+            .clone()
+            .unwrap_or_else(|| match &config.opencode.base_url {
+                Some(_) => client.base_url().to_string(),
+                None => {
+                    let dir = config
+                        .opencode
+                        .directory
+                        .clone()
+                        .or_else(|| std::env::current_dir().ok())
+                        .unwrap_or_default();
+                    format!("embedded@{host}:{}", dir.display())
+                }
+            });
+    Ok(Some(
+        Cluster::start(js, nats, config, &host, opencode_id).await?,
+    ))
+}
+
+/// This daemon's own prompt subject and its lease renewal, in a cluster.
+async fn serve_cluster(
+    nats: &bus::Connection,
+    config: &Config,
+    cluster: &Option<Arc<Cluster>>,
+    cancel: &CancellationToken,
+) -> Result<(Option<InstanceSubscription>, Option<JoinHandle<()>>), AppError> {
+    let Some(c) = cluster else {
+        return Ok((None, None));
+    };
+    let prefix = &config.cluster.instance_prefix;
+    let sub = InstanceSubscription::subscribe(nats, prefix, c.instance()).await?;
+    Ok((Some(sub), Some(c.spawn_renewal(cancel.clone()))))
+}
+
+/// The conversation map; in a cluster, every new session is recorded in
+/// the conversation's home.
+async fn sessions(
+    client: &OpenCodeClient,
+    config: &Config,
+    cluster: &Option<Arc<Cluster>>,
+) -> Arc<dyn SessionStore> {
+    let inner = rebuild_sessions(client, config).await;
+    match cluster {
+        Some(c) => Arc::new(ClusterSessions {
+            inner,
+            cluster: c.clone(),
+        }),
+        None => Arc::new(inner),
+    }
 }
 
 /// The conversation map from OpenCode's session titles, retried with

@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 use crate::bus::{Incoming, Publisher};
+use crate::cluster::{Cluster, Place};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::agent;
@@ -40,6 +41,8 @@ pub struct Intake {
     publisher: Publisher,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Conversation homes across daemons, when in a cluster.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Intake {
@@ -56,7 +59,19 @@ impl Intake {
             publisher,
             config,
             metrics,
+            cluster: None,
         }
+    }
+
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.dispatcher
+    }
+
+    /// Serves each conversation at its home in `cluster` (forwarding
+    /// prompts there).
+    pub fn in_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// A sink for replies that go out before (or instead of) a turn.
@@ -98,9 +113,55 @@ impl Intake {
                 return;
             }
         };
-        match self.admit(&msg, &caller, tail.as_deref()) {
-            Ok((prompt, subject)) => self.dispatch(&msg, prompt, subject, permit).await,
-            Err(r) => self.refuse(&msg, r).await,
+        let (mut prompt, subject) = match self.admit(&msg, &caller, tail.as_deref()) {
+            Ok(admitted) => admitted,
+            Err(r) => return self.refuse(&msg, r).await,
+        };
+        match self.place(&msg, &prompt).await {
+            Place::Here { moved_from } => prompt.moved_from = moved_from,
+            Place::There { .. } => return,
+            Place::Busy { reason } => {
+                let r = Refusal {
+                    subject,
+                    trace_id: prompt.trace_id,
+                    conversation: prompt.conversation,
+                    code: ErrorCode::SessionBusy,
+                    reason,
+                };
+                return self.refuse(&msg, r).await;
+            }
+        }
+        self.dispatch(&msg, prompt, subject, permit).await
+    }
+
+    /// Where a conversation's prompt is served: here, or forwarded to the
+    /// conversation's home (`There`: done, the home answers the caller).
+    /// A forward the home did not take is decided again, never forwarded
+    /// twice: a dead home is taken over, a live one gets `session_busy`.
+    async fn place(&self, msg: &Incoming, prompt: &Prompt) -> Place {
+        let (Some(cluster), Some(conversation)) = (&self.cluster, &prompt.conversation) else {
+            return Place::Here { moved_from: None };
+        };
+        let sessions = self.dispatcher.context().sessions.as_ref();
+        let forwarded = msg.forwarded_by.is_some();
+        let place = cluster.place(conversation, forwarded, sessions).await;
+        let Place::There { instance } = &place else {
+            return place;
+        };
+        match cluster.forward(instance, msg).await {
+            Ok(()) => {
+                info!(trace_id = %prompt.trace_id, %conversation, home = %instance, "prompt forwarded to its conversation's home");
+                place
+            }
+            Err(e) => {
+                warn!(trace_id = %prompt.trace_id, %conversation, home = %instance, error = %e, "the conversation's home did not take the prompt");
+                match cluster.place(conversation, true, sessions).await {
+                    Place::Busy { .. } => Place::Busy {
+                        reason: format!("conversation {conversation}'s home bridge ({instance}) did not take the prompt (stopping or unreachable); send again"),
+                    },
+                    other => other,
+                }
+            }
         }
     }
 

@@ -14,6 +14,8 @@
 //! - [`bus`]: the async-nats adapter (subscribe, publish, drain).
 //! - [`intake`]: an incoming message -> a queued turn, an abort, an answer;
 //!   the tenant checks.
+//! - [`cluster`]: conversation homes across daemons on NATS KV, leases,
+//!   forwarding; *(pure)* the records and the decision.
 //! - [`turn`]: one turn from prompt to `final`/`error`; the per-conversation
 //!   FIFO; the conversation -> session map.
 //! - [`opencode`]: the HTTP client, the single event-stream reader and its
@@ -29,6 +31,7 @@
 
 pub mod app;
 pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod intake;
 mod jsonscan;

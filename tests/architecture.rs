@@ -29,6 +29,7 @@ const PURE: &[&str] = &[
     "src/opencode/events.rs",
     "src/opencode/ids.rs",
     "src/opencode/version.rs",
+    "src/cluster/home.rs",
 ];
 
 fn root() -> PathBuf {

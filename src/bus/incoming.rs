@@ -18,6 +18,9 @@ pub struct Incoming {
     /// dropped, as the specification says).
     pub traceparent: Option<String>,
     pub payload: Bytes,
+    /// Set on a prompt another daemon forwarded here (its instance id): it
+    /// is never forwarded again (`bus::forward`).
+    pub forwarded_by: Option<String>,
 }
 
 fn header(h: Option<&HeaderMap>, name: &str) -> Option<String> {
@@ -53,6 +56,7 @@ impl From<async_nats::Message> for Incoming {
                 .and_then(|v| TraceParent::parse(&v))
                 .map(|t| t.to_string()),
             payload: m.payload,
+            forwarded_by: None,
         }
     }
 }

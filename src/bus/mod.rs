@@ -3,7 +3,8 @@
 //! subscriptions, one subscribe loop, drain), [`publish`] (replies with
 //! their headers), [`service`] (the NATS micro service: `$SRV.*`, `status`),
 //! [`agent`] (the Synadia Agent Protocol registration and heartbeat),
-//! [`jetstream`] (JetStream found or not, KV buckets with compare-and-swap)
+//! [`jetstream`] (JetStream found or not, KV buckets with compare-and-swap),
+//! [`forward`] (a prompt handed to its conversation's home daemon)
 //! and [`caller`] (the client side of the contract, for the CLI).
 //! Architecture invariant: this is the only module that imports
 //! `async_nats`; the rest of the daemon sees [`Incoming`], [`Publisher`],
@@ -12,6 +13,7 @@
 pub mod agent;
 pub mod caller;
 pub mod connect;
+pub mod forward;
 pub mod incoming;
 pub mod jetstream;
 pub mod publish;
@@ -24,6 +26,7 @@ pub use agent::{AgentOptions, AgentPrompts, AgentService};
 pub use async_nats::Client as Connection;
 pub use caller::{Caller, Received, ReplyStream};
 pub use connect::{connect, connect_observed};
+pub use forward::{Forwarder, InstanceSubscription};
 pub use incoming::Incoming;
 pub use jetstream::{Bucket, Entry, JetStream};
 pub use publish::Publisher;

@@ -39,6 +39,11 @@ pub struct Prompt {
     pub attachments: Vec<Attachment>,
     /// At what pace the caller wants the turn's text (`"stream"`).
     pub stream: StreamMode,
+    /// Never parsed; set by the cluster when the conversation's previous
+    /// home (this host) is gone and this daemon drives another OpenCode:
+    /// the turn starts a new session and its final says so
+    /// (`session_recreated`, a note naming the host).
+    pub moved_from: Option<String>,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -436,6 +441,7 @@ impl Fields {
             progress: self.progress,
             stream: self.stream,
             attachments: self.attachments,
+            moved_from: None,
         })
     }
 }

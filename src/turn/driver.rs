@@ -177,6 +177,8 @@ struct Turn<'a> {
     stream: Option<watch::Receiver<StreamState>>,
     epoch: u64,
     recreated: bool,
+    /// The host the conversation moved from (`Prompt::moved_from`).
+    moved_from: Option<String>,
 }
 
 impl<'a> Turn<'a> {
@@ -212,6 +214,7 @@ impl<'a> Turn<'a> {
             stream: Some(stream),
             epoch,
             recreated,
+            moved_from: prompt.moved_from.clone(),
         }
     }
 
@@ -624,6 +627,10 @@ impl<'a> Turn<'a> {
             Conclusion::Final(mut fin) => {
                 fin.notes = std::mem::take(&mut self.inter.notes);
                 fin.session_recreated = self.recreated;
+                if let Some(host) = &self.moved_from {
+                    fin.session_recreated = true;
+                    fin.notes.push(format!("this conversation's previous home (host {host}) is gone and this bridge drives another OpenCode server: a new session was started without the earlier turns"));
+                }
                 Ok(fin)
             }
             Conclusion::Failed {

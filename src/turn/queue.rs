@@ -305,4 +305,12 @@ impl Dispatcher {
     pub fn active_conversations(&self) -> usize {
         self.queues.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+
+    /// Whether `conversation` has a turn running or queued here.
+    pub fn is_active(&self, conversation: &str) -> bool {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&QueueKey::Conversation(conversation.to_string()))
+    }
 }

@@ -1,0 +1,141 @@
+//! Forwarding a prompt to its conversation's home daemon, and that
+//! daemon's own prompt subject (`<instance_prefix>.<id>.prompt`).
+//!
+//! A forwarded prompt travels as a request: the payload and the prompt
+//! headers as they came, the original subject in `Bridge-Subject` and the
+//! original reply subject in `Bridge-Reply`. The home daemon answers the
+//! request at once (it has taken the prompt, and answers the caller
+//! itself); no answer means it did not take it. The `Bridge-*` headers are
+//! trusted only on the instance subject, where only daemons may publish
+//! (deploy/nats-server.conf).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use tracing::{info, warn};
+
+use super::subscribe::subscribe_one;
+use super::{barrier, BusError, Incoming};
+
+const SUBJECT: &str = "Bridge-Subject";
+const REPLY: &str = "Bridge-Reply";
+const FROM: &str = "Bridge-Forwarded-By";
+
+/// Sends prompts to other daemons.
+#[derive(Clone)]
+pub struct Forwarder {
+    client: async_nats::Client,
+    prefix: String,
+    me: String,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(client: async_nats::Client, prefix: &str, me: &str, timeout: Duration) -> Self {
+        Forwarder {
+            client,
+            prefix: prefix.to_string(),
+            me: me.to_string(),
+            timeout,
+        }
+    }
+
+    /// Where `instance` takes forwarded prompts.
+    pub fn subject_of(prefix: &str, instance: &str) -> String {
+        format!("{prefix}.{instance}.prompt")
+    }
+
+    /// Hands `msg` to `instance`; `Ok` once that daemon took it.
+    pub async fn forward(&self, instance: &str, msg: &Incoming) -> Result<(), BusError> {
+        let subject = Self::subject_of(&self.prefix, instance);
+        let mut h = HeaderMap::new();
+        h.insert(SUBJECT, msg.subject.as_str());
+        if let Some(r) = &msg.reply {
+            h.insert(REPLY, r.as_str());
+        }
+        h.insert(FROM, self.me.as_str());
+        let p = &msg.headers;
+        for (name, v) in [
+            ("Trace-Id", &p.trace_id),
+            ("Conversation", &p.conversation),
+            ("Model", &p.model),
+            ("Agent", &p.agent),
+            ("traceparent", &msg.traceparent),
+        ] {
+            if let Some(v) = v {
+                h.insert(name, v.as_str());
+            }
+        }
+        let req = async_nats::Request::new()
+            .payload(msg.payload.clone())
+            .headers(h)
+            .timeout(Some(self.timeout));
+        self.client
+            .send_request(subject.clone(), req)
+            .await
+            .map(|_| ())
+            .map_err(|e| BusError::Publish {
+                subject,
+                source: e.into(),
+            })
+    }
+}
+
+/// This daemon's own prompt subject: prompts other daemons forwarded here.
+pub struct InstanceSubscription {
+    sub: async_nats::Subscriber,
+    client: async_nats::Client,
+}
+
+impl InstanceSubscription {
+    pub async fn subscribe(
+        client: &async_nats::Client,
+        prefix: &str,
+        me: &str,
+    ) -> Result<Self, BusError> {
+        let subject = Forwarder::subject_of(prefix, me);
+        let sub = subscribe_one(client, &subject, None).await?;
+        barrier(client).await?;
+        info!(%subject, "listening for prompts forwarded by other daemons");
+        Ok(InstanceSubscription {
+            sub,
+            client: client.clone(),
+        })
+    }
+
+    /// The next forwarded prompt, as it first came off the bus (subject,
+    /// reply subject and headers restored; `forwarded_by` set). The
+    /// forwarding daemon is told at once that it was taken.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        loop {
+            let m = self.sub.next().await?;
+            let ack_to = m.reply.clone();
+            let h = m.headers.clone().unwrap_or_default();
+            let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());
+            let Some(original) = get(SUBJECT) else {
+                warn!(subject = %m.subject, "a message on the instance subject without Bridge-Subject: ignored");
+                continue;
+            };
+            let mut msg = Incoming::from(m);
+            msg.subject = original;
+            msg.reply = get(REPLY);
+            msg.forwarded_by = Some(get(FROM).unwrap_or_default());
+            if let Some(r) = ack_to {
+                let _ = self
+                    .client
+                    .publish(r, Bytes::from_static(b"{\"taken\":true}"))
+                    .await;
+            }
+            return Some(msg);
+        }
+    }
+
+    /// Stops taking forwarded prompts (what is on the way is still read).
+    pub async fn drain(&mut self) {
+        if let Err(e) = self.sub.drain().await {
+            warn!(error = %e, "draining the instance subscription failed");
+        }
+    }
+}
