@@ -25,6 +25,18 @@ use crate::turn::interactive::{AnswerMsg, AnswerRegistry};
 use crate::turn::queue::Refused;
 use crate::turn::{Dispatcher, Job, ReplySink};
 
+/// Where an admitted prompt goes, in a cluster.
+enum Placed {
+    /// Served here (see [`Place::Here`]).
+    Here { moved_from: Option<String> },
+    /// Taken by the conversation's home daemon, which answers the caller.
+    Forwarded,
+    /// Not now (`session_busy`).
+    Busy { reason: String },
+    /// The home daemon `instance` did not take it.
+    Silent { instance: String },
+}
+
 /// A prompt that will not run: its one reply and where it goes.
 struct Refusal {
     subject: String,
@@ -102,7 +114,7 @@ impl Intake {
     }
 
     /// Parses, checks and queues one prompt; every refusal is answered.
-    pub async fn prompt(&self, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
+    pub async fn prompt(self: &Arc<Self>, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
         let (caller, tail) = match Route::of(&self.config.route_subjects(), &msg.subject) {
             Route::Prompt {
                 caller,
@@ -113,55 +125,95 @@ impl Intake {
                 return;
             }
         };
-        let (mut prompt, subject) = match self.admit(&msg, &caller, tail.as_deref()) {
+        let (prompt, subject) = match self.admit(&msg, &caller, tail.as_deref()) {
             Ok(admitted) => admitted,
             Err(r) => return self.refuse(&msg, r).await,
         };
         match self.place(&msg, &prompt).await {
-            Place::Here { moved_from } => prompt.moved_from = moved_from,
-            Place::There { .. } => return,
-            Place::Busy { reason } => {
-                let r = Refusal {
-                    subject,
-                    trace_id: prompt.trace_id,
-                    conversation: prompt.conversation,
-                    code: ErrorCode::SessionBusy,
-                    reason,
-                };
-                return self.refuse(&msg, r).await;
+            Placed::Silent { instance } => {
+                // The home did not take it: wait (off the intake's path)
+                // until it may be taken over, then decide again, never
+                // forwarding twice.
+                let me = self.clone();
+                self.dispatcher.spawn(async move {
+                    let placed = me.place_after(&instance, &prompt).await;
+                    me.serve_at(&msg, prompt, subject, permit, placed).await
+                });
             }
+            placed => self.serve_at(&msg, prompt, subject, permit, placed).await,
         }
-        self.dispatch(&msg, prompt, subject, permit).await
+    }
+
+    /// Serves an admitted prompt where it was placed.
+    async fn serve_at(
+        &self,
+        msg: &Incoming,
+        mut prompt: Prompt,
+        subject: String,
+        permit: Option<OwnedSemaphorePermit>,
+        placed: Placed,
+    ) {
+        let reason = match placed {
+            Placed::Here { moved_from } => {
+                prompt.moved_from = moved_from;
+                return self.dispatch(msg, prompt, subject, permit).await;
+            }
+            Placed::Forwarded => return,
+            Placed::Busy { reason } => reason,
+            Placed::Silent { instance } => format!(
+                "the home bridge of conversation {} ({instance}) does not take prompts; send again",
+                prompt.conversation.as_deref().unwrap_or("?")
+            ),
+        };
+        let r = Refusal {
+            subject,
+            trace_id: prompt.trace_id,
+            conversation: prompt.conversation,
+            code: ErrorCode::SessionBusy,
+            reason,
+        };
+        self.refuse(msg, r).await
     }
 
     /// Where a conversation's prompt is served: here, or forwarded to the
-    /// conversation's home (`There`: done, the home answers the caller).
-    /// A forward the home did not take is decided again, never forwarded
-    /// twice: a dead home is taken over, a live one gets `session_busy`.
-    async fn place(&self, msg: &Incoming, prompt: &Prompt) -> Place {
+    /// conversation's home (which then answers the caller). A prompt
+    /// forwarded here once is never forwarded again.
+    async fn place(&self, msg: &Incoming, prompt: &Prompt) -> Placed {
         let (Some(cluster), Some(conversation)) = (&self.cluster, &prompt.conversation) else {
-            return Place::Here { moved_from: None };
+            return Placed::Here { moved_from: None };
         };
         let sessions = self.dispatcher.context().sessions.as_ref();
         let forwarded = msg.forwarded_by.is_some();
-        let place = cluster.place(conversation, forwarded, sessions).await;
-        let Place::There { instance } = &place else {
-            return place;
+        let instance = match cluster.place(conversation, forwarded, sessions).await {
+            Place::Here { moved_from } => return Placed::Here { moved_from },
+            Place::Busy { reason } => return Placed::Busy { reason },
+            Place::There { instance } => instance,
         };
-        match cluster.forward(instance, msg).await {
+        match cluster.forward(&instance, msg).await {
             Ok(()) => {
                 info!(trace_id = %prompt.trace_id, %conversation, home = %instance, "prompt forwarded to its conversation's home");
-                place
+                Placed::Forwarded
             }
             Err(e) => {
-                warn!(trace_id = %prompt.trace_id, %conversation, home = %instance, error = %e, "the conversation's home did not take the prompt");
-                match cluster.place(conversation, true, sessions).await {
-                    Place::Busy { .. } => Place::Busy {
-                        reason: format!("conversation {conversation}'s home bridge ({instance}) did not take the prompt (stopping or unreachable); send again"),
-                    },
-                    other => other,
-                }
+                warn!(trace_id = %prompt.trace_id, %conversation, home = %instance, error = %e, "the conversation's home did not take the prompt; waiting until it may be taken over");
+                Placed::Silent { instance }
             }
+        }
+    }
+
+    /// Decides again once the silent home `instance` has lost its lease
+    /// (or the lease TTL has passed): taken over, or `session_busy`.
+    async fn place_after(&self, instance: &str, prompt: &Prompt) -> Placed {
+        let (Some(cluster), Some(conversation)) = (&self.cluster, &prompt.conversation) else {
+            return Placed::Here { moved_from: None };
+        };
+        cluster.wait_for_home(instance).await;
+        let sessions = self.dispatcher.context().sessions.as_ref();
+        match cluster.place(conversation, true, sessions).await {
+            Place::Here { moved_from } => Placed::Here { moved_from },
+            Place::Busy { .. } | Place::There { .. } => Placed::Silent {
+                instance: instance.to_string(),
+            },
         }
     }
 

@@ -245,6 +245,20 @@ impl Cluster {
         })
     }
 
+    /// Waits (at most the lease TTL and a second) until `instance` has no
+    /// lease or has released `conversation`: a home that stopped taking
+    /// prompts (killed, hung, stopping) is taken over as soon as it may be.
+    pub async fn wait_for_home(&self, instance: &str) {
+        let deadline = Instant::now() + self.ttl + Duration::from_secs(1);
+        let step = (self.ttl / 15).max(Duration::from_millis(100));
+        while Instant::now() < deadline {
+            match self.leases.get(instance).await {
+                Ok(None) => return,
+                Ok(Some(_)) | Err(_) => tokio::time::sleep(step).await,
+            }
+        }
+    }
+
     /// Hands `msg` to the daemon `instance`.
     pub async fn forward(&self, instance: &str, msg: &Incoming) -> Result<(), BusError> {
         self.forwarder.forward(instance, msg).await

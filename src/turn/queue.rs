@@ -120,6 +120,11 @@ impl Dispatcher {
         })
     }
 
+    /// Runs `work` as part of the daemon's turns (shutdown waits for it).
+    pub fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(work);
+    }
+
     pub fn context(&self) -> &Arc<TurnContext> {
         &self.ctx
     }

@@ -4,6 +4,7 @@ mod support;
 
 mod agent_protocol;
 mod bridge_fake;
+mod cluster;
 mod daemon_binary;
 mod e2e_interactive;
 mod e2e_real_opencode;
