@@ -90,6 +90,7 @@ impl Rig {
         cfg.nats.password = Some(password("bridge"));
         cfg.nats.inbox_prefix = "_INBOX.bridge".into();
         cfg.tenancy.strict = true;
+        cfg.cluster.instance_id = Some("bridge-1".into());
         cfg.permissions.rules = vec![Rule {
             tenant: None,
             permission: "bash".into(),
@@ -313,6 +314,17 @@ async fn a_tenants_prompt_reaches_only_its_own_conversations_and_reply_space() {
         .await
         .unwrap();
     violation(&mut rig.discord_errors, "opencode.prompt.slack.C1").await;
+    // So is forging a prompt forwarded by another daemon, which would name
+    // the victim's subject in a header (only daemons publish there).
+    let forged = "opencode.bridge.instance.bridge-1.prompt";
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Bridge-Subject", "opencode.prompt.slack.C1");
+    h.insert("Bridge-Forwarded-By", "bridge-2");
+    rig.discord
+        .publish_with_headers(forged, h, marker.into())
+        .await
+        .unwrap();
+    violation(&mut rig.discord_errors, forged).await;
 
     // Let anything stray arrive, then check the victim saw nothing.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -55,6 +55,13 @@ impl NatsServer {
             .expect("create temp dir for nats-server");
         let config = conf_text.map(|text| {
             let path = dir.path().join("nats.conf");
+            // The store is the test's own temp dir (`-sd`); nats-server
+            // refuses a second `store_dir` from the file.
+            let text: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("store_dir"))
+                .map(|l| format!("{l}\n"))
+                .collect();
             fs::write(&path, text).expect("write nats-server config");
             path
         });
