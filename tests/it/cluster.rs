@@ -331,3 +331,56 @@ async fn a_killed_home_is_taken_over_by_the_survivor_within_the_lease() {
     assert_eq!(again["session_id"], fin["session_id"]);
     assert_ne!(again["session_recreated"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_keeps_its_context_across_two_daemons_on_two_real_opencodes() {
+    use crate::support::fake_llm::{self, FakeLlm};
+    use crate::support::real_opencode::{default_config, RealOpenCode};
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let mut bridges = Vec::new();
+    let mut servers = Vec::new();
+    for host in ["host-a", "host-b"] {
+        let oc = RealOpenCode::start_with_config(default_config(&llm.base_url())).await;
+        let mut cfg = test_config(&nats.url(), oc.base_url(), Some(oc.password()));
+        cfg.opencode.directory = Some(oc.directory().to_path_buf());
+        cfg.service.host = Some(host.into());
+        bridges.push(Bridge::start(cfg).await);
+        servers.push(oc);
+    }
+    let c = client(&nats.url()).await;
+    let first = "Remember the word quince-cluster";
+    let mut turns = vec![first.to_string()];
+    turns.extend((2..=5).map(|i| format!("turn {i}")));
+    let mut sessions = HashSet::new();
+    for text in &turns {
+        let r = request(
+            &c,
+            "opencode.prompt.chat.ctx",
+            text,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_well_formed(&r);
+        let fin = terminal(&r);
+        assert_eq!(fin["kind"], "final", "{r:#?}");
+        assert_eq!(fin["content"], fake_llm::text_reply(text));
+        sessions.insert(fin["session_id"].to_string());
+    }
+    // Whichever daemon took it, the LLM sees the first turn.
+    let r = request(
+        &c,
+        "opencode.prompt.chat.ctx",
+        "[recall] what was first?",
+        Duration::from_secs(60),
+    )
+    .await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["content"], fake_llm::recall_reply(first));
+    sessions.insert(fin["session_id"].to_string());
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    for b in bridges {
+        b.stop().await.unwrap();
+    }
+}
