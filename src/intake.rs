@@ -382,7 +382,11 @@ impl Intake {
                 prompt.conversation.as_deref(),
                 msg,
             )
-            .streaming(prompt.stream);
+            .streaming(
+                prompt
+                    .stream
+                    .unwrap_or_else(|| self.config.tenancy.stream_default(&prompt.caller)),
+            );
         self.dispatch_with(prompt, sink, permit).await
     }
 

@@ -108,6 +108,26 @@ pub struct TenancyConfig {
     /// one tenant for all its channels: size it for the busiest. 0: no
     /// limit. The operator has none.
     pub max_turns_per_tenant: usize,
+    /// The pace of replies for prompts that do not say (`"stream"`), by
+    /// tenant: `"full"`, `"final"` or `{ coalesce_ms = N }`; the key `"*"`
+    /// is everyone else, the operator included. A chat platform that edits
+    /// one message a second sets `slack = { coalesce_ms = 1000 }`.
+    pub stream: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl TenancyConfig {
+    /// The pace for a prompt of `caller` that does not name one.
+    pub fn stream_default(
+        &self,
+        caller: &crate::protocol::tenant::Caller,
+    ) -> crate::protocol::StreamMode {
+        let v = caller
+            .tenant()
+            .and_then(|t| self.stream.get(t))
+            .or_else(|| self.stream.get("*"));
+        v.and_then(|v| crate::protocol::prompt::parse_stream_mode(v.clone()).ok())
+            .unwrap_or_default()
+    }
 }
 
 impl Default for TenancyConfig {
@@ -116,6 +136,7 @@ impl Default for TenancyConfig {
             strict: false,
             inbox_prefix: "_INBOX".into(),
             max_turns_per_tenant: 256,
+            stream: Default::default(),
         }
     }
 }

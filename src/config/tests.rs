@@ -387,3 +387,32 @@ fn cluster_settings_are_checked() {
         Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__CLUSTER__ENABLED", "off")])).unwrap();
     assert_eq!(c.cluster.enabled, Switch::Off);
 }
+
+#[test]
+fn a_tenant_has_its_own_stream_default() {
+    use crate::protocol::tenant::Caller;
+    use crate::protocol::StreamMode;
+    let f = write(
+        "[tenancy.stream]\nslack = { coalesce_ms = 1000 }\ndiscord = \"final\"\n\"*\" = \"full\"\n",
+    );
+    let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+    let t = &c.tenancy;
+    assert_eq!(
+        t.stream_default(&Caller::Tenant("slack".into())),
+        StreamMode::Coalesce { ms: 1000 }
+    );
+    assert_eq!(
+        t.stream_default(&Caller::Tenant("discord".into())),
+        StreamMode::Final
+    );
+    assert_eq!(
+        t.stream_default(&Caller::Tenant("matrix".into())),
+        StreamMode::Full
+    );
+    assert_eq!(t.stream_default(&Caller::Operator), StreamMode::Full);
+    let bad = write("[tenancy.stream]\nslack = \"sometimes\"\n");
+    let e = Config::load_with_env(Some(bad.path()), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stream") && e.contains("slack"), "{e}");
+}

@@ -12,7 +12,20 @@ impl Config {
         self.validate_sizes()?;
         self.validate_service()?;
         self.validate_cluster()?;
+        self.validate_stream_defaults()?;
         self.validate_agent_protocol()
+    }
+
+    fn validate_stream_defaults(&self) -> Result<(), ConfigError> {
+        for (tenant, v) in &self.tenancy.stream {
+            if let Err(reason) = crate::protocol::prompt::parse_stream_mode(v.clone()) {
+                return Err(ConfigError::Invalid {
+                    key: "tenancy.stream",
+                    reason: format!("{tenant}: {reason}"),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {

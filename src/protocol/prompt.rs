@@ -37,8 +37,10 @@ pub struct Prompt {
     pub progress: bool,
     /// Files sent with the text, in order ([`parse_attachments`]).
     pub attachments: Vec<Attachment>,
-    /// At what pace the caller wants the turn's text (`"stream"`).
-    pub stream: StreamMode,
+    /// At what pace the caller wants the turn's text (`"stream"`); `None`
+    /// when the prompt does not say (the tenant's default applies,
+    /// `[tenancy] stream`).
+    pub stream: Option<StreamMode>,
     /// Never parsed; set by the cluster when the conversation's previous
     /// home (this host) is gone and this daemon drives another OpenCode:
     /// the turn starts a new session and its final says so
@@ -66,22 +68,29 @@ pub enum StreamMode {
 /// The longest `coalesce_ms` accepted (a minute).
 pub const MAX_COALESCE_MS: u64 = 60_000;
 
-fn stream_mode(v: Option<Value>) -> Result<StreamMode, String> {
+fn stream_mode(v: Option<Value>) -> Result<Option<StreamMode>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => parse_stream_mode(v).map(Some),
+    }
+}
+
+/// A `"stream"` value: `"full"`, `"final"` or `{"coalesce_ms": N}`.
+pub fn parse_stream_mode(v: Value) -> Result<StreamMode, String> {
     let bad = |v: &Value| {
         format!(
             "`stream` must be \"full\", \"final\" or {{\"coalesce_ms\": 0..={MAX_COALESCE_MS}}}, got {v}"
         )
     };
     match v {
-        None | Some(Value::Null) => Ok(StreamMode::Full),
-        Some(Value::String(s)) if s == "full" => Ok(StreamMode::Full),
-        Some(Value::String(s)) if s == "final" => Ok(StreamMode::Final),
-        Some(Value::Object(m)) => match (m.len(), m.get("coalesce_ms").and_then(Value::as_u64)) {
+        Value::String(s) if s == "full" => Ok(StreamMode::Full),
+        Value::String(s) if s == "final" => Ok(StreamMode::Final),
+        Value::Object(m) => match (m.len(), m.get("coalesce_ms").and_then(Value::as_u64)) {
             (1, Some(0)) => Ok(StreamMode::Full),
             (1, Some(ms)) if ms <= MAX_COALESCE_MS => Ok(StreamMode::Coalesce { ms }),
             _ => Err(bad(&Value::Object(m))),
         },
-        Some(other) => Err(bad(&other)),
+        other => Err(bad(&other)),
     }
 }
 
@@ -270,7 +279,7 @@ struct Fields {
     reply_to: Option<String>,
     interactive: bool,
     progress: bool,
-    stream: StreamMode,
+    stream: Option<StreamMode>,
     attachments: Vec<Attachment>,
 }
 
@@ -567,8 +576,9 @@ mod tests {
 
     #[test]
     fn the_stream_mode_is_parsed() {
-        let mode = |json: &str| parse(json).map(|p| p.stream);
-        assert_eq!(mode(r#"{"text":"x"}"#).unwrap(), StreamMode::Full);
+        let mode = |json: &str| parse(json).map(|p| p.stream.unwrap_or_default());
+        // Not given: the tenant's default applies (`[tenancy] stream`).
+        assert_eq!(parse(r#"{"text":"x"}"#).unwrap().stream, None);
         assert_eq!(
             mode(r#"{"text":"x","stream":"final"}"#).unwrap(),
             StreamMode::Final

@@ -1623,7 +1623,11 @@ async fn a_caller_chooses_the_pace_of_the_text() {
             t.end();
             t.build()
         },
-        |_| {},
+        |c| {
+            c.tenancy
+                .stream
+                .insert("quiet".into(), serde_json::json!("final"));
+        },
     )
     .await;
     let started = Instant::now();
@@ -1663,6 +1667,15 @@ async fn a_caller_chooses_the_pace_of_the_text() {
     assert_eq!(kinds(&r), ["final"], "{r:#?}");
     assert_eq!(terminal(&r)["seq"], 0);
     assert_eq!(terminal(&r)["content"], whole.as_str());
+
+    // A tenant's default pace (`[tenancy.stream] quiet = "final"`) applies
+    // when its prompt does not say; its own "stream" wins.
+    let quiet = "opencode.prompt.quiet.c1";
+    let r = request(&rig.client, quiet, r#"{"text":"talk"}"#, TURN).await;
+    assert_eq!(kinds(&r), ["final"], "{r:#?}");
+    assert_eq!(terminal(&r)["content"], whole.as_str());
+    let r = rig.ask(quiet, r#"{"text":"talk","stream":"full"}"#).await;
+    assert_eq!(of_kind(&r, "delta").len(), 400, "{r:#?}");
 
     let r = rig
         .ask("opencode.prompt", r#"{"text":"talk","stream":"fast"}"#)
