@@ -362,6 +362,12 @@ pub struct OpenCodeConfig {
     /// The longest delay between event-stream reconnects.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// OpenCode counts as gone (turns in flight end `opencode_unavailable`)
+    /// only after it stayed unreachable this long while connects kept
+    /// failing. A blip shorter than this (a reset connection, a restarted
+    /// proxy) costs a reconnect and a resync, not a turn.
+    #[serde(with = "humantime_serde")]
+    pub unavailable_after: Duration,
     /// Session titles are `<title_prefix><conversation>`, so the
     /// conversation map can be rebuilt from `GET /session` after a restart.
     pub title_prefix: String,
@@ -403,6 +409,7 @@ impl Default for OpenCodeConfig {
             stream_stall_timeout: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
+            unavailable_after: Duration::from_secs(5),
             title_prefix: "nats:".into(),
             max_idle_connections: 16,
             require_ask: false,

@@ -201,6 +201,10 @@ impl Config {
                 self.opencode.stream_stall_timeout,
             ),
             ("opencode.reconnect_min", self.opencode.reconnect_min),
+            (
+                "opencode.unavailable_after",
+                self.opencode.unavailable_after,
+            ),
         ];
         for (key, d) in positive {
             if d.is_zero() {

@@ -1,16 +1,23 @@
 //! The reqwest adapter for OpenCode's HTTP API. Every call is bounded by
 //! `request_timeout`; errors say whether OpenCode was unreachable or
-//! answered badly. The password is never logged.
+//! answered badly. A call that fails on the way is sent again on a fresh
+//! connection when that is safe ([`super::retry`]; `prompt_async` checks
+//! first). The password is never logged.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use super::events::MessageWithParts;
+use super::retry::{decode, read_body, Failure, Reach, Retry, FIRST_PAUSE, MAX_PAUSE};
 use crate::config::OpenCodeConfig;
 use crate::protocol::{ErrorCode, ModelRef};
 
@@ -194,7 +201,17 @@ pub struct OpenCodeClient {
     username: String,
     password: Option<String>,
     directory: Option<String>,
+    /// Since when OpenCode has not been reached (shared by every clone).
+    reach: Arc<Reach>,
+    unavailable_after: Duration,
 }
+
+/// A `prompt_async` that may have reached OpenCode is sent again at most
+/// this many times (each after OpenCode showed it does not have it).
+const PROMPT_RESENDS: u32 = 2;
+/// Looks at the message list for a prompt whose POST failed (50 ms apart,
+/// doubling to 400 ms: about a second in all).
+const PROMPT_LOOKS: u32 = 5;
 
 impl std::fmt::Debug for OpenCodeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,6 +257,8 @@ impl OpenCodeClient {
             username: cfg.username.clone(),
             password,
             directory,
+            reach: Arc::default(),
+            unavailable_after: cfg.unavailable_after,
         })
     }
 
@@ -263,22 +282,81 @@ impl OpenCodeClient {
         rb
     }
 
-    async fn send(
+    /// How long OpenCode has not been reached (no call and no connect of
+    /// the event stream answered since the first that failed); `None`
+    /// while it answers.
+    pub fn unreachable_for(&self) -> Option<Duration> {
+        self.reach.down_for()
+    }
+
+    /// `[opencode] unavailable_after`.
+    pub fn unavailable_after(&self) -> Duration {
+        self.unavailable_after
+    }
+
+    /// A failure to reach OpenCode seen outside this client's calls (the
+    /// event stream waited too long for its headers), from `started`.
+    pub fn note_unreachable(&self, started: Instant) {
+        self.reach.failed(started);
+    }
+
+    /// One call, retried as `retry` allows: the body of a 2xx answer, at
+    /// most `max_body` bytes.
+    ///
+    /// A call that fails on the way (a pooled connection the network just
+    /// closed, a reset, a refused connect) is sent again after a short,
+    /// growing pause ([`FIRST_PAUSE`] .. [`MAX_PAUSE`]); by then the pool
+    /// has dropped the connections the peer closed, so the retry goes out
+    /// on a fresh one (and one that lands on another dead one is retried
+    /// again). At least one retry; more while OpenCode has been
+    /// unreachable for less than `unavailable_after`. A timeout is never
+    /// retried: the call already waited its bound.
+    async fn call(
+        &self,
+        what: &str,
+        retry: Retry,
+        rb: reqwest::RequestBuilder,
+        max_body: usize,
+    ) -> Result<Bytes, Failure> {
+        let mut pause = FIRST_PAUSE;
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            let once = rb.try_clone().expect("request bodies are in memory");
+            let outcome = match self.respond(what, once).await {
+                Ok(resp) => read_body(what, resp, max_body).await,
+                Err(f) => Err(f),
+            };
+            let lost = match outcome {
+                Err(Failure::Lost(lost)) => lost,
+                answered => return answered,
+            };
+            let down_for = self.reach.failed(started);
+            if !retry.allows(&lost, attempt, down_for >= self.unavailable_after) {
+                return Err(Failure::Lost(lost));
+            }
+            debug!(what, attempt, error = %lost.error, "retrying a call to OpenCode on a fresh connection");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+            attempt += 1;
+        }
+    }
+
+    /// One attempt: the response to `rb` if it is a 2xx.
+    async fn respond(
         &self,
         what: &str,
         rb: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, OpenCodeError> {
-        let resp = rb.send().await.map_err(|e| OpenCodeError::Unavailable {
-            what: what.to_string(),
-            detail: error_chain(&e),
-        })?;
+    ) -> Result<reqwest::Response, Failure> {
+        let resp = rb.send().await.map_err(|e| Failure::lost(what, &e))?;
+        self.reach.answered();
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
         let body = resp.text().await.unwrap_or_default();
         let body: String = body.chars().take(500).collect();
-        Err(match status {
+        Err(Failure::Answered(match status {
             StatusCode::NOT_FOUND => OpenCodeError::NotFound {
                 what: what.to_string(),
                 body,
@@ -292,23 +370,33 @@ impl OpenCodeClient {
                 status: status.as_u16(),
                 body,
             },
-        })
+        }))
+    }
+
+    /// A call whose answer is not read.
+    async fn send(
+        &self,
+        what: &str,
+        retry: Retry,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<(), OpenCodeError> {
+        self.call(what, retry, rb, usize::MAX)
+            .await
+            .map(drop)
+            .map_err(Failure::into_error)
     }
 
     async fn json<T: DeserializeOwned>(
         &self,
         what: &str,
+        retry: Retry,
         rb: reqwest::RequestBuilder,
     ) -> Result<T, OpenCodeError> {
-        let resp = self.send(what, rb).await?;
-        let bytes = resp.bytes().await.map_err(|e| OpenCodeError::Unavailable {
-            what: what.to_string(),
-            detail: error_chain(&e),
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| OpenCodeError::Decode {
-            what: what.to_string(),
-            detail: e.to_string(),
-        })
+        let bytes = self
+            .call(what, retry, rb, usize::MAX)
+            .await
+            .map_err(Failure::into_error)?;
+        decode(what, &bytes)
     }
 
     /// `GET /global/health`.
@@ -318,15 +406,21 @@ impl OpenCodeClient {
         let rb = self
             .request(&self.http, Method::GET, "/global/health")
             .timeout(timeout);
-        self.json("health check", rb).await
+        self.json("health check", Retry::Once, rb).await
     }
 
     /// `POST /session` with a title.
+    ///
+    /// Retried like an idempotent call although it is not one: a POST that
+    /// reached OpenCode before its connection failed leaves an empty
+    /// session behind, older than the one the retry makes (so the
+    /// conversation map, rebuilt from titles with the newest first, never
+    /// picks it). One stray empty session is cheaper than a failed turn.
     pub async fn create_session(&self, title: &str) -> Result<SessionInfo, OpenCodeError> {
         let rb = self
             .request(&self.http, Method::POST, "/session")
             .json(&serde_json::json!({ "title": title }));
-        self.json("creating a session", rb).await
+        self.json("creating a session", Retry::Idempotent, rb).await
     }
 
     /// `GET /session`.
@@ -335,26 +429,12 @@ impl OpenCodeClient {
     /// memory whole.
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>, OpenCodeError> {
         let what = "listing sessions";
-        let mut resp = self
-            .send(what, self.request(&self.http, Method::GET, "/session"))
-            .await?;
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| OpenCodeError::Unavailable {
-            what: what.to_string(),
-            detail: error_chain(&e),
-        })? {
-            if body.len() + chunk.len() > MAX_SESSION_LIST_BYTES {
-                return Err(OpenCodeError::Decode {
-                    what: what.to_string(),
-                    detail: format!("the list is above {MAX_SESSION_LIST_BYTES} bytes"),
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
-        serde_json::from_slice(&body).map_err(|e| OpenCodeError::Decode {
-            what: what.to_string(),
-            detail: e.to_string(),
-        })
+        let rb = self.request(&self.http, Method::GET, "/session");
+        let body = self
+            .call(what, Retry::Idempotent, rb, MAX_SESSION_LIST_BYTES)
+            .await
+            .map_err(Failure::into_error)?;
+        decode(what, &body)
     }
 
     /// `GET /session/{id}`.
@@ -362,6 +442,7 @@ impl OpenCodeClient {
         let path = format!("/session/{id}");
         self.json(
             "reading a session",
+            Retry::Idempotent,
             self.request(&self.http, Method::GET, &path),
         )
         .await
@@ -371,6 +452,7 @@ impl OpenCodeClient {
     pub async fn agents(&self) -> Result<Vec<AgentInfo>, OpenCodeError> {
         self.json(
             "listing agents",
+            Retry::Idempotent,
             self.request(&self.http, Method::GET, "/agent"),
         )
         .await
@@ -381,21 +463,78 @@ impl OpenCodeClient {
     /// stopping the server alone would leave them behind).
     pub async fn dispose(&self) -> Result<(), OpenCodeError> {
         let rb = self.request(&self.http, Method::POST, "/global/dispose");
-        self.send("disposing", rb).await.map(drop)
+        self.send("disposing", Retry::Unsent, rb).await
     }
 
-    /// `DELETE /session/{id}`.
+    /// `DELETE /session/{id}` (retried: deleting twice is harmless, the
+    /// second answer a 404).
     pub async fn delete_session(&self, id: &str) -> Result<(), OpenCodeError> {
         let path = format!("/session/{id}");
         let rb = self.request(&self.http, Method::DELETE, &path);
-        self.send("deleting a session", rb).await.map(drop)
+        self.send("deleting a session", Retry::Idempotent, rb).await
     }
 
-    /// `POST /session/{id}/prompt_async` (204 on acceptance).
+    /// `POST /session/{id}/prompt_async` (204 on acceptance), so that
+    /// OpenCode answers the prompt once.
+    ///
+    /// A POST is not idempotent: a prompt sent twice is answered twice. A
+    /// POST that never left (no connection could be made) is sent again
+    /// like any call. One that failed after it may have reached OpenCode (a
+    /// reset, the connection closed before the 204) is sent again only
+    /// when OpenCode shows no user message with the prompt's `messageID`
+    /// (the bridge names each turn's user message) about a second later
+    /// and the session is not busy ([`Self::prompt_arrived`]); the second
+    /// POST carries the same id. When OpenCode cannot be asked, the turn
+    /// fails (retryable) rather than risk a second answer.
     pub async fn prompt_async(&self, id: &str, body: &PromptBody) -> Result<(), OpenCodeError> {
+        let what = "sending the prompt";
         let path = format!("/session/{id}/prompt_async");
         let rb = self.request(&self.http, Method::POST, &path).json(body);
-        self.send("sending the prompt", rb).await.map(drop)
+        let mut resent = 0;
+        loop {
+            let once = rb.try_clone().expect("request bodies are in memory");
+            match self.call(what, Retry::Unsent, once, usize::MAX).await {
+                Ok(_) => return Ok(()),
+                Err(Failure::Lost(lost)) if lost.maybe_sent && resent < PROMPT_RESENDS => {
+                    warn!(session_id = %id, error = %lost.error, "the prompt may not have reached OpenCode; looking for it");
+                    if self.prompt_arrived(id, &body.message_id).await? {
+                        info!(session_id = %id, "OpenCode has the prompt");
+                        return Ok(());
+                    }
+                    info!(session_id = %id, "OpenCode does not have the prompt; sending it again");
+                    resent += 1;
+                }
+                Err(f) => return Err(f.into_error()),
+            }
+        }
+    }
+
+    /// Whether session `id` holds the user message `message_id`: looked
+    /// for a few times over about a second, since OpenCode answers
+    /// `prompt_async` before it writes the message. Still absent but the
+    /// session busy: the bridge cannot tell whether its prompt is what runs
+    /// there, so an error (the turn fails, retryable), not a second POST.
+    async fn prompt_arrived(&self, id: &str, message_id: &str) -> Result<bool, OpenCodeError> {
+        let mut pause = Duration::from_millis(50);
+        for _ in 0..PROMPT_LOOKS {
+            tokio::time::sleep(pause).await;
+            if self
+                .messages(id)
+                .await?
+                .iter()
+                .any(|m| m.info.id == message_id)
+            {
+                return Ok(true);
+            }
+            pause = (pause * 2).min(Duration::from_millis(400));
+        }
+        if self.session_status().await?.contains_key(id) {
+            return Err(OpenCodeError::Unavailable {
+                what: "sending the prompt".into(),
+                detail: "the connection failed after the prompt was sent, and the session is busy without the prompt's message".into(),
+            });
+        }
+        Ok(false)
     }
 
     /// `GET /session/{id}/message`.
@@ -403,6 +542,7 @@ impl OpenCodeClient {
         let path = format!("/session/{id}/message");
         self.json(
             "reading messages",
+            Retry::Idempotent,
             self.request(&self.http, Method::GET, &path),
         )
         .await
@@ -412,19 +552,22 @@ impl OpenCodeClient {
     pub async fn session_status(&self) -> Result<HashMap<String, Value>, OpenCodeError> {
         self.json(
             "reading session status",
+            Retry::Idempotent,
             self.request(&self.http, Method::GET, "/session/status"),
         )
         .await
     }
 
-    /// `POST /session/{id}/abort`, bounded by `timeout`. OpenCode answers
-    /// `true` even for an idle session: confirm from the events.
+    /// `POST /session/{id}/abort`, each attempt bounded by `timeout`.
+    /// OpenCode answers `true` even for an idle session: confirm from the
+    /// events. Retried: aborting twice is aborting once.
     pub async fn abort(&self, id: &str, timeout: Duration) -> Result<(), OpenCodeError> {
         let path = format!("/session/{id}/abort");
         let rb = self
             .request(&self.http, Method::POST, &path)
             .timeout(timeout);
-        self.send("aborting the session", rb).await.map(drop)
+        self.send("aborting the session", Retry::Idempotent, rb)
+            .await
     }
 
     /// Answers a permission request: `POST /permission/{id}/reply`, falling
@@ -442,16 +585,23 @@ impl OpenCodeClient {
             body["message"] = m.into();
         }
         let rb = self.request(&self.http, Method::POST, &path).json(&body);
-        match self.send("answering a permission request", rb).await {
+        // Not retried once sent: a second reply to an applied one is a 404.
+        match self
+            .send("answering a permission request", Retry::Unsent, rb)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(OpenCodeError::NotFound { .. }) => {
                 let path = format!("/session/{session_id}/permissions/{request_id}");
                 let rb = self
                     .request(&self.http, Method::POST, &path)
                     .json(&serde_json::json!({ "response": reply }));
-                self.send("answering a permission request (old route)", rb)
-                    .await
-                    .map(drop)
+                self.send(
+                    "answering a permission request (old route)",
+                    Retry::Unsent,
+                    rb,
+                )
+                .await
             }
             Err(e) => Err(e),
         }
@@ -468,7 +618,7 @@ impl OpenCodeClient {
         let rb = self
             .request(&self.http, Method::POST, &path)
             .json(&serde_json::json!({ "answers": answers }));
-        self.send("answering a question", rb).await.map(drop)
+        self.send("answering a question", Retry::Unsent, rb).await
     }
 
     /// `GET /config/providers`: provider id -> its model ids.
@@ -478,6 +628,7 @@ impl OpenCodeClient {
         let v: Value = self
             .json(
                 "listing providers",
+                Retry::Idempotent,
                 self.request(&self.http, Method::GET, "/config/providers"),
             )
             .await?;
@@ -512,6 +663,7 @@ impl OpenCodeClient {
         let v: Value = self
             .json(
                 "listing providers",
+                Retry::Idempotent,
                 self.request(&self.http, Method::GET, "/config/providers"),
             )
             .await?;
@@ -542,7 +694,7 @@ impl OpenCodeClient {
     pub async fn reject_question(&self, request_id: &str) -> Result<(), OpenCodeError> {
         let path = format!("/question/{request_id}/reject");
         let rb = self.request(&self.http, Method::POST, &path);
-        self.send("rejecting a question", rb).await.map(drop)
+        self.send("rejecting a question", Retry::Unsent, rb).await
     }
 
     /// Opens `GET /event`, checking the status and the content type (a 401
@@ -551,7 +703,17 @@ impl OpenCodeClient {
         let rb = self
             .request(&self.stream_http, Method::GET, "/event")
             .header(reqwest::header::ACCEPT, "text/event-stream");
-        let resp = self.send("opening the event stream", rb).await?;
+        // Not retried here: the reader has its own reconnect loop.
+        let started = Instant::now();
+        let resp = match self.respond("opening the event stream", rb).await {
+            Ok(r) => r,
+            Err(f) => {
+                if matches!(f, Failure::Lost(_)) {
+                    self.reach.failed(started);
+                }
+                return Err(f.into_error());
+            }
+        };
         let ct = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)

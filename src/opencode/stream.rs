@@ -31,6 +31,10 @@ pub struct StreamState {
     pub connected: bool,
     /// Counts connections; changes on every reconnect.
     pub epoch: u64,
+    /// Not connected, and OpenCode has been unreachable for `[opencode]
+    /// unavailable_after` while the reader's connects kept failing: it is
+    /// gone, not blipping.
+    pub unreachable: bool,
 }
 
 /// Counters, for logs and metrics.
@@ -94,6 +98,7 @@ impl EventHub {
         let (state, _) = watch::channel(StreamState {
             connected: false,
             epoch: 0,
+            unreachable: false,
         });
         Arc::new(EventHub {
             routes: Mutex::new(HashMap::new()),
@@ -167,7 +172,34 @@ impl EventHub {
                 s.epoch += 1;
             }
             s.connected = connected;
+            if connected {
+                s.unreachable = false;
+            }
         });
+    }
+
+    /// After a failed connect: says when OpenCode has been unreachable for
+    /// `unavailable_after` (turns end then), and how long to wait before
+    /// the next connect, `backoff` shortened so that one comes right after
+    /// the window ends (a turn learns it is gone without waiting a long
+    /// backoff out).
+    fn judge_reach(&self, client: &OpenCodeClient, backoff: Duration) -> Duration {
+        let window = client.unavailable_after();
+        let down_for = client.unreachable_for();
+        let gone = down_for.is_some_and(|d| d >= window);
+        if gone != self.state.borrow().unreachable {
+            if gone {
+                warn!(
+                    ?window,
+                    "OpenCode has been unreachable for unavailable_after; turns in flight fail"
+                );
+            }
+            self.state.send_modify(|s| s.unreachable = gone);
+        }
+        match down_for {
+            Some(d) if !gone => backoff.min(window - d + Duration::from_millis(10)),
+            _ => backoff,
+        }
     }
 
     /// Every follower may have missed events: flag them all.
@@ -214,7 +246,7 @@ impl EventHub {
             }
             first = false;
             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            let sleep = jitter(delay);
+            let sleep = self.judge_reach(&client, jitter(delay));
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -229,14 +261,16 @@ impl EventHub {
     async fn read_once(&self, client: &OpenCodeClient, opts: &StreamOptions) -> ReadOutcome {
         // A server that is starting can accept the connection and answer
         // nothing: bound the wait for the response headers too.
+        let started = tokio::time::Instant::now();
         let resp = match tokio::time::timeout(opts.stall_timeout, client.open_events()).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return ReadOutcome::Failed(e.to_string()),
             Err(_) => {
+                client.note_unreachable(started);
                 return ReadOutcome::Failed(format!(
                     "no answer to GET /event within {:?}",
                     opts.stall_timeout
-                ))
+                ));
             }
         };
         let mut body = resp.bytes_stream();
@@ -424,6 +458,33 @@ impl Drop for Subscription {
 mod tests {
     use super::*;
     use crate::opencode::events::Event;
+
+    #[tokio::test(start_paused = true)]
+    async fn opencode_is_gone_only_after_unavailable_after_of_failures() {
+        let s = Duration::from_secs;
+        let cfg = crate::config::OpenCodeConfig {
+            unavailable_after: s(5),
+            ..Default::default()
+        };
+        let client = OpenCodeClient::new("http://127.0.0.1:9", None, None, &cfg).unwrap();
+        let hub = EventHub::new(4);
+        // Answering: the backoff as it is.
+        assert_eq!(hub.judge_reach(&client, s(30)), s(30));
+        client.note_unreachable(tokio::time::Instant::now());
+        tokio::time::advance(s(2)).await;
+        // Not gone yet; the next connect comes right after the window.
+        assert_eq!(
+            hub.judge_reach(&client, s(30)),
+            s(3) + Duration::from_millis(10)
+        );
+        assert_eq!(hub.judge_reach(&client, s(1)), s(1));
+        assert!(!hub.state().borrow().unreachable);
+        tokio::time::advance(s(3)).await;
+        assert_eq!(hub.judge_reach(&client, s(30)), s(30));
+        assert!(hub.state().borrow().unreachable, "gone after 5 s");
+        hub.set_connected(true);
+        assert!(!hub.state().borrow().unreachable, "back");
+    }
 
     fn idle(s: &str) -> Event {
         Event::SessionIdle {

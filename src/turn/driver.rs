@@ -370,24 +370,27 @@ impl<'a> Turn<'a> {
         Step::Wait
     }
 
-    /// The shared event stream dropped or came back.
+    /// The shared event stream dropped or came back. A drop alone is a
+    /// blip: the turn waits for the reconnect and resyncs then. OpenCode
+    /// is gone only when the reader says it stayed unreachable for
+    /// `[opencode] unavailable_after` while its connects kept failing.
     async fn on_stream(&mut self, s: StreamState) -> Result<Step, TurnError> {
         if !s.connected {
-            // The stream dropped: is OpenCode itself gone?
-            let probe = self
-                .ctx
-                .client
-                .health(self.ctx.config.opencode.connect_timeout)
-                .await;
-            if let Err(e @ OpenCodeError::Unavailable { .. }) = probe {
-                warn!(error = %e, "OpenCode went away during the turn");
+            if s.unreachable {
+                let after = self.ctx.config.opencode.unavailable_after;
+                warn!(?after, "OpenCode went away during the turn");
                 return Err(TurnError::new(
                     ErrorCode::OpencodeUnavailable,
-                    format!("OpenCode went away during the turn: {}", e.public()),
+                    format!(
+                        "OpenCode went away during the turn: unreachable for {}",
+                        humantime::format_duration(after)
+                    ),
                 ));
             }
+            debug!("the event stream dropped; waiting for it to reconnect");
+            return Ok(Step::Wait);
         }
-        if s.connected && s.epoch != self.epoch {
+        if s.epoch != self.epoch {
             self.epoch = s.epoch;
             info!("event stream reconnected; resyncing the turn over HTTP");
             self.sub.take_gap();

@@ -3,6 +3,7 @@
 mod support;
 
 mod agent_protocol;
+mod blips;
 mod bridge_fake;
 mod cluster;
 mod daemon_binary;

@@ -7,5 +7,6 @@ pub mod fake_opencode;
 pub mod http;
 pub mod nats;
 pub mod ops;
+pub mod proxy;
 pub mod real_opencode;
 pub mod rig;
