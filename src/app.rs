@@ -31,7 +31,7 @@ use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
 use crate::ops::status::{Health, Sources};
 use crate::ops::{Ops, OpsError};
-use crate::turn::{Dispatcher, MemoryStore, SessionStore, TurnContext};
+use crate::turn::{self, Dispatcher, MemoryStore, SessionStore, TurnContext};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +194,8 @@ struct Daemon {
     /// JetStream, when the server offers it (docs/CLUSTER.md).
     #[allow(dead_code)] // read by the cluster, the jobs and the turn states, next
     jetstream: Option<JetStream>,
+    /// Turn states and large finals (`turn::states`), with JetStream.
+    states: Option<turn::states::Running>,
     /// Prompts read while every slot was taken (`turn.max_waiting`).
     waiting: std::collections::VecDeque<(From, Incoming)>,
     metrics: Arc<Metrics>,
@@ -239,7 +241,8 @@ impl Daemon {
             spawn_reader(&config, &client, &seen_version, &stream_cancel);
         let sessions: Arc<dyn SessionStore> = Arc::new(rebuild_sessions(&client, &config).await);
         let (c, h, p) = (client.clone(), hub.clone(), publisher.clone());
-        let ctx = Arc::new(TurnContext::new(c, h, p, sessions, config.clone()));
+        let s = turn::states::Running::start(jetstream.as_ref(), &config, &nats, &p).await;
+        let ctx = Arc::new(TurnContext::new(c, h, p, sessions, config.clone()).with_states(&s));
         let tracker = TaskTracker::new();
         let turn_cancel = CancellationToken::new();
         let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
@@ -274,6 +277,7 @@ impl Daemon {
             in_flight: Arc::new(Semaphore::new(config.turn.max_in_flight)),
             waiting: std::collections::VecDeque::new(),
             jetstream,
+            states: s,
             metrics,
             config,
             nats,
@@ -406,6 +410,9 @@ impl Daemon {
             }
         }
         self.publisher.flush().await;
+        if let Some(states) = self.states.take() {
+            states.stop().await;
+        }
         self.stream_cancel.cancel();
         let _ = self.reader.await;
         let _ = self.version_watch.await;
