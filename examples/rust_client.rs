@@ -56,6 +56,9 @@ enum Reply {
     Final {
         content: String,
         model: Option<String>,
+        /// Set when `content` was cut to fit one NATS message: the whole
+        /// text is this object of a NATS object store bucket.
+        content_object: Option<ContentObject>,
     },
     Error {
         error: String,
@@ -64,6 +67,13 @@ enum Reply {
     },
     #[serde(other)]
     Other,
+}
+
+/// Where a cut final's whole text is (docs/PROTOCOL.md, "final").
+#[derive(Debug, Deserialize)]
+struct ContentObject {
+    bucket: String,
+    name: String,
 }
 
 #[tokio::main]
@@ -101,6 +111,8 @@ async fn main() -> ExitCode {
         }
     };
     let mut out = std::io::stdout();
+    // The answer text printed so far (the deltas).
+    let mut printed = String::new();
     let code = loop {
         let received = match tokio::time::timeout(Duration::from_secs(600), replies.next()).await {
             Ok(Some(r)) => r,
@@ -133,6 +145,7 @@ async fn main() -> ExitCode {
         };
         match reply {
             Reply::Delta { content } => {
+                printed.push_str(&content);
                 let _ = out.write_all(content.as_bytes());
                 let _ = out.flush();
             }
@@ -163,7 +176,27 @@ async fn main() -> ExitCode {
                     eprintln!("answering failed: {e}");
                 }
             }
-            Reply::Final { content, model } => {
+            Reply::Final {
+                content,
+                model,
+                content_object,
+            } => {
+                // A final too long for NATS names its whole text.
+                let whole = match content_object {
+                    Some(o) => match caller.fetch_object(&o.bucket, &o.name).await {
+                        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                        Err(e) => {
+                            eprintln!("(the whole answer could not be fetched: {e})");
+                            content
+                        }
+                    },
+                    None => content,
+                };
+                // What the deltas did not carry (normally nothing).
+                if let Some(rest) = whole.strip_prefix(printed.as_str()) {
+                    let _ = out.write_all(rest.as_bytes());
+                }
+                let content = whole;
                 let _ = writeln!(out);
                 eprintln!(
                     "[{} chars from {}]",

@@ -32,7 +32,7 @@ use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
 use crate::ops::status::{Health, Sources};
 use crate::ops::{Ops, OpsError};
-use crate::turn::{Dispatcher, MemoryStore, SessionStore, TurnContext};
+use crate::turn::{self, Dispatcher, MemoryStore, SessionStore, TurnContext};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +200,8 @@ struct Daemon {
     cluster: Option<Arc<Cluster>>,
     forwarded: Option<InstanceSubscription>,
     renewal: Option<JoinHandle<()>>,
+    /// Turn states and large finals (`turn::states`), with JetStream.
+    states: Option<turn::states::Running>,
     /// Prompts read while every slot was taken (`turn.max_waiting`).
     waiting: std::collections::VecDeque<(From, Incoming)>,
     metrics: Arc<Metrics>,
@@ -240,24 +242,23 @@ impl Daemon {
         let (supervisor, embedded_restarts) = spawn_supervisor(embedded, &stream_cancel);
         let (hub, reader, version_watch) =
             spawn_reader(&config, &client, &seen_version, &stream_cancel);
-        let cluster = join_cluster(&config, &nats, jetstream.as_ref(), &client).await?;
+        let (cluster, forwarded, renewal) =
+            join_cluster(&config, &nats, jetstream.as_ref(), &client, &stream_cancel).await?;
         let sessions = sessions(&client, &config, &cluster).await;
         let (c, h, p) = (client.clone(), hub.clone(), publisher.clone());
-        let ctx = Arc::new(TurnContext::new(c, h, p, sessions, config.clone()));
+        let s = turn::states::Running::start(jetstream.as_ref(), &config, &nats, &p).await;
+        let ctx = Arc::new(TurnContext::new(c, h, p, sessions, config.clone()).with_states(&s));
         let (tracker, turn_cancel) = (TaskTracker::new(), CancellationToken::new());
         let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
         let intake = Intake::new(
             dispatcher.clone(),
-            ctx.answers.clone(),
             publisher.clone(),
             config.clone(),
             metrics.clone(),
         );
         let intake = Arc::new(intake.in_cluster(cluster.clone()));
-        let (forwarded, renewal) = serve_cluster(&nats, &config, &cluster, &stream_cancel).await?;
         let control = spawn_control(&nats, &config, intake.clone(), stream_cancel.clone()).await?;
         let prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
-        let opencode_url = client.base_url().to_string();
         let (agent, agent_prompts) = start_agent(&config, &publisher, &seen_version)
             .await?
             .map_or((None, None), |(a, p)| (Some(a), Some(p)));
@@ -268,7 +269,7 @@ impl Daemon {
             metrics: metrics.clone(),
             cluster: cluster.as_ref().map(|c| c.status()),
             embedded_restarts,
-            opencode_url: opencode_url.clone(),
+            opencode_url: client.base_url().to_string(),
             embedded: config.opencode.base_url.is_none(),
             permission_bypasses,
             opencode_version: seen_version,
@@ -282,6 +283,7 @@ impl Daemon {
             cluster,
             forwarded,
             renewal,
+            states: s,
             metrics,
             config,
             nats,
@@ -298,7 +300,7 @@ impl Daemon {
             control,
             supervisor,
             ops,
-            opencode_url,
+            opencode_url: client.base_url().to_string(),
         })
     }
 
@@ -457,6 +459,9 @@ impl Daemon {
             c.leave().await;
         }
         self.publisher.flush().await;
+        if let Some(states) = self.states.take() {
+            states.stop().await;
+        }
         self.stream_cancel.cancel();
         let _ = self.reader.await;
         let _ = self.version_watch.await;
@@ -610,6 +615,14 @@ async fn spawn_control(
     }))
 }
 
+/// This daemon in the cluster, the subscription of its prompts forwarded
+/// by others, and its lease renewal (until `cancel`).
+type Joined = (
+    Option<Arc<Cluster>>,
+    Option<InstanceSubscription>,
+    Option<JoinHandle<()>>,
+);
+
 /// Joins the cluster when JetStream is there and `[cluster] enabled` is
 /// not `off`.
 async fn join_cluster(
@@ -617,9 +630,10 @@ async fn join_cluster(
     nats: &bus::Connection,
     jetstream: Option<&JetStream>,
     client: &OpenCodeClient,
-) -> Result<Option<Arc<Cluster>>, AppError> {
+    cancel: &CancellationToken,
+) -> Result<Joined, AppError> {
     let Some(js) = jetstream.filter(|_| config.cluster.enabled != Switch::Off) else {
-        return Ok(None);
+        return Ok((None, None, None));
     };
     let host = config
         .service
@@ -643,24 +657,11 @@ async fn join_cluster(
                     format!("embedded@{host}:{}", dir.display())
                 }
             });
-    Ok(Some(
-        Cluster::start(js, nats, config, &host, opencode_id).await?,
-    ))
-}
-
-/// This daemon's own prompt subject and its lease renewal, in a cluster.
-async fn serve_cluster(
-    nats: &bus::Connection,
-    config: &Config,
-    cluster: &Option<Arc<Cluster>>,
-    cancel: &CancellationToken,
-) -> Result<(Option<InstanceSubscription>, Option<JoinHandle<()>>), AppError> {
-    let Some(c) = cluster else {
-        return Ok((None, None));
-    };
+    let cluster = Cluster::start(js, nats, config, &host, opencode_id).await?;
     let prefix = &config.cluster.instance_prefix;
-    let sub = InstanceSubscription::subscribe(nats, prefix, c.instance()).await?;
-    Ok((Some(sub), Some(c.spawn_renewal(cancel.clone()))))
+    let sub = InstanceSubscription::subscribe(nats, prefix, cluster.instance()).await?;
+    let renewal = cluster.spawn_renewal(cancel.clone());
+    Ok((Some(cluster), Some(sub), Some(renewal)))
 }
 
 /// The conversation map; in a cluster, every new session is recorded in

@@ -1,6 +1,6 @@
 //! The client commands of the binary: `prompt` sends one prompt
 //! request-style and renders its replies live; `status` lists every
-//! running daemon. Both find NATS like the daemon does (the config file,
+//! running daemon; `turn` (in [`turn`]) fetches a turn's state again. Both find NATS like the daemon does (the config file,
 //! then `OPENCODE_BRIDGE__NATS__URL`), or from `--server`.
 
 use std::io::{IsTerminal, Read, Write};
@@ -17,6 +17,9 @@ use opencode_nats_bridge::protocol::{
     validate_subject, ErrorCode, ReplyBody, ReplyOwned, StatusEvent,
 };
 use serde_json::{json, Value};
+
+mod turn;
+pub use turn::{turn, TurnArgs};
 
 /// The turn ended with an `error` reply.
 pub const EXIT_ERROR_REPLY: u8 = 2;
@@ -63,9 +66,15 @@ pub struct PromptArgs {
     /// OpenCode agent (`build`, `plan`, ...).
     #[arg(long, value_name = "A")]
     pub agent: Option<String>,
-    /// Print every reply as received, one JSON object per line, on stdout.
+    /// Print every reply as received, one JSON object per line, on stdout
+    /// (a cut `final` as it came, naming its `content_object`).
     #[arg(long)]
     pub json: bool,
+    /// Ask for the terminal reply only (`"stream": "final"`): no deltas;
+    /// the whole answer comes with the `final` (fetched from the object
+    /// store when it was too long for one message).
+    #[arg(long)]
+    pub final_only: bool,
     /// Give up when no `final` or `error` arrived within this long (exit 3).
     #[arg(long, value_name = "D", default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -201,6 +210,16 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
                 deadline = deadline.min(tokio::time::Instant::now() + cfg.turn.abort_timeout + AFTER_ABORT);
             }
             r = tokio::time::timeout_at(deadline, replies.next()) => {
+                let r = match r {
+                    Ok(Some(Received::Reply(raw))) if !args.json => {
+                        let (raw, note) = turn::whole_final(&caller, raw).await;
+                        if let Some(note) = note {
+                            view.note(&mut out, &mut err, &note);
+                        }
+                        Ok(Some(Received::Reply(raw)))
+                    }
+                    r => r,
+                };
                 let (code, note) = outcome(r, interrupted, &subject, &args, &trace_id, |raw| {
                     view.reply(&mut out, &mut err, raw)
                 });
@@ -223,6 +242,9 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
 /// (`status` replies).
 fn prompt_body(args: &PromptArgs, text: &str, trace_id: &str) -> String {
     let mut body = json!({"text": text, "trace_id": trace_id, "progress": true});
+    if args.final_only {
+        body["stream"] = json!("final");
+    }
     for (k, v) in [("model", &args.model), ("agent", &args.agent)] {
         if let Some(v) = v {
             body[k] = json!(v);
@@ -493,7 +515,9 @@ impl View {
     /// The rest of the answer the stream did not carry, then (when stderr
     /// is a terminal) model, time, tokens and notes.
     fn final_reply(&mut self, out: &mut impl Write, err: &mut impl Write, fin: &FinalReply) {
-        if let Some(rest) = fin.content.strip_prefix(self.printed.as_str()) {
+        if fin.content_truncated && self.printed.starts_with(&fin.content) {
+            // A cut final the stream already carried whole.
+        } else if let Some(rest) = fin.content.strip_prefix(self.printed.as_str()) {
             // Text the stream did not carry (the bridge's catch-up
             // normally makes this empty).
             self.answer(out, err, rest);

@@ -58,16 +58,16 @@ pub struct Intake {
 }
 
 impl Intake {
+    /// Answers to permission requests go to the dispatcher's turns.
     pub fn new(
         dispatcher: Arc<Dispatcher>,
-        answers: Arc<AnswerRegistry>,
         publisher: Publisher,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Intake {
+            answers: dispatcher.context().answers.clone(),
             dispatcher,
-            answers,
             publisher,
             config,
             metrics,

@@ -65,6 +65,14 @@ enum Command {
     /// Exit status: 0 when at least one answered; 3 when none did; 1 NATS
     /// unreachable; 78 bad config.
     Status(cli::StatusArgs),
+    /// A turn's state (queued, running, done, unknown) and its terminal
+    /// reply, fetched again by trace id (needs a daemon with JetStream).
+    ///
+    /// Exit status: 0 answered (the state on the first line, then the
+    /// terminal reply as one JSON line); 3 no daemon answered; 1 NATS
+    /// unreachable or the request refused by NATS permissions; 64 bad
+    /// usage; 78 bad config.
+    Turn(cli::TurnArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +95,10 @@ fn main() -> ExitCode {
         Command::Status(args) => {
             init_client_tracing();
             cli::status(args)
+        }
+        Command::Turn(args) => {
+            init_client_tracing();
+            cli::turn(args)
         }
         Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref()) {
             Ok((_, sources)) => {

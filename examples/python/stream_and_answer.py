@@ -66,6 +66,7 @@ async def run(args):
         await nc.publish(subject, json.dumps(prompt).encode(), reply=inbox)
 
         expected_seq = 0
+        printed = ""  # the answer text printed so far (the deltas)
         while True:
             try:
                 msg = await sub.next_msg(timeout=args.timeout)
@@ -78,6 +79,7 @@ async def run(args):
             expected_seq = reply.get("seq", expected_seq) + 1
             kind = reply.get("kind")
             if kind == "delta":
+                printed += reply["content"]
                 print(reply["content"], end="", flush=True)
             elif kind == "reasoning":
                 say(f"(thinking) {reply['content']}")
@@ -102,6 +104,15 @@ async def run(args):
                 )
                 say(f"question answered {answers} -> {ack.data.decode()}")
             elif kind == "final":
+                whole = reply["content"]
+                obj = reply.get("content_object")
+                if obj:
+                    # Too long for one NATS message: the whole text is an
+                    # object in a NATS object store bucket.
+                    store = await nc.jetstream().object_store(obj["bucket"])
+                    whole = (await store.get(obj["name"])).data.decode()
+                if whole.startswith(printed):
+                    print(whole[len(printed):], end="")  # what the deltas did not carry
                 print(flush=True)
                 say(f"[{reply.get('model')}, {reply.get('duration_ms')} ms]")
                 return 0

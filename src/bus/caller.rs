@@ -20,7 +20,7 @@ use crate::config::NatsConfig;
 /// replies stream back to an inbox, scatter-gather requests, plain
 /// publishes.
 pub struct Caller {
-    client: async_nats::Client,
+    pub(super) client: async_nats::Client,
     errors: tokio::sync::broadcast::Sender<String>,
 }
 

@@ -71,7 +71,17 @@ impl ControlSubscription {
         client: &async_nats::Client,
         subjects: &[String],
     ) -> Result<Self, BusError> {
-        let subs = subscribe_all(client, subjects, None).await?;
+        Self::subscribe_in(client, subjects, None).await
+    }
+
+    /// As [`subscribe`](Self::subscribe), in the queue group `queue` when
+    /// given (one daemon gets each message).
+    pub async fn subscribe_in(
+        client: &async_nats::Client,
+        subjects: &[String],
+        queue: Option<&str>,
+    ) -> Result<Self, BusError> {
+        let subs = subscribe_all(client, subjects, queue).await?;
         Ok(ControlSubscription {
             subs: futures::stream::select_all(subs),
         })

@@ -284,6 +284,10 @@ pub struct SubjectsConfig {
     pub permission_reply: String,
     /// Answers to `question` replies, likewise.
     pub question_reply: String,
+    /// Turn state requests (`{"trace_id"}`): `<turn_status>` for the
+    /// operator, `<turn_status>.<tenant>` for a tenant's own turns; one
+    /// daemon answers each (queue group), from `[cluster] turns_bucket`.
+    pub turn_status: String,
     /// Which headers replies carry (docs/PROTOCOL.md, "Replies"). `full`:
     /// `Trace-Id`, `Reply-Kind`, `Reply-Seq` and `Nats-Msg-Id` on every
     /// reply. `lean`: `delta` and `reasoning` replies carry `Trace-Id` only
@@ -314,6 +318,7 @@ impl Default for SubjectsConfig {
             heartbeat: "opencode.bridge.heartbeat".into(),
             permission_reply: "opencode.permission.reply".into(),
             question_reply: "opencode.question.reply".into(),
+            turn_status: "opencode.turn.status".into(),
             reply_headers: ReplyHeaders::Full,
         }
     }
@@ -501,6 +506,11 @@ pub struct LimitsConfig {
     /// Reply payloads are kept under this (and under the server's
     /// `max_payload`); longer deltas are split.
     pub max_reply_bytes: usize,
+    /// A `final` longer than a reply can carry keeps the prefix that fits
+    /// (`content_truncated`) and, with JetStream, its whole text goes to
+    /// this NATS object store bucket (`final.content_object`; a tenant's
+    /// to `<bucket>-<tenant>`), kept `[cluster] turn_ttl`.
+    pub large_final_bucket: String,
 }
 
 impl Default for LimitsConfig {
@@ -512,6 +522,7 @@ impl Default for LimitsConfig {
             max_event_bytes: 16 * 1024 * 1024,
             max_tool_result_bytes: 64 * 1024,
             max_reply_bytes: 512 * 1024,
+            large_final_bucket: "opencode_bridge_finals".into(),
         }
     }
 }

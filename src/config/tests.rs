@@ -74,6 +74,8 @@ fn example_file_is_valid_and_complete() {
         "jetstream.retry_delay",
         "jetstream.replies_stream",
         "jetstream.replies_max_age",
+        "subjects.turn_status",
+        "limits.large_final_bucket",
     ] {
         assert!(
             example.iter().any(|k| k == key),

@@ -49,6 +49,7 @@ impl Config {
             ("cluster.conversations_bucket", &c.conversations_bucket),
             ("cluster.instances_bucket", &c.instances_bucket),
             ("cluster.turns_bucket", &c.turns_bucket),
+            ("limits.large_final_bucket", &self.limits.large_final_bucket),
             ("jetstream.jobs_stream", &j.jobs_stream),
             ("jetstream.jobs_consumer", &j.jobs_consumer),
         ] {
@@ -166,6 +167,7 @@ impl Config {
             ("nats.inbox_prefix", &self.nats.inbox_prefix),
             ("subjects.permission_reply", &self.subjects.permission_reply),
             ("subjects.question_reply", &self.subjects.question_reply),
+            ("subjects.turn_status", &self.subjects.turn_status),
             ("tenancy.inbox_prefix", &self.tenancy.inbox_prefix),
         ] {
             if let Err(e) = validate_subject(s) {

@@ -310,6 +310,7 @@ mod tests {
             notes: vec![],
             session_recreated: false,
             content_truncated: false,
+            content_object: None,
         }))
     }
 

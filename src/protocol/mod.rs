@@ -13,6 +13,7 @@ pub mod reply;
 pub mod subject;
 pub mod tenant;
 pub mod traceparent;
+pub mod turn_state;
 
 pub use attachment::Attachment;
 pub use prompt::{

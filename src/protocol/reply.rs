@@ -150,6 +150,18 @@ pub struct FinalReply {
     /// `content` was cut to fit the payload limit (the deltas are whole).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub content_truncated: bool,
+    /// With `content_truncated`, when the daemon has JetStream: the NATS
+    /// object store object that holds the whole `content` (UTF-8 text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_object: Option<Box<ContentObject>>,
+}
+
+/// Where the whole text of a cut `final` is: an object in a NATS object
+/// store bucket (kept `[cluster] turn_ttl`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentObject {
+    pub bucket: String,
+    pub name: String,
 }
 
 /// Token counts summed over the turn's assistant messages.
@@ -649,6 +661,10 @@ mod tests {
                 notes: vec![s("a permission was rejected")],
                 session_recreated: true,
                 content_truncated: true,
+                content_object: Some(Box::new(ContentObject {
+                    bucket: s("opencode_bridge_finals"),
+                    name: s("t1"),
+                })),
             })),
             ReplyBody::Final(Box::default()),
             ReplyBody::error(ErrorCode::Timeout, "late"),
@@ -764,6 +780,12 @@ mod tests {
                             notes,
                             session_recreated: r,
                             content_truncated: t,
+                            content_object: t.then(|| {
+                                Box::new(ContentObject {
+                                    bucket: "opencode_bridge_finals".into(),
+                                    name: "t".into(),
+                                })
+                            }),
                         }
                     },
                 )

@@ -21,6 +21,8 @@ pub struct TurnContext {
     pub config: Arc<Config>,
     /// Answers to permission / question replies, by request id.
     pub answers: Arc<AnswerRegistry>,
+    /// Turn states and large finals, with JetStream (`turn::states`).
+    pub states: Option<Arc<super::states::TurnStates>>,
 }
 
 impl TurnContext {
@@ -38,7 +40,14 @@ impl TurnContext {
             sessions,
             config,
             answers: Arc::new(AnswerRegistry::default()),
+            states: None,
         }
+    }
+
+    /// Keeps every accepted turn's state (and large finals) with `states`.
+    pub fn with_states(mut self, running: &Option<super::states::Running>) -> Self {
+        self.states = running.as_ref().map(|r| r.states.clone());
+        self
     }
 
     /// A sink for one prompt's replies.

@@ -10,6 +10,7 @@ pub mod provider;
 pub mod queue;
 pub mod sessions;
 pub mod sink;
+pub mod states;
 
 pub use context::{TurnContext, TurnError};
 pub use driver::run_turn;

@@ -15,6 +15,7 @@ use super::driver::run_turn;
 use super::sink::ReplySink;
 use crate::protocol::control::{AbortAnswer, AbortRequest, AbortTarget};
 use crate::protocol::tenant::Caller;
+use crate::protocol::turn_state::TurnState;
 use crate::protocol::{ErrorCode, Prompt, QueueKey, ReplyBody};
 
 /// One accepted prompt, waiting for its turn.
@@ -132,9 +133,13 @@ impl Dispatcher {
     /// Accepts a job: runs it now, queues it behind its conversation, or
     /// hands it back when the conversation's queue is full, its trace id
     /// is in use or its tenant has too many turns.
-    pub fn dispatch(self: &Arc<Self>, job: Job) -> Result<(), Refused> {
+    pub fn dispatch(self: &Arc<Self>, mut job: Job) -> Result<(), Refused> {
         if let Err(refuse) = self.lock_live().admit(&job.prompt, self.per_tenant) {
             return Err(refuse(Box::new(job)));
+        }
+        if let Some(states) = &self.ctx.states {
+            let record = states.record(&job.prompt.caller, &job.prompt.trace_id);
+            job.sink.record(record, TurnState::Queued);
         }
         let Some(key) = job.prompt.queue_key() else {
             // A one-off prompt has its own session: nothing to wait for.
@@ -193,6 +198,7 @@ impl Dispatcher {
                 abort: abort.clone(),
             },
         );
+        sink.record_state(TurnState::Running);
         run_turn(&self.ctx, prompt, sink, self.cancel.child_token(), abort).await;
         self.lock_running().remove(&trace_id);
         self.lock_live().release(&trace_id);

@@ -16,7 +16,10 @@ use crate::metrics::{Metrics, TurnObserver};
 use crate::protocol::agent::{ack, Encoder};
 use crate::protocol::reply::split_utf8;
 use crate::protocol::traceparent::TraceParent;
+use crate::protocol::turn_state::TurnState;
 use crate::protocol::{ErrorCode, Reply, ReplyBody, StreamMode};
+
+use super::states::TurnRecord;
 
 /// Room left in a payload for the JSON envelope and headers around the text.
 const ENVELOPE_ROOM: usize = 1024;
@@ -48,6 +51,9 @@ pub struct ReplySink {
     /// Text held back by `coalesce_ms`, and when text last went out.
     held: Option<Held>,
     last_text: Option<Instant>,
+    /// The turn's state in KV and its large final's store
+    /// (`turn::states`), once the dispatcher accepted it with JetStream.
+    record: Option<TurnRecord>,
 }
 
 /// Text of one part held back for `coalesce_ms`.
@@ -115,6 +121,21 @@ impl ReplySink {
             stream: StreamMode::Full,
             held: None,
             last_text: None,
+            record: None,
+        }
+    }
+
+    /// Keeps this turn's state from now on: `state` now, the terminal
+    /// reply when it goes out.
+    pub fn record(&mut self, record: TurnRecord, state: TurnState) {
+        record.set(state);
+        self.record = Some(record);
+    }
+
+    /// The turn's state changed (queued -> running).
+    pub fn record_state(&self, state: TurnState) {
+        if let Some(r) = &self.record {
+            r.set(state);
         }
     }
 
@@ -311,7 +332,8 @@ impl ReplySink {
                 }
             }
             ReplyBody::Final(fin) if self.encoded_len(&body) > self.max_body => {
-                let fin = self.cut_final(fin);
+                let fin = self.store_whole(fin).await;
+                let fin = self.cut_final(&fin);
                 self.publish(&ReplyBody::Final(fin)).await
             }
             _ => self.publish(&body).await,
@@ -320,15 +342,27 @@ impl ReplySink {
 
     /// The size of `body` as it would go out now (its real JSON encoding).
     fn encoded_len(&self, body: &ReplyBody) -> usize {
-        Reply {
-            trace_id: &self.trace_id,
-            seq: self.seq,
-            conversation: self.conversation.as_deref(),
-            session_id: self.session_id.as_deref(),
-            body,
+        self.wire_json(body).len()
+    }
+
+    /// A final too long for NATS: its whole text in the object store, when
+    /// the turn has one (named in `content_object`).
+    async fn store_whole(
+        &self,
+        fin: &crate::protocol::reply::FinalReply,
+    ) -> crate::protocol::reply::FinalReply {
+        let mut fin = fin.clone();
+        if let Some(r) = &self.record {
+            match r.store_final(&fin.content).await {
+                Ok(object) => fin.content_object = Some(Box::new(object)),
+                Err(e) => {
+                    warn!(trace_id = %self.trace_id, error = %e, "storing the whole final failed");
+                    fin.notes
+                        .push(format!("the whole final could not be stored: {e}"));
+                }
+            }
         }
-        .to_json()
-        .len()
+        fin
     }
 
     /// A final whose encoding exceeds what NATS carries keeps the longest
@@ -342,8 +376,12 @@ impl ReplySink {
         let mut fin = Box::new(fin.clone());
         let total = fin.content.len();
         fin.content_truncated = true;
+        let whole_in = match &fin.content_object {
+            Some(o) => format!("content_object (bucket {}, name {})", o.bucket, o.name),
+            None => "the deltas".to_string(),
+        };
         fin.notes.push(format!(
-            "final.content cut to fit the payload limit ({} bytes); the {total} bytes are whole in the deltas",
+            "final.content cut to fit the payload limit ({} bytes); the {total} bytes are whole in {whole_in}",
             self.max_body
         ));
         loop {
@@ -355,6 +393,19 @@ impl ReplySink {
             let cut = crate::protocol::reply::floor_char_boundary(&fin.content, keep);
             fin.content.truncate(cut);
         }
+    }
+
+    /// `body` as the next reply's JSON (a terminal reply is stored so, also
+    /// on the agent protocol's wire).
+    fn wire_json(&self, body: &ReplyBody) -> Vec<u8> {
+        Reply {
+            trace_id: &self.trace_id,
+            seq: self.seq,
+            conversation: self.conversation.as_deref(),
+            session_id: self.session_id.as_deref(),
+            body,
+        }
+        .to_json()
     }
 
     pub async fn send_all(&mut self, bodies: &mut Vec<ReplyBody>) {
@@ -408,6 +459,11 @@ impl ReplySink {
     fn published(&mut self, body: &ReplyBody) {
         if let Some(o) = &mut self.observer {
             o.on_reply(body);
+        }
+        if body.is_terminal() {
+            if let Some(r) = &self.record {
+                r.done(&self.wire_json(body));
+            }
         }
         self.seq += 1;
         if body.is_terminal() {

@@ -21,3 +21,4 @@ mod ops_systemd;
 mod real_opencode_smoke;
 mod record_fixtures;
 mod trust;
+mod turn_status;
