@@ -24,6 +24,7 @@ use crate::bus::{
 };
 use crate::config::{Config, Switch};
 use crate::intake::Intake;
+use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::opencode::compat::{self, SeenVersion};
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
@@ -119,6 +120,7 @@ pub async fn run(
         seen_version,
     };
     let mut daemon = Daemon::start(config, nats, opencode, metrics, jetstream).await?;
+    daemon.jobs = daemon.start_jobs().await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
             opencode_url: daemon.opencode_url.clone(),
@@ -192,8 +194,9 @@ struct Daemon {
     agent_prompts: Option<AgentPrompts>,
     in_flight: Arc<Semaphore>,
     /// JetStream, when the server offers it (docs/CLUSTER.md).
-    #[allow(dead_code)] // read by the cluster, the jobs and the turn states, next
     jetstream: Option<JetStream>,
+    /// Durable jobs, when `[jetstream] jobs` and JetStream allow them.
+    jobs: Option<Jobs>,
     /// Prompts read while every slot was taken (`turn.max_waiting`).
     waiting: std::collections::VecDeque<(From, Incoming)>,
     metrics: Arc<Metrics>,
@@ -274,6 +277,7 @@ impl Daemon {
             in_flight: Arc::new(Semaphore::new(config.turn.max_in_flight)),
             waiting: std::collections::VecDeque::new(),
             jetstream,
+            jobs: None,
             metrics,
             config,
             nats,
@@ -310,6 +314,12 @@ impl Daemon {
                     self.take(from, msg, Some(permit)).await;
                     continue;
                 }
+                p = self.in_flight.clone().acquire_owned(), if self.waiting.is_empty() && self.jobs.as_ref().is_some_and(Jobs::has_parked) => {
+                    if let Some(jobs) = &mut self.jobs {
+                        jobs.run_parked(p.expect("semaphore never closed")).await;
+                    }
+                    continue;
+                }
                 m = self.prompts.next() => m.map(|m| (From::Prompts, m)),
                 m = next_agent_prompt(&mut self.agent_prompts) => match m {
                     Some(m) => Some((From::Agent, m)),
@@ -319,6 +329,10 @@ impl Daemon {
                         continue;
                     }
                 },
+                job = next_job(&mut self.jobs) => {
+                    self.job_arrived(job).await;
+                    continue;
+                }
             };
             let Some((from, msg)) = next else {
                 warn!("prompt subscriptions ended (NATS connection closed)");
@@ -351,6 +365,42 @@ impl Daemon {
         }
     }
 
+    /// Durable jobs (`crate::jobs`) on the shared consumer, if JetStream
+    /// is there and `[jetstream] jobs` is not off; with `jobs = "on"` a
+    /// stream or consumer that cannot be made stops the start.
+    async fn start_jobs(&self) -> Result<Option<Jobs>, AppError> {
+        let started = Jobs::start(
+            self.jetstream.as_ref(),
+            self.config.clone(),
+            self.intake.clone(),
+            self.in_flight.clone(),
+            self.metrics.clone(),
+            self.tracker.clone(),
+        )
+        .await;
+        match started {
+            Ok(jobs) => Ok(jobs),
+            Err(e) if self.config.jetstream.jobs == Switch::On => Err(e.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "durable jobs are off: the jobs stream or its consumer cannot be used");
+                Ok(None)
+            }
+        }
+    }
+
+    /// A job the feed pulled (it only pulls when a slot was free and no
+    /// prompt waited): it runs now, or at the next free slot.
+    async fn job_arrived(&mut self, job: crate::bus::JobMessage) {
+        let permit = if self.waiting.is_empty() {
+            self.in_flight.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        if let Some(jobs) = &mut self.jobs {
+            jobs.arrived(job, permit).await;
+        }
+    }
+
     /// Hands a prompt to the intake, with its slot (none while stopping).
     async fn take(&self, from: From, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
         match from {
@@ -363,6 +413,10 @@ impl Daemon {
     async fn stop(mut self) {
         info!("shutting down: no new prompts");
         self.ops.stopping().await;
+        // No new jobs; a job not started goes back to the stream at once.
+        if let Some(jobs) = self.jobs.take() {
+            jobs.stop().await;
+        }
         if let Some(agent) = self.agent.take() {
             agent.stop().await;
         }
@@ -428,6 +482,14 @@ enum From {
     Prompts,
     /// The Synadia Agent Protocol endpoint.
     Agent,
+}
+
+/// The next job the feed pulled (never, without jobs).
+async fn next_job(jobs: &mut Option<Jobs>) -> crate::bus::JobMessage {
+    match jobs {
+        Some(j) => j.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next prompt on the agent protocol endpoint (never, without one).

@@ -14,6 +14,9 @@
 //! - [`bus`]: the async-nats adapter (subscribe, publish, drain).
 //! - [`intake`]: an incoming message -> a queued turn, an abort, an answer;
 //!   the tenant checks.
+//! - [`jobs`]: durable jobs from the JetStream work queue: pulled one at a
+//!   time while a slot is free, settled (ack, nak, term) by how their turn
+//!   ended.
 //! - [`turn`]: one turn from prompt to `final`/`error`; the per-conversation
 //!   FIFO; the conversation -> session map.
 //! - [`opencode`]: the HTTP client, the single event-stream reader and its
@@ -31,6 +34,7 @@ pub mod app;
 pub mod bus;
 pub mod config;
 pub mod intake;
+pub mod jobs;
 mod jsonscan;
 pub mod mapper;
 pub mod metrics;

@@ -3,7 +3,8 @@
 //! subscriptions, one subscribe loop, drain), [`publish`] (replies with
 //! their headers), [`service`] (the NATS micro service: `$SRV.*`, `status`),
 //! [`agent`] (the Synadia Agent Protocol registration and heartbeat),
-//! [`jetstream`] (JetStream found or not, KV buckets with compare-and-swap)
+//! [`jetstream`] (JetStream found or not, KV buckets with compare-and-swap),
+//! [`jobs`] (the durable jobs stream and its shared consumer)
 //! and [`caller`] (the client side of the contract, for the CLI).
 //! Architecture invariant: this is the only module that imports
 //! `async_nats`; the rest of the daemon sees [`Incoming`], [`Publisher`],
@@ -14,6 +15,7 @@ pub mod caller;
 pub mod connect;
 pub mod incoming;
 pub mod jetstream;
+pub mod jobs;
 pub mod publish;
 pub mod service;
 pub mod subscribe;
@@ -26,6 +28,7 @@ pub use caller::{Caller, Received, ReplyStream};
 pub use connect::{connect, connect_observed};
 pub use incoming::Incoming;
 pub use jetstream::{Bucket, Entry, JetStream};
+pub use jobs::{JobMessage, JobQueue, JobSettings};
 pub use publish::Publisher;
 pub use service::{Service, ServiceOptions, StatusFn};
 pub use subscribe::{barrier, ControlSubscription, PromptSubscription};

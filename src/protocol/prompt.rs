@@ -39,6 +39,8 @@ pub struct Prompt {
     pub attachments: Vec<Attachment>,
     /// At what pace the caller wants the turn's text (`"stream"`).
     pub stream: StreamMode,
+    /// Set by the bridge for a durable job (never from the payload).
+    pub job: Option<super::job::JobTurn>,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -436,6 +438,7 @@ impl Fields {
             progress: self.progress,
             stream: self.stream,
             attachments: self.attachments,
+            job: None,
         })
     }
 }

@@ -70,8 +70,17 @@ pub async fn run_turn(
                 ok => ok,
             }
         };
+        // A job's turn that comes back keeps its session: the next delivery
+        // follows (or prompts) it there.
+        let comes_back = prompt.job.is_some()
+            && outcome.as_ref().err().is_some_and(|e| {
+                crate::protocol::job::verdict(Some(e.code), false)
+                    != crate::protocol::job::Verdict::Publish
+            });
         send_terminal(&mut sink, outcome, started).await;
-        sink.session_id().map(str::to_string)
+        sink.session_id()
+            .filter(|_| !comes_back)
+            .map(str::to_string)
     }
     .instrument(span)
     .await;
@@ -177,6 +186,11 @@ struct Turn<'a> {
     stream: Option<watch::Receiver<StreamState>>,
     epoch: u64,
     recreated: bool,
+    /// A redelivered job's turn found at OpenCode: catch up first.
+    resumed: bool,
+    /// A durable job's turn: a shutdown leaves it running at OpenCode, for
+    /// the daemon the job goes to next.
+    job: bool,
 }
 
 impl<'a> Turn<'a> {
@@ -196,6 +210,7 @@ impl<'a> Turn<'a> {
             recreated,
             stream,
             epoch,
+            resumed,
         } = accepted;
         Turn {
             mapper: TurnMapper::new(&session_id, &message_id)
@@ -212,6 +227,8 @@ impl<'a> Turn<'a> {
             stream: Some(stream),
             epoch,
             recreated,
+            resumed,
+            job: prompt.job.is_some(),
         }
     }
 
@@ -221,7 +238,7 @@ impl<'a> Turn<'a> {
         cancel: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<Conclusion, TurnError> {
-        if self.sub.take_gap() {
+        if self.sub.take_gap() || std::mem::take(&mut self.resumed) {
             if let Some(c) = self.resync().await? {
                 return Ok(c);
             }
@@ -531,7 +548,9 @@ impl<'a> Turn<'a> {
     }
 
     async fn shut_down(&mut self) -> TurnError {
-        self.abort_quietly().await;
+        if !self.job {
+            self.abort_quietly().await;
+        }
         TurnError::new(
             ErrorCode::ShuttingDown,
             "the bridge is shutting down; the turn was aborted",

@@ -6,8 +6,10 @@ pub mod context;
 pub mod deadlines;
 pub mod driver;
 pub mod interactive;
+pub mod job;
 pub mod provider;
 pub mod queue;
+pub mod resume;
 pub mod sessions;
 pub mod sink;
 

@@ -48,6 +48,8 @@ pub struct ReplySink {
     /// Text held back by `coalesce_ms`, and when text last went out.
     held: Option<Held>,
     last_text: Option<Instant>,
+    /// A durable job's turn: its terminal reply decides the job's fate.
+    job: Option<super::job::JobHook>,
 }
 
 /// Text of one part held back for `coalesce_ms`.
@@ -115,7 +117,15 @@ impl ReplySink {
             stream: StreamMode::Full,
             held: None,
             last_text: None,
+            job: None,
         }
+    }
+
+    /// Makes this the sink of a durable job's turn (`crate::jobs`): its
+    /// terminal reply goes through `hook` first.
+    pub fn job(mut self, hook: super::job::JobHook) -> Self {
+        self.job = Some(hook);
+        self
     }
 
     /// Encodes this turn's replies as a Synadia Agent Protocol reply stream
@@ -229,6 +239,21 @@ impl ReplySink {
             warn!(trace_id = %self.trace_id, kind = body.kind(), "reply after the terminal reply suppressed");
             return;
         }
+        let body = match &mut self.job {
+            Some(job) if body.is_terminal() => match job.gate(body) {
+                super::job::Gate::Publish(b) => b,
+                super::job::Gate::Hold(b) => {
+                    info!(trace_id = %self.trace_id, "the job's turn did not run to its end: no reply, the job comes back");
+                    if let Some(o) = &mut self.observer {
+                        o.on_reply(&b);
+                    }
+                    self.held = None;
+                    self.terminated = true;
+                    return;
+                }
+            },
+            _ => body,
+        };
         let text = matches!(body, ReplyBody::Delta { .. } | ReplyBody::Reasoning { .. });
         match self.stream {
             StreamMode::Full => self.send_now(body).await,
@@ -412,6 +437,9 @@ impl ReplySink {
         self.seq += 1;
         if body.is_terminal() {
             self.terminated = true;
+            if let Some(job) = &mut self.job {
+                job.published(body);
+            }
         }
     }
 }
