@@ -35,7 +35,7 @@ use crate::protocol::ErrorCode;
 use crate::turn::job::{JobEnd, JobHook};
 
 /// How long one pull waits for a job before the feed looks at the slots
-/// again (and how long a stopping daemon may wait for the last pull).
+/// again.
 const PULL_WAIT: Duration = Duration::from_secs(2);
 /// How often the feed looks again while prompts wait or a job is parked.
 const BUSY_POLL: Duration = Duration::from_millis(50);
@@ -230,16 +230,14 @@ struct Ready {
 
 impl Ready {
     /// Waits for a moment when a job could start at once (`false`: stop).
+    /// It looks rather than takes a slot, so a prompt never finds its slot
+    /// held by the feed.
     async fn wait(&self, stop: &CancellationToken) -> bool {
         loop {
-            // A free slot: take it and give it back at once.
-            let slot = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return false,
-                p = self.in_flight.clone().acquire_owned() => p,
-            };
-            drop(slot);
-            if self.metrics.waiting() == 0 && !self.parked.load(Ordering::Relaxed) {
+            if self.in_flight.available_permits() > 0
+                && self.metrics.waiting() == 0
+                && !self.parked.load(Ordering::Relaxed)
+            {
                 return true;
             }
             tokio::select! {
@@ -252,9 +250,7 @@ impl Ready {
 }
 
 /// Pulls one job at a time when one could start at once, and hands it to
-/// the serve loop. A pull is never cut short (a job delivered to a dropped
-/// pull would wait out `ack_wait`); a job that arrives after `stop` goes
-/// back at once.
+/// the serve loop; a job that arrives after `stop` goes back at once.
 async fn feed(
     queue: JobQueue,
     ready: Ready,
@@ -273,7 +269,14 @@ async fn feed(
                 Err(_) => return,
             },
         };
-        match queue.next(PULL_WAIT).await {
+        // A stop cuts the pull short: its inbox goes, so the server drops
+        // the request (it delivers only to a pull with interest).
+        let pulled = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = queue.next(PULL_WAIT) => r,
+        };
+        match pulled {
             Ok(Some(msg)) if stop.is_cancelled() => {
                 give_back(&msg, &ready.metrics).await;
                 return;

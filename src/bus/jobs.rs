@@ -79,8 +79,9 @@ impl JobQueue {
     }
 
     /// The next job, waiting at most `wait` for one (`None`: none came).
-    /// Not cancel-safe: a pull dropped half way may leave a job delivered
-    /// to nobody until `ack_wait` passes, so callers let it run out.
+    /// Dropping it unsubscribes the pull's inbox, and the server drops a
+    /// pull nobody listens to; only a job already on the wire at that
+    /// instant waits out `ack_wait` before it goes to another daemon.
     pub async fn next(&self, wait: Duration) -> Result<Option<JobMessage>, BusError> {
         let mut batch = self
             .consumer
