@@ -25,6 +25,7 @@ use crate::bus::{InstanceSubscription, JetStream};
 use crate::cluster::{Cluster, ClusterSessions};
 use crate::config::{Config, Switch};
 use crate::intake::Intake;
+use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::opencode::compat::{self, SeenVersion};
 use crate::opencode::embedded::{EmbeddedError, EmbeddedServer};
@@ -120,6 +121,7 @@ pub async fn run(
         seen_version,
     };
     let mut daemon = Daemon::start(config, nats, opencode, metrics, jetstream).await?;
+    daemon.jobs = daemon.start_jobs().await?;
     if let Some(r) = ready {
         let _ = r.send(Ready {
             opencode_url: daemon.opencode_url.clone(),
@@ -193,7 +195,6 @@ struct Daemon {
     agent_prompts: Option<AgentPrompts>,
     in_flight: Arc<Semaphore>,
     /// JetStream, when the server offers it (docs/CLUSTER.md).
-    #[allow(dead_code)] // read by the cluster, the jobs and the turn states, next
     jetstream: Option<JetStream>,
     /// This daemon in the cluster, its forwarded prompts and its lease
     /// renewal (none single-host).
@@ -202,6 +203,8 @@ struct Daemon {
     renewal: Option<JoinHandle<()>>,
     /// Turn states and large finals (`turn::states`), with JetStream.
     states: Option<turn::states::Running>,
+    /// Durable jobs, when `[jetstream] jobs` and JetStream allow them.
+    jobs: Option<Jobs>,
     /// Prompts read while every slot was taken (`turn.max_waiting`).
     waiting: std::collections::VecDeque<(From, Incoming)>,
     metrics: Arc<Metrics>,
@@ -259,9 +262,7 @@ impl Daemon {
         let intake = Arc::new(intake.in_cluster(cluster.clone()));
         let control = spawn_control(&nats, &config, intake.clone(), stream_cancel.clone()).await?;
         let prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
-        let (agent, agent_prompts) = start_agent(&config, &publisher, &seen_version)
-            .await?
-            .map_or((None, None), |(a, p)| (Some(a), Some(p)));
+        let (agent, agent_prompts) = start_agent(&config, &publisher, &seen_version).await?;
         let sources = Sources {
             publisher: publisher.clone(),
             hub,
@@ -284,6 +285,7 @@ impl Daemon {
             forwarded,
             renewal,
             states: s,
+            jobs: None,
             metrics,
             config,
             nats,
@@ -320,6 +322,12 @@ impl Daemon {
                     self.take(from, msg, Some(permit)).await;
                     continue;
                 }
+                p = self.in_flight.clone().acquire_owned(), if self.waiting.is_empty() && self.jobs.as_ref().is_some_and(Jobs::has_parked) => {
+                    if let Some(jobs) = &mut self.jobs {
+                        jobs.run_parked(p.expect("semaphore never closed")).await;
+                    }
+                    continue;
+                }
                 m = self.prompts.next() => m.map(|m| (From::Prompts, m)),
                 m = next_forwarded(&mut self.forwarded) => match m {
                     Some(m) => Some((From::Prompts, m)),
@@ -337,6 +345,10 @@ impl Daemon {
                         continue;
                     }
                 },
+                job = next_job(&mut self.jobs) => {
+                    self.job_arrived(job).await;
+                    continue;
+                }
             };
             let Some((from, msg)) = next else {
                 warn!("prompt subscriptions ended (NATS connection closed)");
@@ -369,6 +381,42 @@ impl Daemon {
         }
     }
 
+    /// Durable jobs (`crate::jobs`) on the shared consumer, if JetStream
+    /// is there and `[jetstream] jobs` is not off; with `jobs = "on"` a
+    /// stream or consumer that cannot be made stops the start.
+    async fn start_jobs(&self) -> Result<Option<Jobs>, AppError> {
+        let started = Jobs::start(
+            self.jetstream.as_ref(),
+            self.config.clone(),
+            self.intake.clone(),
+            self.in_flight.clone(),
+            self.metrics.clone(),
+            self.tracker.clone(),
+        )
+        .await;
+        match started {
+            Ok(jobs) => Ok(jobs),
+            Err(e) if self.config.jetstream.jobs == Switch::On => Err(e.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "durable jobs are off: the jobs stream or its consumer cannot be used");
+                Ok(None)
+            }
+        }
+    }
+
+    /// A job the feed pulled (it only pulls when a slot was free and no
+    /// prompt waited): it runs now, or at the next free slot.
+    async fn job_arrived(&mut self, job: crate::bus::JobMessage) {
+        let permit = if self.waiting.is_empty() {
+            self.in_flight.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        if let Some(jobs) = &mut self.jobs {
+            jobs.arrived(job, permit).await;
+        }
+    }
+
     /// Hands a prompt to the intake, with its slot (none while stopping).
     async fn take(&self, from: From, msg: Incoming, permit: Option<OwnedSemaphorePermit>) {
         match from {
@@ -382,6 +430,10 @@ impl Daemon {
     async fn stop_taking(&mut self) {
         info!("shutting down: no new prompts");
         self.ops.stopping().await;
+        // No new jobs; a job not started goes back to the stream at once.
+        if let Some(jobs) = self.jobs.take() {
+            jobs.stop().await;
+        }
         if let Some(agent) = self.agent.take() {
             agent.stop().await;
         }
@@ -494,6 +546,14 @@ async fn next_forwarded(sub: &mut Option<InstanceSubscription>) -> Option<Incomi
     }
 }
 
+/// The next job the feed pulled (never, without jobs).
+async fn next_job(jobs: &mut Option<Jobs>) -> crate::bus::JobMessage {
+    match jobs {
+        Some(j) => j.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next prompt on the agent protocol endpoint (never, without one).
 async fn next_agent_prompt(prompts: &mut Option<AgentPrompts>) -> Option<Incoming> {
     match prompts {
@@ -508,10 +568,10 @@ async fn start_agent(
     config: &Config,
     publisher: &Publisher,
     seen_version: &SeenVersion,
-) -> Result<Option<(AgentService, AgentPrompts)>, AppError> {
+) -> Result<(Option<AgentService>, Option<AgentPrompts>), AppError> {
     let a = &config.agent_protocol;
     if !a.enabled {
-        return Ok(None);
+        return Ok((None, None));
     }
     use crate::protocol::agent::{name_token, size_label, Identity};
     let name = a.name.clone().unwrap_or_else(|| {
@@ -543,7 +603,8 @@ async fn start_agent(
         attachments_ok: true,
         heartbeat_interval: a.heartbeat_interval,
     };
-    Ok(Some(AgentService::start(publisher, opts).await?))
+    let (service, prompts) = AgentService::start(publisher, opts).await?;
+    Ok((Some(service), Some(prompts)))
 }
 
 /// Restarts the embedded `opencode serve` when it dies (counted), until

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use opencode_nats_bridge::bus::{Caller, Received};
+use opencode_nats_bridge::bus::{Caller, Received, ReplyStream};
 use opencode_nats_bridge::config::Config;
 use opencode_nats_bridge::ops::status::Status;
 use opencode_nats_bridge::protocol::reply::FinalReply;
@@ -75,6 +75,12 @@ pub struct PromptArgs {
     /// store when it was too long for one message).
     #[arg(long)]
     pub final_only: bool,
+    /// Publish a durable job (`[jetstream] jobs_subject`, stored by
+    /// JetStream before this returns) instead of a request-style prompt,
+    /// then follow its replies on the default reply subject. A job waits
+    /// in the stream until a daemon serves it.
+    #[arg(long)]
+    pub job: bool,
     /// Give up when no `final` or `error` arrived within this long (exit 3).
     #[arg(long, value_name = "D", default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -149,15 +155,20 @@ pub fn prompt(args: PromptArgs) -> ExitCode {
     }
     // The conversation rides in the subject (`<prompt>.<conversation>`), so
     // per-user NATS permissions on prompt subjects apply to it.
+    let base = if args.job {
+        &cfg.jetstream.jobs_subject
+    } else {
+        &cfg.subjects.prompt
+    };
     let subject = match &args.conversation {
         Some(c) => match validate_subject(c) {
-            Ok(()) => format!("{}.{c}", cfg.subjects.prompt),
+            Ok(()) => format!("{base}.{c}"),
             Err(e) => {
                 eprintln!("--conversation {c:?} {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         },
-        None => cfg.subjects.prompt.clone(),
+        None => base.clone(),
     };
     runtime().block_on(run_prompt(cfg, args, subject, text))
 }
@@ -177,13 +188,14 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
     };
     let trace_id = uuid::Uuid::new_v4().to_string();
     let body = prompt_body(&args, &text, &trace_id);
-    let mut replies = match caller.stream(&subject, &[], body.into_bytes()).await {
+    let mut replies = match open(&caller, &cfg, &args, &subject, &trace_id, body).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
+    let subject = mirrored(&cfg, args.job, subject);
     let mut view = View::new(
         args.json,
         std::io::stdout().is_terminal(),
@@ -236,6 +248,66 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
     drop(out);
     caller.close().await;
     ExitCode::from(code)
+}
+
+/// The prompt sent (request style) or the job published, and its replies.
+async fn open(
+    caller: &Caller,
+    cfg: &Config,
+    args: &PromptArgs,
+    subject: &str,
+    trace_id: &str,
+    body: String,
+) -> Result<ReplyStream, String> {
+    if args.job {
+        return open_job(caller, cfg, subject, trace_id, body).await;
+    }
+    caller
+        .stream(subject, &[], body.into_bytes())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Aborts and messages name the prompt subject a job mirrors.
+fn mirrored(cfg: &Config, job: bool, subject: String) -> String {
+    if !job {
+        return subject;
+    }
+    opencode_nats_bridge::protocol::job::as_prompt_subject(
+        &cfg.jetstream.jobs_subject,
+        &cfg.subjects.prompt,
+        &subject,
+    )
+    .unwrap_or(subject)
+}
+
+/// A durable job: its default reply subject subscribed first, then the job
+/// published with a JetStream acknowledgement (it is stored when this
+/// returns).
+async fn open_job(
+    caller: &Caller,
+    cfg: &Config,
+    subject: &str,
+    trace_id: &str,
+    body: String,
+) -> Result<opencode_nats_bridge::bus::ReplyStream, String> {
+    use opencode_nats_bridge::protocol::job;
+    use opencode_nats_bridge::protocol::tenant::Route;
+    let Route::Prompt { caller: who, .. } =
+        job::route(&cfg.jetstream.jobs_subject, &cfg.route_subjects(), subject)
+    else {
+        return Err(format!("{subject} is not a job subject"));
+    };
+    let listen = cfg.reply_rules().default_subject(&who, trace_id);
+    let replies = caller.listen(&listen).await.map_err(|e| e.to_string())?;
+    let seq = caller
+        .publish_job(subject, body.into_bytes())
+        .await
+        .map_err(|e| {
+            format!("{e} (no jobs stream captures it: has a daemon with [jetstream] jobs ever started on this NATS server?)")
+        })?;
+    eprintln!("opencode-nats-bridge: job stored (stream sequence {seq}); replies on {listen}");
+    Ok(replies)
 }
 
 /// The prompt: `progress` to hear of provider retries while waiting

@@ -105,6 +105,14 @@ impl Intake {
         .observed(&self.metrics)
     }
 
+    /// The pace of a prompt's text: its own `"stream"`, else its tenant's
+    /// default (`[tenancy.stream]`).
+    fn pace(&self, prompt: &Prompt) -> crate::protocol::StreamMode {
+        prompt
+            .stream
+            .unwrap_or_else(|| self.config.tenancy.stream_default(&prompt.caller))
+    }
+
     /// Refuses a prompt with one terminal reply.
     async fn refuse(&self, msg: &Incoming, r: Refusal) {
         warn!(trace_id = %r.trace_id, subject = %msg.subject, reply_subject = %r.subject, code = r.code.as_str(), reason = %r.reason, "prompt refused");
@@ -382,11 +390,7 @@ impl Intake {
                 prompt.conversation.as_deref(),
                 msg,
             )
-            .streaming(
-                prompt
-                    .stream
-                    .unwrap_or_else(|| self.config.tenancy.stream_default(&prompt.caller)),
-            );
+            .streaming(self.pace(&prompt));
         self.dispatch_with(prompt, sink, permit).await
     }
 
@@ -434,6 +438,58 @@ impl Intake {
         } = *job;
         warn!(trace_id = %prompt.trace_id, code = code.as_str(), %reason, "prompt refused");
         sink.send(ReplyBody::error(code, reason)).await;
+    }
+
+    /// A durable job (`crate::jobs`), checked as a prompt from `caller`
+    /// (its subject's tenant). It has no NATS reply subject: its replies go
+    /// to `reply_to` or the default reply subject, never into the jobs
+    /// stream. Its sink asks `hook` about the terminal reply. A refusal
+    /// (`bad_request`, `forbidden`) is answered here: `Err((code, hook))`.
+    pub async fn job(
+        &self,
+        msg: Incoming,
+        (caller, tail): (Caller, Option<String>),
+        job: crate::protocol::job::JobTurn,
+        hook: crate::turn::job::JobHook,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), (ErrorCode, crate::turn::job::JobHook)> {
+        let refusal = match self.admit(&msg, &caller, tail.as_deref()) {
+            Ok((prompt, subject))
+                if crate::protocol::job::is_job_subject(
+                    &self.config.jetstream.jobs_subject,
+                    &subject,
+                ) =>
+            {
+                Refusal {
+                    reason: format!("reply_to {subject:?} is in the jobs stream"),
+                    subject: self
+                        .config
+                        .reply_rules()
+                        .default_subject(&caller, &prompt.trace_id),
+                    trace_id: prompt.trace_id,
+                    conversation: prompt.conversation,
+                    code: ErrorCode::Forbidden,
+                }
+            }
+            Ok((mut prompt, subject)) => {
+                prompt.job = Some(job);
+                let sink = self
+                    .sink(
+                        subject,
+                        &prompt.trace_id,
+                        prompt.conversation.as_deref(),
+                        &msg,
+                    )
+                    .streaming(self.pace(&prompt))
+                    .job(hook);
+                self.dispatch_with(prompt, sink, permit).await;
+                return Ok(());
+            }
+            Err(r) => r,
+        };
+        let code = refusal.code;
+        self.refuse(&msg, refusal).await;
+        Err((code, hook))
     }
 
     /// The NATS reply subject of a control message, if the daemon may

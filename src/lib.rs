@@ -16,6 +16,9 @@
 //!   the tenant checks.
 //! - [`cluster`]: conversation homes across daemons on NATS KV, leases,
 //!   forwarding; *(pure)* the records and the decision.
+//! - [`jobs`]: durable jobs from the JetStream work queue: pulled one at a
+//!   time while a slot is free, settled (ack, nak, term) by how their turn
+//!   ended.
 //! - [`turn`]: one turn from prompt to `final`/`error`; the per-conversation
 //!   FIFO; the conversation -> session map.
 //! - [`opencode`]: the HTTP client, the single event-stream reader and its
@@ -34,6 +37,7 @@ pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod intake;
+pub mod jobs;
 mod jsonscan;
 pub mod mapper;
 pub mod metrics;

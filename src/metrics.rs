@@ -102,6 +102,32 @@ pub struct Metrics {
     dropped: AtomicU64,
     /// Prompts read and waiting for a `turn.max_in_flight` slot.
     waiting: AtomicU64,
+    /// Durable jobs: taken, acked, naked, terminated (`crate::jobs`).
+    jobs: [AtomicU64; 4],
+}
+
+/// What happened to durable jobs on this daemon (`status`, metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct JobCounts {
+    /// Deliveries pulled from the jobs stream.
+    pub taken: u64,
+    /// Acknowledged after their terminal reply.
+    pub acked: u64,
+    /// Handed back, to come again (OpenCode unavailable, stopping).
+    pub naked: u64,
+    /// Removed with their terminal reply (`bad_request`, `forbidden`,
+    /// `undeliverable`).
+    pub terminated: u64,
+}
+
+/// One event in a job's life, for [`Metrics::job`].
+#[derive(Debug, Clone, Copy)]
+pub enum JobEvent {
+    Taken,
+    Acked,
+    Naked,
+    Terminated,
 }
 
 impl Default for Metrics {
@@ -117,6 +143,7 @@ impl Default for Metrics {
             ttft: Histogram::new(TTFT_BUCKETS),
             dropped: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            jobs: Default::default(),
         }
     }
 }
@@ -174,6 +201,21 @@ impl Metrics {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// Counts a job event.
+    pub fn job(&self, e: JobEvent) {
+        self.jobs[e as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn jobs(&self) -> JobCounts {
+        let n = |e: JobEvent| self.jobs[e as usize].load(Ordering::Relaxed);
+        JobCounts {
+            taken: n(JobEvent::Taken),
+            acked: n(JobEvent::Acked),
+            naked: n(JobEvent::Naked),
+            terminated: n(JobEvent::Terminated),
+        }
+    }
+
     /// Replies published, by kind.
     pub fn replies(&self) -> BTreeMap<&'static str, u64> {
         lock(&self.replies).clone()
@@ -193,6 +235,35 @@ impl Metrics {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(1))
             });
+    }
+
+    /// The durable jobs' counters.
+    fn render_jobs(&self, out: &mut String) {
+        let j = self.jobs();
+        for (what, help, n) in [
+            (
+                "taken",
+                "Durable jobs pulled from the jobs stream (deliveries).",
+                j.taken,
+            ),
+            (
+                "acked",
+                "Durable jobs acknowledged after their terminal reply.",
+                j.acked,
+            ),
+            (
+                "naked",
+                "Durable jobs handed back to come again (OpenCode unavailable, stopping).",
+                j.naked,
+            ),
+            (
+                "terminated",
+                "Durable jobs removed with a bad_request, forbidden or undeliverable reply.",
+                j.terminated,
+            ),
+        ] {
+            counter(out, &format!("opencode_bridge_jobs_{what}_total"), help, n);
+        }
     }
 
     /// Appends the turn metrics in the Prometheus text format.
@@ -239,6 +310,7 @@ impl Metrics {
             "Messages the NATS client dropped for a full subscription buffer (slow consumer); should stay 0.",
             self.dropped_messages(),
         );
+        self.render_jobs(out);
         self.duration.render(
             out,
             "opencode_bridge_turn_duration_seconds",

@@ -101,6 +101,28 @@ impl Caller {
         Ok(())
     }
 
+    /// Publishes a durable job and waits for the stream to store it: its
+    /// sequence in the stream. Fails when no stream captures `subject`.
+    pub async fn publish_job(&self, subject: &str, payload: Vec<u8>) -> Result<u64, BusError> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let ack = js
+            .publish(subject.to_string(), Bytes::from(payload))
+            .await
+            .map_err(publish_failed(subject))?
+            .await
+            .map_err(publish_failed(subject))?;
+        Ok(ack.sequence)
+    }
+
+    /// Subscribes to `subject` (before anything that answers there is
+    /// published): the replies of a job, in order.
+    pub async fn listen(&self, subject: &str) -> Result<ReplyStream, BusError> {
+        let errors = self.errors.subscribe();
+        let sub = subscribe_one(&self.client, subject, None).await?;
+        super::subscribe::barrier(&self.client).await?;
+        Ok(ReplyStream { sub, errors })
+    }
+
     /// Sends a request that several responders may answer, and collects
     /// the answers until `timeout`, or until `quiet` passed without a new
     /// one after the first. A server error (a permissions violation) ends

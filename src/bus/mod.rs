@@ -5,8 +5,9 @@
 //! [`agent`] (the Synadia Agent Protocol registration and heartbeat),
 //! [`jetstream`] (JetStream found or not, KV buckets with compare-and-swap),
 //! [`forward`] (a prompt handed to its conversation's home daemon),
-//! [`objects`] (object store buckets, the replies stream) and [`caller`]
-//! (the client side of the contract, for the CLI).
+//! [`objects`] (object store buckets, the replies stream), [`jobs`] (the
+//! durable jobs stream and its shared consumer) and [`caller`] (the client
+//! side of the contract, for the CLI).
 //! Architecture invariant: this is the only module that imports
 //! `async_nats`; the rest of the daemon sees [`Incoming`], [`Publisher`],
 //! [`Service`] and [`Caller`].
@@ -17,6 +18,7 @@ pub mod connect;
 pub mod forward;
 pub mod incoming;
 pub mod jetstream;
+pub mod jobs;
 pub mod objects;
 pub mod publish;
 pub mod service;
@@ -31,6 +33,7 @@ pub use connect::{connect, connect_observed};
 pub use forward::{Forwarder, InstanceSubscription};
 pub use incoming::Incoming;
 pub use jetstream::{Bucket, Entry, JetStream};
+pub use jobs::{JobMessage, JobQueue, JobSettings};
 pub use objects::Objects;
 pub use publish::Publisher;
 pub use service::{Service, ServiceOptions, StatusFn};

@@ -49,6 +49,9 @@ pub struct Status {
     /// Messages the NATS client dropped for a full subscription buffer
     /// (slow consumer): should stay 0; each is also logged at error level.
     pub nats_dropped_messages: u64,
+    /// Durable jobs taken, acknowledged, handed back and terminated.
+    #[serde(default)]
+    pub jobs: crate::metrics::JobCounts,
     /// The cluster this daemon is part of (docs/CLUSTER.md); absent when
     /// it runs single-host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +194,7 @@ impl Health {
             turns_in_flight: s.metrics.in_flight(),
             prompts_waiting: s.metrics.waiting(),
             nats_dropped_messages: s.metrics.dropped_messages(),
+            jobs: s.metrics.jobs(),
             cluster: s.cluster.clone(),
             conversations: s.dispatcher.active_conversations(),
             conversations_known: s.dispatcher.context().sessions.known(),

@@ -108,6 +108,7 @@ pub fn status_code(code: ErrorCode) -> u16 {
         | ErrorCode::ProviderError
         | ErrorCode::Timeout
         | ErrorCode::ShuttingDown
+        | ErrorCode::Undeliverable
         | ErrorCode::Internal => 500,
     }
 }

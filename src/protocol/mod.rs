@@ -8,6 +8,7 @@ pub mod attachment;
 pub mod caller;
 pub mod control;
 pub mod interactive;
+pub mod job;
 pub mod prompt;
 pub mod reply;
 pub mod subject;

@@ -46,6 +46,8 @@ pub struct Prompt {
     /// the turn starts a new session and its final says so
     /// (`session_recreated`, a note naming the host).
     pub moved_from: Option<String>,
+    /// Set by the bridge for a durable job (never from the payload).
+    pub job: Option<super::job::JobTurn>,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -451,6 +453,7 @@ impl Fields {
             stream: self.stream,
             attachments: self.attachments,
             moved_from: None,
+            job: None,
         })
     }
 }

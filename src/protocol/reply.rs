@@ -201,11 +201,15 @@ pub enum ErrorCode {
     Forbidden,
     /// A bug in the bridge.
     Internal,
+    /// A durable job was delivered `[jetstream] max_deliver` times and
+    /// never ran to its end (OpenCode unavailable each time, or daemons
+    /// stopping under it); it is removed from the stream.
+    Undeliverable,
 }
 
 impl ErrorCode {
     /// Every code (metrics show each one, even at 0).
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::SessionBusy,
         ErrorCode::OpencodeUnavailable,
@@ -217,6 +221,7 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::Forbidden,
         ErrorCode::Internal,
+        ErrorCode::Undeliverable,
     ];
 
     /// Whether the same prompt, sent again later, can succeed. Specific
@@ -226,7 +231,8 @@ impl ErrorCode {
             ErrorCode::BadRequest
             | ErrorCode::Internal
             | ErrorCode::Aborted
-            | ErrorCode::Forbidden => false,
+            | ErrorCode::Forbidden
+            | ErrorCode::Undeliverable => false,
             ErrorCode::SessionBusy
             | ErrorCode::OpencodeUnavailable
             | ErrorCode::OpencodeError
@@ -250,6 +256,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Internal => "internal",
+            ErrorCode::Undeliverable => "undeliverable",
         }
     }
 }

@@ -27,6 +27,9 @@ pub struct Accepted {
     pub stream: watch::Receiver<StreamState>,
     /// The stream connection the prompt was sent on.
     pub epoch: u64,
+    /// A redelivered job whose prompt an earlier delivery had sent: not
+    /// prompted again, followed from where OpenCode is.
+    pub resumed: bool,
 }
 
 /// Resolves the session and sends the prompt.
@@ -40,24 +43,14 @@ pub async fn begin(
     if let Some(m) = &prompt.model {
         check_model(ctx, m).await?;
     }
+    if let Some(found) = super::resume::accepted_before(ctx, prompt).await? {
+        return Ok(found);
+    }
     let mut session_id = resolve_session(ctx, prompt).await?;
     let mut recreated = false;
     // Follow the session before prompting, so no event is missed.
     let mut sub = subscribe(ctx, &session_id)?;
-    if !ctx
-        .hub
-        .wait_connected(ctx.config.opencode.connect_timeout)
-        .await
-    {
-        warn!(
-            base_url = ctx.client.base_url(),
-            "the event stream is not connected"
-        );
-        return Err(TurnError::new(
-            ErrorCode::OpencodeUnavailable,
-            "OpenCode's event stream is not connected",
-        ));
-    }
+    wait_connected(ctx).await?;
     let body = prompt_body(prompt);
     // Watch the stream from before the prompt: a reconnect while OpenCode
     // answers the POST must not go unnoticed.
@@ -96,7 +89,27 @@ pub async fn begin(
         recreated,
         stream,
         epoch,
+        resumed: false,
     })
+}
+
+/// Waits (`opencode.connect_timeout`) for the shared event stream.
+pub async fn wait_connected(ctx: &TurnContext) -> Result<(), TurnError> {
+    if ctx
+        .hub
+        .wait_connected(ctx.config.opencode.connect_timeout)
+        .await
+    {
+        return Ok(());
+    }
+    warn!(
+        base_url = ctx.client.base_url(),
+        "the event stream is not connected"
+    );
+    Err(TurnError::new(
+        ErrorCode::OpencodeUnavailable,
+        "OpenCode's event stream is not connected",
+    ))
 }
 
 pub fn subscribe(ctx: &TurnContext, session_id: &str) -> Result<Subscription, TurnError> {
@@ -106,7 +119,7 @@ pub fn subscribe(ctx: &TurnContext, session_id: &str) -> Result<Subscription, Tu
 }
 
 /// The session this prompt drives, created on first use of a conversation.
-async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<String, TurnError> {
+pub async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<String, TurnError> {
     if let Some(id) = &prompt.session_id {
         return named_session(ctx, prompt, id).await;
     }
@@ -115,19 +128,25 @@ async fn resolve_session(ctx: &TurnContext, prompt: &Prompt) -> Result<String, T
             return Ok(id);
         }
     }
-    let title = match &prompt.conversation {
-        Some(c) => format!("{}{c}", ctx.config.opencode.title_prefix),
-        None => format!(
-            "{}one-off {}",
-            ctx.config.opencode.title_prefix, prompt.trace_id
-        ),
-    };
+    let title = session_title(ctx, prompt);
     let s = ctx.client.create_session(&title).await?;
     info!(session_id = %s.id, %title, "created OpenCode session");
     if let Some(conv) = &prompt.conversation {
         ctx.sessions.put(conv, &s.id).await;
     }
     Ok(s.id)
+}
+
+/// The title of the session a prompt without `session_id` drives: the
+/// conversation's, or a one-off named by the trace id.
+pub fn session_title(ctx: &TurnContext, prompt: &Prompt) -> String {
+    match &prompt.conversation {
+        Some(c) => format!("{}{c}", ctx.config.opencode.title_prefix),
+        None => format!(
+            "{}one-off {}",
+            ctx.config.opencode.title_prefix, prompt.trace_id
+        ),
+    }
 }
 
 /// A session the prompt names by id. A tenant drives only sessions of its
@@ -170,8 +189,14 @@ fn session_belongs(s: &SessionInfo, tenant: Option<&str>, title_prefix: &str) ->
 }
 
 fn prompt_body(prompt: &Prompt) -> PromptBody {
+    // A job's user message carries the job's tag, so a later delivery
+    // finds it (`super::resume`).
+    let message_id = match &prompt.job {
+        Some(job) => crate::opencode::ids::ascending_tagged("msg", &job.tag),
+        None => crate::opencode::ids::ascending("msg"),
+    };
     PromptBody {
-        message_id: crate::opencode::ids::ascending("msg"),
+        message_id,
         parts: PromptPart::of(&prompt.text, &prompt.attachments),
         model: prompt.model.as_ref().map(ModelBody::from),
         agent: prompt.agent.clone(),

@@ -70,8 +70,17 @@ pub async fn run_turn(
                 ok => ok,
             }
         };
+        // A job's turn that comes back keeps its session: the next delivery
+        // follows (or prompts) it there.
+        let comes_back = prompt.job.is_some()
+            && outcome.as_ref().err().is_some_and(|e| {
+                crate::protocol::job::verdict(Some(e.code), false)
+                    != crate::protocol::job::Verdict::Publish
+            });
         send_terminal(&mut sink, outcome, started).await;
-        sink.session_id().map(str::to_string)
+        sink.session_id()
+            .filter(|_| !comes_back)
+            .map(str::to_string)
     }
     .instrument(span)
     .await;
@@ -179,6 +188,11 @@ struct Turn<'a> {
     recreated: bool,
     /// The host the conversation moved from (`Prompt::moved_from`).
     moved_from: Option<String>,
+    /// A redelivered job's turn found at OpenCode: catch up first.
+    resumed: bool,
+    /// A durable job's turn: a shutdown leaves it running at OpenCode, for
+    /// the daemon the job goes to next.
+    job: bool,
 }
 
 impl<'a> Turn<'a> {
@@ -198,6 +212,7 @@ impl<'a> Turn<'a> {
             recreated,
             stream,
             epoch,
+            resumed,
         } = accepted;
         Turn {
             mapper: TurnMapper::new(&session_id, &message_id)
@@ -215,6 +230,8 @@ impl<'a> Turn<'a> {
             epoch,
             recreated,
             moved_from: prompt.moved_from.clone(),
+            resumed,
+            job: prompt.job.is_some(),
         }
     }
 
@@ -224,7 +241,7 @@ impl<'a> Turn<'a> {
         cancel: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<Conclusion, TurnError> {
-        if self.sub.take_gap() {
+        if self.sub.take_gap() || std::mem::take(&mut self.resumed) {
             if let Some(c) = self.resync().await? {
                 return Ok(c);
             }
@@ -537,7 +554,9 @@ impl<'a> Turn<'a> {
     }
 
     async fn shut_down(&mut self) -> TurnError {
-        self.abort_quietly().await;
+        if !self.job {
+            self.abort_quietly().await;
+        }
         TurnError::new(
             ErrorCode::ShuttingDown,
             "the bridge is shutting down; the turn was aborted",

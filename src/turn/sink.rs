@@ -54,6 +54,8 @@ pub struct ReplySink {
     /// The turn's state in KV and its large final's store
     /// (`turn::states`), once the dispatcher accepted it with JetStream.
     record: Option<TurnRecord>,
+    /// A durable job's turn: its terminal reply decides the job's fate.
+    job: Option<super::job::JobHook>,
 }
 
 /// Text of one part held back for `coalesce_ms`.
@@ -122,6 +124,7 @@ impl ReplySink {
             held: None,
             last_text: None,
             record: None,
+            job: None,
         }
     }
 
@@ -137,6 +140,13 @@ impl ReplySink {
         if let Some(r) = &self.record {
             r.set(state);
         }
+    }
+
+    /// Makes this the sink of a durable job's turn (`crate::jobs`): its
+    /// terminal reply goes through `hook` first.
+    pub fn job(mut self, hook: super::job::JobHook) -> Self {
+        self.job = Some(hook);
+        self
     }
 
     /// Encodes this turn's replies as a Synadia Agent Protocol reply stream
@@ -250,6 +260,21 @@ impl ReplySink {
             warn!(trace_id = %self.trace_id, kind = body.kind(), "reply after the terminal reply suppressed");
             return;
         }
+        let body = match &mut self.job {
+            Some(job) if body.is_terminal() => match job.gate(body) {
+                super::job::Gate::Publish(b) => b,
+                super::job::Gate::Hold(b) => {
+                    info!(trace_id = %self.trace_id, "the job's turn did not run to its end: no reply, the job comes back");
+                    if let Some(o) = &mut self.observer {
+                        o.on_reply(&b);
+                    }
+                    self.held = None;
+                    self.terminated = true;
+                    return;
+                }
+            },
+            _ => body,
+        };
         let text = matches!(body, ReplyBody::Delta { .. } | ReplyBody::Reasoning { .. });
         match self.stream {
             StreamMode::Full => self.send_now(body).await,
@@ -468,6 +493,9 @@ impl ReplySink {
         self.seq += 1;
         if body.is_terminal() {
             self.terminated = true;
+            if let Some(job) = &mut self.job {
+                job.published(body);
+            }
         }
     }
 }

@@ -1,0 +1,151 @@
+//! The jobs stream, as the daemon uses it (docs/CLUSTER.md, "Durable
+//! jobs"): a JetStream work-queue stream and one durable pull consumer
+//! that every daemon shares, both created when missing; one job pulled at
+//! a time; and a job's fate (acknowledged, in progress, delivered again
+//! later, terminated).
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::{stream, AckKind};
+use futures::StreamExt;
+
+use super::{BusError, Incoming, JetStream};
+
+/// Where jobs live (`[jetstream]`).
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub stream: String,
+    /// The stream captures `<subject>` and `<subject>.>`.
+    pub subject: String,
+    pub consumer: String,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+}
+
+/// The shared durable consumer of the jobs stream.
+pub struct JobQueue {
+    consumer: PullConsumer,
+}
+
+/// One delivery of a job: the message as a prompt would arrive (without
+/// a reply subject: a JetStream publish has none), and how to settle it.
+pub struct JobMessage {
+    pub incoming: Incoming,
+    /// 1 on the first delivery.
+    pub delivered: u64,
+    pub stream: String,
+    pub sequence: u64,
+    /// When the stream stored it (Unix nanoseconds).
+    pub published_nanos: i128,
+    acker: Acker,
+}
+
+fn failed(what: impl Into<String>) -> impl FnOnce(super::Source) -> BusError {
+    let what = what.into();
+    move |source| BusError::JetStream { what, source }
+}
+
+impl JobQueue {
+    /// The stream and the consumer, created when missing; existing ones
+    /// are used as they are (an operator may have tuned them).
+    pub async fn open(js: &JetStream, s: &JobSettings) -> Result<JobQueue, BusError> {
+        let stream = js
+            .ctx
+            .get_or_create_stream(stream::Config {
+                name: s.stream.clone(),
+                subjects: vec![s.subject.clone(), format!("{}.>", s.subject)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(format!("create the jobs stream {}", s.stream))(e.into()))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &s.consumer,
+                pull::Config {
+                    durable_name: Some(s.consumer.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: s.ack_wait,
+                    max_deliver: s.max_deliver,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| failed(format!("create the jobs consumer {}", s.consumer))(e.into()))?;
+        Ok(JobQueue { consumer })
+    }
+
+    /// The next job, waiting at most `wait` for one (`None`: none came).
+    /// Dropping it unsubscribes the pull's inbox, and the server drops a
+    /// pull nobody listens to; only a job already on the wire at that
+    /// instant waits out `ack_wait` before it goes to another daemon.
+    pub async fn next(&self, wait: Duration) -> Result<Option<JobMessage>, BusError> {
+        let mut batch = self
+            .consumer
+            .batch()
+            .max_messages(1)
+            .expires(wait)
+            .messages()
+            .await
+            .map_err(|e| failed("pull a job")(e.into()))?;
+        match batch.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(failed("pull a job")(e)),
+            Some(Ok(m)) => {
+                let info = m.info().map_err(failed("read a job's delivery"))?;
+                let (delivered, stream, sequence) = (
+                    info.delivered.max(1) as u64,
+                    info.stream.to_string(),
+                    info.stream_sequence,
+                );
+                let published_nanos = info.published.unix_timestamp_nanos();
+                let (message, acker) = m.split();
+                Ok(Some(JobMessage {
+                    incoming: Incoming::from(message),
+                    delivered,
+                    stream,
+                    sequence,
+                    published_nanos,
+                    acker,
+                }))
+            }
+        }
+    }
+}
+
+impl JobMessage {
+    /// Done: removed from the stream (the server confirms it).
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.acker
+            .double_ack()
+            .await
+            .map_err(failed("acknowledge a job"))
+    }
+
+    /// Still running: `ack_wait` starts again.
+    pub async fn in_progress(&self) -> Result<(), BusError> {
+        self.acker
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(failed("mark a job in progress"))
+    }
+
+    /// Not served: delivered again after `delay` (to any daemon).
+    pub async fn nak(&self, delay: Option<Duration>) -> Result<(), BusError> {
+        self.acker
+            .ack_with(AckKind::Nak(delay))
+            .await
+            .map_err(failed("hand a job back"))
+    }
+
+    /// Never to be delivered again (its terminal reply is out).
+    pub async fn term(&self) -> Result<(), BusError> {
+        self.acker
+            .double_ack_with(AckKind::Term)
+            .await
+            .map_err(failed("terminate a job"))
+    }
+}
