@@ -21,7 +21,7 @@ use crate::bus::{
     self, AgentOptions, AgentPrompts, AgentService, BusError, ControlSubscription, Incoming,
     PromptSubscription, Publisher,
 };
-use crate::bus::{InstanceSubscription, JetStream};
+use crate::bus::{Forwarded, InstanceSubscription, JetStream};
 use crate::cluster::{Cluster, ClusterSessions};
 use crate::config::{Config, Switch};
 use crate::intake::Intake;
@@ -330,7 +330,11 @@ impl Daemon {
                 }
                 m = self.prompts.next() => m.map(|m| (From::Prompts, m)),
                 m = next_forwarded(&mut self.forwarded) => match m {
-                    Some(m) => Some((From::Prompts, m)),
+                    Some(Forwarded::Prompt(m)) => Some((From::Prompts, m)),
+                    Some(Forwarded::Job(j)) => {
+                        self.forwarded_job(*j).await;
+                        continue;
+                    }
                     None => {
                         warn!("the instance subscription ended");
                         self.forwarded = None;
@@ -404,6 +408,22 @@ impl Daemon {
         }
     }
 
+    /// A job another daemon pulled and forwarded here (this is its
+    /// conversation's home): it runs now, or parks for the next free slot;
+    /// if a job is parked already (or jobs are off here), it goes back to
+    /// the stream at once.
+    async fn forwarded_job(&mut self, job: crate::bus::JobMessage) {
+        let permit = if self.waiting.is_empty() {
+            self.in_flight.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        match &mut self.jobs {
+            Some(jobs) if permit.is_some() || !jobs.has_parked() => jobs.arrived(job, permit).await,
+            _ => give_back(&job).await,
+        }
+    }
+
     /// A job the feed pulled (it only pulls when a slot was free and no
     /// prompt waited): it runs now, or at the next free slot.
     async fn job_arrived(&mut self, job: crate::bus::JobMessage) {
@@ -460,10 +480,14 @@ impl Daemon {
         {
             self.intake.prompt(msg, None).await;
         }
-        while let Ok(Some(msg)) =
+        while let Ok(Some(f)) =
             tokio::time::timeout(Duration::from_secs(2), next_forwarded(&mut self.forwarded)).await
         {
-            self.intake.prompt(msg, None).await;
+            match f {
+                Forwarded::Prompt(msg) => self.intake.prompt(msg, None).await,
+                // Stopping: back to the stream, for another daemon.
+                Forwarded::Job(j) => give_back(&j).await,
+            }
         }
         // Conversations with nothing running are handed back now: their
         // next prompt is served at once by another daemon.
@@ -539,7 +563,7 @@ enum From {
 }
 
 /// The next prompt forwarded by another daemon (never, single-host).
-async fn next_forwarded(sub: &mut Option<InstanceSubscription>) -> Option<Incoming> {
+async fn next_forwarded(sub: &mut Option<InstanceSubscription>) -> Option<Forwarded> {
     match sub {
         Some(s) => s.next().await,
         None => std::future::pending().await,
@@ -551,6 +575,13 @@ async fn next_job(jobs: &mut Option<Jobs>) -> crate::bus::JobMessage {
     match jobs {
         Some(j) => j.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Hands a job back to the stream at once (another daemon takes it).
+async fn give_back(job: &crate::bus::JobMessage) {
+    if let Err(e) = job.nak(None).await {
+        warn!(error = %e, "handing a job back failed; it comes back after ack_wait");
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
-use crate::bus::{Incoming, Publisher};
+use crate::bus::{Incoming, JobMessage, Publisher};
 use crate::cluster::{Cluster, Place};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -35,6 +35,17 @@ enum Placed {
     Busy { reason: String },
     /// The home daemon `instance` did not take it.
     Silent { instance: String },
+}
+
+/// Where a pulled job runs ([`Intake::job_home`]).
+pub enum JobHome {
+    Here {
+        moved_from: Option<String>,
+    },
+    /// Its conversation's home took it and settles it.
+    Forwarded,
+    /// Not now: hand it back, delivered again after `retry_delay`.
+    Later,
 }
 
 /// A prompt that will not run: its one reply and where it goes.
@@ -440,6 +451,49 @@ impl Intake {
         sink.send(ReplyBody::error(code, reason)).await;
     }
 
+    /// Where a pulled job runs, in a cluster: here, or at its
+    /// conversation's home (forwarded there, which then settles it), or
+    /// later (the home did not take it, or the conversation is moving:
+    /// delivered again after `retry_delay`). The last delivery runs here.
+    pub async fn job_home(&self, job: &JobMessage, route: &Route, last: bool) -> JobHome {
+        let here = JobHome::Here { moved_from: None };
+        let (
+            Some(cluster),
+            Route::Prompt {
+                caller,
+                conversation,
+            },
+        ) = (&self.cluster, route)
+        else {
+            return here;
+        };
+        let Ok((prompt, _)) = self.admit(&job.incoming, caller, conversation.as_deref()) else {
+            return here; // refused where it is, by `job`
+        };
+        let Some(conversation) = prompt.conversation.as_deref().filter(|_| !last) else {
+            return here;
+        };
+        let sessions = self.dispatcher.context().sessions.as_ref();
+        let forwarded = job.incoming.forwarded_by.is_some();
+        match cluster.place(conversation, forwarded, sessions).await {
+            Place::Here { moved_from } => JobHome::Here { moved_from },
+            Place::Busy { reason } => {
+                info!(%conversation, %reason, "a job's conversation is moving; the job comes back later");
+                JobHome::Later
+            }
+            Place::There { instance } => match cluster.forward_job(&instance, job).await {
+                Ok(()) => {
+                    info!(%conversation, home = %instance, sequence = job.sequence, "job forwarded to its conversation's home");
+                    JobHome::Forwarded
+                }
+                Err(e) => {
+                    warn!(%conversation, home = %instance, error = %e, "the conversation's home did not take the job; it comes back later");
+                    JobHome::Later
+                }
+            },
+        }
+    }
+
     /// A durable job (`crate::jobs`), checked as a prompt from `caller`
     /// (its subject's tenant). It has no NATS reply subject: its replies go
     /// to `reply_to` or the default reply subject, never into the jobs
@@ -472,6 +526,7 @@ impl Intake {
                 }
             }
             Ok((mut prompt, subject)) => {
+                prompt.moved_from = job.moved_from.clone();
                 prompt.job = Some(job);
                 let sink = self
                     .sink(

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::bus::{BusError, Incoming, JetStream, JobMessage, JobQueue, JobSettings};
 use crate::config::Config;
-use crate::intake::Intake;
+use crate::intake::{Intake, JobHome};
 use crate::metrics::{JobEvent, Metrics};
 use crate::protocol::job::{self, JobTurn, RetryAfter};
 use crate::protocol::tenant::Route;
@@ -129,7 +129,27 @@ impl Jobs {
     /// `permit`, else it is parked until a slot frees.
     pub async fn arrived(&mut self, msg: JobMessage, permit: Option<OwnedSemaphorePermit>) {
         self.metrics.job(JobEvent::Taken);
-        let pending = self.settle(msg);
+        let j = &self.config.jetstream;
+        let last = j.max_deliver > 0 && msg.delivered >= j.max_deliver as u64;
+        let route = job::route(
+            &j.jobs_subject,
+            &self.config.route_subjects(),
+            &msg.incoming.subject,
+        );
+        let moved_from = match self.intake.job_home(&msg, &route, last).await {
+            JobHome::Here { moved_from } => moved_from,
+            JobHome::Forwarded => return,
+            JobHome::Later => {
+                match msg.nak(Some(j.retry_delay)).await {
+                    Ok(()) => self.metrics.job(JobEvent::Naked),
+                    Err(e) => {
+                        warn!(error = %e, "handing a job back failed; it comes back after ack_wait")
+                    }
+                }
+                return;
+            }
+        };
+        let pending = self.settle(msg, route, moved_from);
         match permit {
             Some(p) => self.run(pending, Some(p)).await,
             None => {
@@ -149,7 +169,7 @@ impl Jobs {
     }
 
     /// Spawns the job's settle task; the job as the intake will take it.
-    fn settle(&self, msg: JobMessage) -> Pending {
+    fn settle(&self, msg: JobMessage, route: Route, moved_from: Option<String>) -> Pending {
         let j = &self.config.jetstream;
         let last = j.max_deliver > 0 && msg.delivered >= j.max_deliver as u64;
         let (hook, end) = JobHook::new(msg.delivered, last);
@@ -159,15 +179,12 @@ impl Jobs {
             msg.published_nanos,
         ));
         let pending = Pending {
-            route: job::route(
-                &j.jobs_subject,
-                &self.config.route_subjects(),
-                &msg.incoming.subject,
-            ),
+            route,
             incoming: msg.incoming.clone(),
             turn: JobTurn {
                 tag,
                 redelivered: msg.delivered > 1,
+                moved_from,
             },
             hook,
         };

@@ -17,11 +17,23 @@ use futures::StreamExt;
 use tracing::{info, warn};
 
 use super::subscribe::subscribe_one;
-use super::{barrier, BusError, Incoming};
+use super::{barrier, BusError, Incoming, JobMessage};
 
 const SUBJECT: &str = "Bridge-Subject";
 const REPLY: &str = "Bridge-Reply";
 const FROM: &str = "Bridge-Forwarded-By";
+/// A forwarded job: its ack subject and its delivery.
+const JOB_ACK: &str = "Bridge-Job-Ack";
+const JOB_DELIVERY: &str = "Bridge-Job-Delivery";
+
+/// What another daemon forwarded here (one at a time, never stored: the
+/// size of the prompt variant does not matter).
+#[allow(clippy::large_enum_variant)]
+pub enum Forwarded {
+    Prompt(Incoming),
+    /// A job it pulled; this daemon settles it (on its ack subject).
+    Job(Box<JobMessage>),
+}
 
 /// Sends prompts to other daemons.
 #[derive(Clone)]
@@ -49,8 +61,30 @@ impl Forwarder {
 
     /// Hands `msg` to `instance`; `Ok` once that daemon took it.
     pub async fn forward(&self, instance: &str, msg: &Incoming) -> Result<(), BusError> {
-        let subject = Self::subject_of(&self.prefix, instance);
+        self.send(instance, msg, HeaderMap::new()).await
+    }
+
+    /// Hands a pulled job to `instance`, which then settles it; `Ok` once
+    /// that daemon took it (this one must not settle it any more).
+    pub async fn forward_job(&self, instance: &str, job: &JobMessage) -> Result<(), BusError> {
+        let Some(ack) = job.ack_subject() else {
+            return Err(BusError::Refused {
+                subject: job.incoming.subject.clone(),
+                detail: "a job without an ack subject cannot be forwarded".into(),
+            });
+        };
         let mut h = HeaderMap::new();
+        h.insert(JOB_ACK, ack);
+        let delivery = format!(
+            "{} {} {} {}",
+            job.delivered, job.stream, job.sequence, job.published_nanos
+        );
+        h.insert(JOB_DELIVERY, delivery.as_str());
+        self.send(instance, &job.incoming, h).await
+    }
+
+    async fn send(&self, instance: &str, msg: &Incoming, mut h: HeaderMap) -> Result<(), BusError> {
+        let subject = Self::subject_of(&self.prefix, instance);
         h.insert(SUBJECT, msg.subject.as_str());
         if let Some(r) = &msg.reply {
             h.insert(REPLY, r.as_str());
@@ -83,6 +117,16 @@ impl Forwarder {
     }
 }
 
+/// `Bridge-Job-Delivery`: delivered, stream, sequence, published (ns).
+fn delivery(v: &str) -> Option<(u64, String, u64, i128)> {
+    let mut it = v.split(' ');
+    let d = it.next()?.parse().ok()?;
+    let stream = it.next()?.to_string();
+    let seq = it.next()?.parse().ok()?;
+    let published = it.next()?.parse().ok()?;
+    Some((d, stream, seq, published))
+}
+
 /// This daemon's own prompt subject: prompts other daemons forwarded here.
 pub struct InstanceSubscription {
     sub: async_nats::Subscriber,
@@ -105,10 +149,10 @@ impl InstanceSubscription {
         })
     }
 
-    /// The next forwarded prompt, as it first came off the bus (subject,
-    /// reply subject and headers restored; `forwarded_by` set). The
-    /// forwarding daemon is told at once that it was taken.
-    pub async fn next(&mut self) -> Option<Incoming> {
+    /// The next forwarded prompt or job, as it first came off the bus
+    /// (subject, reply subject and headers restored; `forwarded_by` set).
+    /// The forwarding daemon is told at once that it was taken.
+    pub async fn next(&mut self) -> Option<Forwarded> {
         loop {
             let m = self.sub.next().await?;
             let ack_to = m.reply.clone();
@@ -122,13 +166,22 @@ impl InstanceSubscription {
             msg.subject = original;
             msg.reply = get(REPLY);
             msg.forwarded_by = Some(get(FROM).unwrap_or_default());
+            let job = get(JOB_ACK).zip(get(JOB_DELIVERY).as_deref().and_then(delivery));
             if let Some(r) = ack_to {
                 let _ = self
                     .client
                     .publish(r, Bytes::from_static(b"{\"taken\":true}"))
                     .await;
             }
-            return Some(msg);
+            return Some(match job {
+                Some((ack, d)) => Forwarded::Job(Box::new(JobMessage::forwarded(
+                    self.client.clone(),
+                    msg,
+                    d,
+                    ack,
+                ))),
+                None => Forwarded::Prompt(msg),
+            });
         }
     }
 

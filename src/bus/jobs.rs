@@ -39,7 +39,22 @@ pub struct JobMessage {
     pub sequence: u64,
     /// When the stream stored it (Unix nanoseconds).
     pub published_nanos: i128,
-    acker: Acker,
+    acker: Settler,
+}
+
+/// How a delivery is settled: through async-nats on the daemon that pulled
+/// it, or, for a job forwarded to its conversation's home (`bus::forward`),
+/// by publishing JetStream's ack protocol (`+ACK`, `+WPI`, `-NAK`,
+/// `+TERM`) on its ack subject.
+enum Settler {
+    Pulled {
+        acker: Acker,
+        subject: Option<String>,
+    },
+    Forwarded {
+        client: async_nats::Client,
+        subject: String,
+    },
 }
 
 fn failed(what: impl Into<String>) -> impl FnOnce(super::Source) -> BusError {
@@ -102,6 +117,7 @@ impl JobQueue {
                     info.stream_sequence,
                 );
                 let published_nanos = info.published.unix_timestamp_nanos();
+                let subject = m.message.reply.as_ref().map(|r| r.to_string());
                 let (message, acker) = m.split();
                 Ok(Some(JobMessage {
                     incoming: Incoming::from(message),
@@ -109,7 +125,7 @@ impl JobQueue {
                     stream,
                     sequence,
                     published_nanos,
-                    acker,
+                    acker: Settler::Pulled { acker, subject },
                 }))
             }
         }
@@ -117,35 +133,78 @@ impl JobQueue {
 }
 
 impl JobMessage {
+    /// A job another daemon pulled and forwarded here, settled on its ack
+    /// subject.
+    pub(super) fn forwarded(
+        client: async_nats::Client,
+        incoming: Incoming,
+        (delivered, stream, sequence, published_nanos): (u64, String, u64, i128),
+        ack_subject: String,
+    ) -> JobMessage {
+        JobMessage {
+            incoming,
+            delivered,
+            stream,
+            sequence,
+            published_nanos,
+            acker: Settler::Forwarded {
+                client,
+                subject: ack_subject,
+            },
+        }
+    }
+
+    /// Where JetStream takes this delivery's acknowledgements.
+    pub fn ack_subject(&self) -> Option<&str> {
+        match &self.acker {
+            Settler::Pulled { subject, .. } => subject.as_deref(),
+            Settler::Forwarded { subject, .. } => Some(subject),
+        }
+    }
+
+    async fn settle(&self, kind: AckKind, confirm: bool, what: &str) -> Result<(), BusError> {
+        match &self.acker {
+            Settler::Pulled { acker, .. } if confirm => acker.double_ack_with(kind).await,
+            Settler::Pulled { acker, .. } => acker.ack_with(kind).await,
+            Settler::Forwarded { client, subject } => client
+                .publish(subject.clone(), ack_protocol(kind).into())
+                .await
+                .map_err(Into::into),
+        }
+        .map_err(failed(what))
+    }
+
     /// Done: removed from the stream (the server confirms it).
     pub async fn ack(&self) -> Result<(), BusError> {
-        self.acker
-            .double_ack()
-            .await
-            .map_err(failed("acknowledge a job"))
+        self.settle(AckKind::Ack, true, "acknowledge a job").await
     }
 
     /// Still running: `ack_wait` starts again.
     pub async fn in_progress(&self) -> Result<(), BusError> {
-        self.acker
-            .ack_with(AckKind::Progress)
+        self.settle(AckKind::Progress, false, "mark a job in progress")
             .await
-            .map_err(failed("mark a job in progress"))
     }
 
     /// Not served: delivered again after `delay` (to any daemon).
     pub async fn nak(&self, delay: Option<Duration>) -> Result<(), BusError> {
-        self.acker
-            .ack_with(AckKind::Nak(delay))
+        self.settle(AckKind::Nak(delay), false, "hand a job back")
             .await
-            .map_err(failed("hand a job back"))
     }
 
     /// Never to be delivered again (its terminal reply is out).
     pub async fn term(&self) -> Result<(), BusError> {
-        self.acker
-            .double_ack_with(AckKind::Term)
-            .await
-            .map_err(failed("terminate a job"))
+        self.settle(AckKind::Term, true, "terminate a job").await
+    }
+}
+
+/// JetStream's ack protocol, as a message body.
+fn ack_protocol(kind: AckKind) -> String {
+    match kind {
+        AckKind::Ack => "+ACK".into(),
+        AckKind::Progress => "+WPI".into(),
+        AckKind::Term => "+TERM".into(),
+        AckKind::Nak(None) => "-NAK".into(),
+        AckKind::Nak(Some(d)) => format!("-NAK {{\"delay\":{}}}", d.as_nanos()),
+        AckKind::Next => "+NXT".into(),
     }
 }

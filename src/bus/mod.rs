@@ -30,7 +30,7 @@ pub use agent::{AgentOptions, AgentPrompts, AgentService};
 pub use async_nats::Client as Connection;
 pub use caller::{Caller, Received, ReplyStream};
 pub use connect::{connect, connect_observed};
-pub use forward::{Forwarder, InstanceSubscription};
+pub use forward::{Forwarded, Forwarder, InstanceSubscription};
 pub use incoming::Incoming;
 pub use jetstream::{Bucket, Entry, JetStream};
 pub use jobs::{JobMessage, JobQueue, JobSettings};

@@ -259,6 +259,11 @@ impl Cluster {
         }
     }
 
+    /// Hands a pulled job to the daemon `instance`, which settles it.
+    pub async fn forward_job(&self, instance: &str, job: &bus::JobMessage) -> Result<(), BusError> {
+        self.forwarder.forward_job(instance, job).await
+    }
+
     /// Hands `msg` to the daemon `instance`.
     pub async fn forward(&self, instance: &str, msg: &Incoming) -> Result<(), BusError> {
         self.forwarder.forward(instance, msg).await

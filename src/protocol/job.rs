@@ -53,6 +53,8 @@ pub struct JobTurn {
     /// An earlier delivery may have prompted OpenCode already: look for the
     /// tagged user message before prompting, and follow it if found.
     pub redelivered: bool,
+    /// The host the job's conversation moved from (`Prompt::moved_from`).
+    pub moved_from: Option<String>,
 }
 
 /// The seed of a job's tag: its stream, stream sequence and publish time

@@ -315,3 +315,60 @@ async fn prompt_job_through_the_cli() {
     assert_eq!(fake.prompts().len(), 1);
     bridge.stop().await.unwrap();
 }
+
+/// Jobs of a conversation at home on one daemon run there, whichever daemon
+/// pulls them: the puller forwards the job, the home runs and settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_conversation_run_at_its_home_whoever_pulls_them() {
+    let nats = NatsServer::start();
+    let (fa, fb) = (FakeOpenCode::start().await, FakeOpenCode::start().await);
+    let c = client(&nats.url()).await;
+    // A alone first: the conversation's home is A.
+    let a = Bridge::start(job_config(&nats, &fa, |_| {})).await;
+    let mut sub = subscribe_ready(&c, "opencode.reply.>").await;
+    publish_job(
+        &c,
+        "opencode.job.chat.home",
+        json!({"text": "first", "trace_id": "h0"}),
+    )
+    .await;
+    let r = collect_until_terminal(&mut sub, JOB).await;
+    assert_eq!(terminals(&r)[0]["kind"], "final", "{r:#?}");
+    let b = Bridge::start(job_config(&nats, &fb, |_| {})).await;
+    const N: usize = 8;
+    for i in 1..=N {
+        let payload = json!({"text": format!("job {i}"), "trace_id": format!("h{i}")});
+        publish_job(&c, "opencode.job.chat.home", payload).await;
+    }
+    let mut finals = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + JOB;
+    while finals.len() < N {
+        let m = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {N} jobs ended", finals.len()))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        if matches!(v["kind"].as_str(), Some("final" | "error")) {
+            assert_eq!(v["kind"], "final", "{v}");
+            let again = finals.insert(v["trace_id"].as_str().unwrap().to_string(), v.clone());
+            assert!(again.is_none(), "two terminal replies for {v}");
+        }
+    }
+    for i in 1..=N {
+        assert_eq!(
+            finals[&format!("h{i}")]["content"],
+            echo_reply(&format!("job {i}")).as_str()
+        );
+    }
+    assert_eq!(
+        fa.prompts().len(),
+        N + 1,
+        "every job ran at the conversation's home"
+    );
+    assert_eq!(fb.prompts().len(), 0);
+    // Every job was settled: nothing waits or is unacknowledged.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(consumer_state(&c).await, (0, 0));
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
