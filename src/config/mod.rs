@@ -680,6 +680,9 @@ impl Config {
             status: &s.status,
             heartbeat: &s.heartbeat,
             reply_prefix: &s.reply_prefix,
+            turn_status: &s.turn_status,
+            jobs: &self.jetstream.jobs_subject,
+            instances: &self.cluster.instance_prefix,
         }
     }
 

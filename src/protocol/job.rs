@@ -123,6 +123,9 @@ mod tests {
         status: "opencode.bridge.status",
         heartbeat: "opencode.bridge.heartbeat",
         reply_prefix: "opencode.reply",
+        turn_status: "opencode.turn.status",
+        jobs: "opencode.job",
+        instances: "opencode.bridge.instance",
     };
 
     #[test]

@@ -12,7 +12,7 @@
 
 pub use super::caller::{is_under, Caller};
 use super::prompt::Prompt;
-use super::subject::{subject_matches, validate_token};
+use super::subject::validate_token;
 
 /// The tail of `subject` below `base`: `None` when `subject` is not `base`
 /// or below it, `Some(None)` for `base` itself.
@@ -35,6 +35,12 @@ pub struct Subjects<'a> {
     pub status: &'a str,
     pub heartbeat: &'a str,
     pub reply_prefix: &'a str,
+    /// Turn state requests (`[subjects] turn_status`).
+    pub turn_status: &'a str,
+    /// Where jobs are published (`[jetstream] jobs_subject`).
+    pub jobs: &'a str,
+    /// Where daemons take forwarded prompts (`[cluster] instance_prefix`).
+    pub instances: &'a str,
 }
 
 /// Which kind of answer a control message carries.
@@ -205,7 +211,10 @@ impl ReplyRules<'_> {
 
     /// Whether `s` is one of the subjects the daemon listens or publishes
     /// on itself: a reply there would act as a prompt, an abort, an answer,
-    /// a status request or a heartbeat.
+    /// a status request, a heartbeat, a job or a forwarded prompt; or a
+    /// system subject (`$JS.API`, `$KV`, `$O`, `$SRV`, `$SYS`...), where a
+    /// reply published with the daemon's permissions would be a JetStream
+    /// or service request.
     pub fn is_own(&self, s: &str) -> bool {
         let j = &self.subjects;
         [
@@ -215,10 +224,13 @@ impl ReplyRules<'_> {
             j.question_reply,
             j.status,
             j.heartbeat,
+            j.turn_status,
+            j.jobs,
+            j.instances,
         ]
         .iter()
         .any(|base| is_under(s, base))
-            || subject_matches("$SRV.>", s)
+            || s.starts_with('$')
     }
 
     /// Where a turn's replies go: the NATS reply subject, else `reply_to`,
@@ -284,6 +296,9 @@ mod tests {
         status: "opencode.bridge.status",
         heartbeat: "opencode.bridge.heartbeat",
         reply_prefix: "opencode.reply",
+        turn_status: "opencode.turn.status",
+        jobs: "opencode.job",
+        instances: "opencode.bridge.instance",
     };
 
     fn tenant(t: &str) -> Caller {
@@ -476,6 +491,14 @@ mod tests {
             "opencode.bridge.status",
             "opencode.bridge.heartbeat.h",
             "$SRV.PING",
+            // A reply there would be a JetStream request with the bridge's
+            // permissions, a job, a turn state request, a forwarded prompt.
+            "$JS.API.STREAM.DELETE.OPENCODE_JOBS",
+            "$KV.opencode_bridge_conversations.c_x",
+            "$O.opencode_bridge_finals.M.x",
+            "opencode.job.slack.C1",
+            "opencode.turn.status.slack",
+            "opencode.bridge.instance.b1.prompt",
         ] {
             for caller in [&d, &Caller::Operator] {
                 let (why, back) = lax.route(caller, Some(own), None, "t1").unwrap_err();

@@ -372,3 +372,46 @@ async fn jobs_of_a_conversation_run_at_its_home_whoever_pulls_them() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// A reply subject is never a JetStream API, KV, job or instance subject:
+/// a reply published there with the bridge's permissions would delete a
+/// stream, forge a job or a forwarded prompt. Not even in lax mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_subject_cannot_reach_jetstream_jobs_or_other_daemons() {
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start().await;
+    let bridge = Bridge::start(job_config(&nats, &fake, |_| {})).await;
+    let c = client(&nats.url()).await;
+    let mut sub = subscribe_ready(&c, "opencode.reply.attacker.>").await;
+    for (i, target) in [
+        "$JS.API.STREAM.DELETE.OPENCODE_JOBS",
+        "$KV.opencode_bridge_conversations.c_x",
+        "opencode.job.victim.C1",
+        "opencode.bridge.instance.any.prompt",
+        "opencode.turn.status.victim",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let trace = format!("r{i}");
+        let payload = json!({"text": "hi", "reply_to": target, "trace_id": trace});
+        c.publish("opencode.prompt.attacker", payload.to_string().into())
+            .await
+            .unwrap();
+        let r = collect_until_terminal(&mut sub, JOB).await;
+        let last = &r.last().unwrap().1;
+        assert_eq!(last["trace_id"], trace.as_str());
+        // `$` subjects are not even valid reply subjects (`bad_request`);
+        // the rest are the bridge's own (`forbidden`).
+        let want = if target.starts_with('$') {
+            "bad_request"
+        } else {
+            "forbidden"
+        };
+        assert_eq!(last["code"], want, "{target}: {r:#?}");
+    }
+    // The stream is still there, with nothing in it; OpenCode saw nothing.
+    assert_eq!(consumer_state(&c).await, (0, 0));
+    assert!(fake.prompts().is_empty());
+    bridge.stop().await.unwrap();
+}
