@@ -216,6 +216,8 @@ struct Phase {
     /// Delta replies received, per turn (the window's feedback).
     received: Vec<AtomicU64>,
     notify: Vec<Notify>,
+    /// When the fake wrote each turn's end (its last events, `session.idle`).
+    finished_ns: Vec<AtomicU64>,
 }
 
 impl Phase {
@@ -226,6 +228,7 @@ impl Phase {
             turns,
             received: (0..turns).map(|_| AtomicU64::new(0)).collect(),
             notify: (0..turns).map(|_| Notify::new()).collect(),
+            finished_ns: (0..turns).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 }
@@ -534,6 +537,9 @@ impl Fake {
                 ];
                 for e in &evs {
                     out.extend_from_slice(e);
+                }
+                if let Some(f) = st.phase.finished_ns.get(st.turn) {
+                    f.store(now_ns(), Ordering::Release);
                 }
                 evs.len() as u64
             }
@@ -925,6 +931,9 @@ fn relay_child() {
 #[derive(Default)]
 struct Collected {
     latencies_ns: Vec<u64>,
+    /// Per turn: from the fake writing the turn's end to its terminal
+    /// reply here (the daemon only).
+    end_ns: Vec<u64>,
     /// Write time of each delta of `latencies_ns` (same order).
     written_ns: Vec<u64>,
     deltas: u64,
@@ -1001,6 +1010,13 @@ async fn collect(
                     Some("delta") => true,
                     Some("final") => {
                         c.terminals += 1;
+                        let end = marker(&msg.payload)
+                            .and_then(|(turn, _)| phase.finished_ns.get(turn))
+                            .map(|f| f.load(Ordering::Acquire))
+                            .filter(|&f| f > 0);
+                        if let Some(f) = end {
+                            c.end_ns.push(now.saturating_sub(f));
+                        }
                         false
                     }
                     Some("error") => {
@@ -1262,6 +1278,7 @@ impl Rig {
         }
         let steady_ns = steady_state(&collected, warmup());
         collected.latencies_ns.sort_unstable();
+        collected.end_ns.sort_unstable();
         PhaseResult {
             steady_ns,
             target: which,
@@ -1414,6 +1431,27 @@ fn report(
             r.steady_pct(0.99),
             r.steady_pct(0.999),
             r.steady_pct(1.0),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nend of turn (the fake writing a turn's last events, session.idle included, to its final here):"
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:>6} {:>9} {:>9} {:>9}",
+        "phase", "turns", "p50 us", "p99 us", "max us"
+    );
+    for r in results.iter().filter(|r| !r.collected.end_ns.is_empty()) {
+        let e = &r.collected.end_ns;
+        let _ = writeln!(
+            out,
+            "{:<16} {:>6} {:>9.0} {:>9.0} {:>9.0}",
+            r.label,
+            e.len(),
+            pct(e, 0.50),
+            pct(e, 0.99),
+            pct(e, 1.0),
         );
     }
     let _ = writeln!(
