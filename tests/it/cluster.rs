@@ -384,3 +384,25 @@ async fn a_conversation_keeps_its_context_across_two_daemons_on_two_real_opencod
         b.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_home_on_a_shared_opencode_is_continued_in_the_same_session() {
+    let nats = NatsServer::start();
+    let shared = FakeOpenCode::start().await;
+    let mut a = spawn_daemon(&nats, &shared, "host-a", "3s").await;
+    let c = client(&nats.url()).await;
+    let first = ask(&c, "opencode.prompt.chat.s1", "before").await;
+    assert_eq!(first["kind"], "final", "{first}");
+    let _b = spawn_daemon(&nats, &shared, "host-b", "3s").await;
+    kill(Pid::from_raw(a.child.id().unwrap() as i32), Signal::SIGKILL).unwrap();
+    let _ = a.child.wait().await;
+    let fin = ask(&c, "opencode.prompt.chat.s1", "after").await;
+    assert_eq!(fin["kind"], "final", "{fin}");
+    assert_eq!(fin["content"], echo_reply("after").as_str());
+    assert_eq!(
+        fin["session_id"], first["session_id"],
+        "the session continues"
+    );
+    assert_ne!(fin["session_recreated"], true, "{fin}");
+    assert_eq!(shared.prompts().len(), 2);
+}
