@@ -106,14 +106,22 @@ impl Forwarder {
             .payload(msg.payload.clone())
             .headers(h)
             .timeout(Some(self.timeout));
-        self.client
+        let answer = self
+            .client
             .send_request(subject.clone(), req)
             .await
-            .map(|_| ())
             .map_err(|e| BusError::Publish {
-                subject,
+                subject: subject.clone(),
                 source: e.into(),
-            })
+            })?;
+        if answer.payload.as_ref() == b"{\"taken\":true}" {
+            return Ok(());
+        }
+        Err(BusError::Refused {
+            subject,
+            detail: "the daemon did not take the prompt (too many forwarded prompts waiting)"
+                .into(),
+        })
     }
 }
 
@@ -128,10 +136,18 @@ fn delivery(v: &str) -> Option<(u64, String, u64, i128)> {
 }
 
 /// This daemon's own prompt subject: prompts other daemons forwarded here.
+/// A task of its own reads it and tells the forwarding daemon at once
+/// whether the prompt was taken, whatever the serve loop is doing (two
+/// daemons forwarding to each other never wait on each other's loop).
 pub struct InstanceSubscription {
-    sub: async_nats::Subscriber,
-    client: async_nats::Client,
+    rx: tokio::sync::mpsc::Receiver<Forwarded>,
+    drain: Option<tokio::sync::oneshot::Sender<()>>,
 }
+
+/// Forwarded prompts taken but not yet read by the serve loop; beyond
+/// this a forward is answered `{"taken":false}` (the forwarder decides
+/// again, as for a silent home).
+const TAKEN_BOUND: usize = 1024;
 
 impl InstanceSubscription {
     pub async fn subscribe(
@@ -143,52 +159,87 @@ impl InstanceSubscription {
         let sub = subscribe_one(client, &subject, None).await?;
         barrier(client).await?;
         info!(%subject, "listening for prompts forwarded by other daemons");
+        let (tx, rx) = tokio::sync::mpsc::channel(TAKEN_BOUND);
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(take_forwarded(sub, client.clone(), tx, drain_rx));
         Ok(InstanceSubscription {
-            sub,
-            client: client.clone(),
+            rx,
+            drain: Some(drain_tx),
         })
     }
 
     /// The next forwarded prompt or job, as it first came off the bus
     /// (subject, reply subject and headers restored; `forwarded_by` set).
-    /// The forwarding daemon is told at once that it was taken.
     pub async fn next(&mut self) -> Option<Forwarded> {
-        loop {
-            let m = self.sub.next().await?;
-            let ack_to = m.reply.clone();
-            let h = m.headers.clone().unwrap_or_default();
-            let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());
-            let Some(original) = get(SUBJECT) else {
-                warn!(subject = %m.subject, "a message on the instance subject without Bridge-Subject: ignored");
-                continue;
-            };
-            let mut msg = Incoming::from(m);
-            msg.subject = original;
-            msg.reply = get(REPLY);
-            msg.forwarded_by = Some(get(FROM).unwrap_or_default());
-            let job = get(JOB_ACK).zip(get(JOB_DELIVERY).as_deref().and_then(delivery));
-            if let Some(r) = ack_to {
-                let _ = self
-                    .client
-                    .publish(r, Bytes::from_static(b"{\"taken\":true}"))
-                    .await;
-            }
-            return Some(match job {
-                Some((ack, d)) => Forwarded::Job(Box::new(JobMessage::forwarded(
-                    self.client.clone(),
-                    msg,
-                    d,
-                    ack,
-                ))),
-                None => Forwarded::Prompt(msg),
-            });
-        }
+        self.rx.recv().await
     }
 
     /// Stops taking forwarded prompts (what is on the way is still read).
     pub async fn drain(&mut self) {
-        if let Err(e) = self.sub.drain().await {
-            warn!(error = %e, "draining the instance subscription failed");
+        if let Some(d) = self.drain.take() {
+            let _ = d.send(());
         }
     }
+}
+
+/// Reads the instance subject until drained: each forward is answered
+/// `{"taken":true}` once it is in the serve loop's channel.
+async fn take_forwarded(
+    mut sub: async_nats::Subscriber,
+    client: async_nats::Client,
+    tx: tokio::sync::mpsc::Sender<Forwarded>,
+    mut drain: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut draining = false;
+    loop {
+        let m = tokio::select! {
+            _ = &mut drain, if !draining => {
+                draining = true;
+                if let Err(e) = sub.drain().await {
+                    warn!(error = %e, "draining the instance subscription failed");
+                }
+                continue;
+            }
+            m = sub.next() => m,
+        };
+        let Some(m) = m else { break };
+        let ack_to = m.reply.clone();
+        let Some(f) = forwarded(m, &client) else {
+            continue;
+        };
+        let taken = tx.try_send(f).is_ok();
+        if !taken {
+            warn!("too many forwarded prompts waiting for the serve loop; refusing one");
+        }
+        if let Some(r) = ack_to {
+            let body: &'static [u8] = if taken {
+                b"{\"taken\":true}"
+            } else {
+                b"{\"taken\":false}"
+            };
+            let _ = client.publish(r, Bytes::from_static(body)).await;
+        }
+    }
+}
+
+/// A forwarded message as it first came off the bus, or `None` (logged)
+/// when it is not a forward.
+fn forwarded(m: async_nats::Message, client: &async_nats::Client) -> Option<Forwarded> {
+    let h = m.headers.clone().unwrap_or_default();
+    let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());
+    let Some(original) = get(SUBJECT) else {
+        warn!(subject = %m.subject, "a message on the instance subject without Bridge-Subject: ignored");
+        return None;
+    };
+    let mut msg = Incoming::from(m);
+    msg.subject = original;
+    msg.reply = get(REPLY);
+    msg.forwarded_by = Some(get(FROM).unwrap_or_default());
+    let job = get(JOB_ACK).zip(get(JOB_DELIVERY).as_deref().and_then(delivery));
+    Some(match job {
+        Some((ack, d)) => {
+            Forwarded::Job(Box::new(JobMessage::forwarded(client.clone(), msg, d, ack)))
+        }
+        None => Forwarded::Prompt(msg),
+    })
 }

@@ -406,3 +406,45 @@ async fn a_killed_home_on_a_shared_opencode_is_continued_in_the_same_session() {
     assert_ne!(fin["session_recreated"], true, "{fin}");
     assert_eq!(shared.prompts().len(), 2);
 }
+
+/// With `deploy/nats-server.conf` as shipped (each user its own
+/// permissions, strict tenancy): a tenant's request-style prompts reach it
+/// whichever daemon takes them, the forwarded ones included (the home
+/// publishes on the tenant's inbox, which it never received itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_are_answered_under_the_shipped_permissions() {
+    use crate::ops_nats_permissions::{conf, password, request as ask_as, user};
+    let nats = NatsServer::start_with_config(&conf());
+    let fake = FakeOpenCode::start().await;
+    let mut bridges = Vec::new();
+    for host in ["host-a", "host-b"] {
+        let mut c = test_config(&nats.url(), &fake.url(), None);
+        c.nats.user = Some("bridge".into());
+        c.nats.password = Some(password("bridge"));
+        c.nats.inbox_prefix = "_INBOX.bridge".into();
+        c.tenancy.strict = true;
+        c.service.host = Some(host.into());
+        c.validate().unwrap();
+        bridges.push(Bridge::start(c).await);
+    }
+    let (discord, _errors) = user(&nats.url(), "discord").await;
+    let mut sessions = HashSet::new();
+    for i in 0..8 {
+        let text = format!("turn {i}");
+        let r = ask_as(
+            &discord,
+            "opencode.prompt.discord.D1",
+            &json!({"text": text}).to_string(),
+            TURN,
+        )
+        .await;
+        let fin = terminal(&r);
+        assert_eq!(fin["kind"], "final", "turn {i}: {r:#?}");
+        assert_eq!(fin["content"], echo_reply(&text).as_str());
+        sessions.insert(fin["session_id"].to_string());
+    }
+    assert_eq!(sessions.len(), 1);
+    for b in bridges {
+        b.stop().await.unwrap();
+    }
+}
