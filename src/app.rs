@@ -420,7 +420,16 @@ impl Daemon {
         };
         match &mut self.jobs {
             Some(jobs) if permit.is_some() || !jobs.has_parked() => jobs.arrived(job, permit).await,
-            _ => give_back(&job).await,
+            // Its last delivery runs here, over the limit: this is its home.
+            Some(jobs) if jobs.is_last(&job) => jobs.arrived_over_limit(job).await,
+            _ => {
+                // Back after `retry_delay` (not at once: it would bounce
+                // between its puller and here through its deliveries).
+                let delay = self.config.jetstream.retry_delay;
+                if let Err(e) = job.nak(Some(delay)).await {
+                    warn!(error = %e, "handing a job back failed; it comes back after ack_wait");
+                }
+            }
         }
     }
 
@@ -493,7 +502,10 @@ impl Daemon {
         // next prompt is served at once by another daemon.
         if let Some(c) = &self.cluster {
             let d = self.intake.dispatcher().clone();
-            let n = c.release(|conv| d.is_active(conv)).await;
+            let release = c.release(|conv| d.is_active(conv));
+            let n = tokio::time::timeout(RELEASE_BOUND, release)
+                .await
+                .unwrap_or(0);
             info!(
                 conversations = n,
                 "handed idle conversations back to the cluster"
@@ -527,7 +539,9 @@ impl Daemon {
             r.abort();
         }
         if let Some(c) = &self.cluster {
-            let n = c.release(|_| false).await;
+            let n = tokio::time::timeout(RELEASE_BOUND, c.release(|_| false))
+                .await
+                .unwrap_or(0);
             info!(
                 conversations = n,
                 "handed the remaining conversations back; leaving the cluster"
@@ -552,6 +566,10 @@ impl Daemon {
         info!("stopped");
     }
 }
+
+/// Bound on handing conversations back at a stop: past it the rest are
+/// taken over as the lease is deleted right after.
+const RELEASE_BOUND: Duration = Duration::from_secs(5);
 
 /// Where a prompt came from.
 #[derive(Debug, Clone, Copy)]

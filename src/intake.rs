@@ -226,7 +226,7 @@ impl Intake {
         let (Some(cluster), Some(conversation)) = (&self.cluster, &prompt.conversation) else {
             return Placed::Here { moved_from: None };
         };
-        cluster.wait_for_home(instance).await;
+        cluster.wait_for_home(instance, conversation).await;
         let sessions = self.dispatcher.context().sessions.as_ref();
         match cluster.place(conversation, true, sessions).await {
             Place::Here { moved_from } => Placed::Here { moved_from },
@@ -454,7 +454,8 @@ impl Intake {
     /// Where a pulled job runs, in a cluster: here, or at its
     /// conversation's home (forwarded there, which then settles it), or
     /// later (the home did not take it, or the conversation is moving:
-    /// delivered again after `retry_delay`). The last delivery runs here.
+    /// delivered again after `retry_delay`). The last delivery goes to its
+    /// home too, and runs here only if the home does not take it.
     pub async fn job_home(&self, job: &JobMessage, route: &Route, last: bool) -> JobHome {
         let here = JobHome::Here { moved_from: None };
         let (
@@ -470,16 +471,19 @@ impl Intake {
         let Ok((prompt, _)) = self.admit(&job.incoming, caller, conversation.as_deref()) else {
             return here; // refused where it is, by `job`
         };
-        let Some(conversation) = prompt.conversation.as_deref().filter(|_| !last) else {
+        let Some(conversation) = prompt.conversation.as_deref() else {
             return here;
         };
+        // The last delivery runs here if its home cannot take it: a job is
+        // never lost to a home that bounces it.
+        let later = if last { here } else { JobHome::Later };
         let sessions = self.dispatcher.context().sessions.as_ref();
         let forwarded = job.incoming.forwarded_by.is_some();
         match cluster.place(conversation, forwarded, sessions).await {
             Place::Here { moved_from } => JobHome::Here { moved_from },
             Place::Busy { reason } => {
-                info!(%conversation, %reason, "a job's conversation is moving; the job comes back later");
-                JobHome::Later
+                info!(%conversation, %reason, last, "a job's conversation is moving");
+                later
             }
             Place::There { instance } => match cluster.forward_job(&instance, job).await {
                 Ok(()) => {
@@ -487,8 +491,8 @@ impl Intake {
                     JobHome::Forwarded
                 }
                 Err(e) => {
-                    warn!(%conversation, home = %instance, error = %e, "the conversation's home did not take the job; it comes back later");
-                    JobHome::Later
+                    warn!(%conversation, home = %instance, error = %e, last, "the conversation's home did not take the job");
+                    later
                 }
             },
         }

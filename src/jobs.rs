@@ -160,6 +160,27 @@ impl Jobs {
         }
     }
 
+    /// Whether `msg` is its job's last allowed delivery.
+    pub fn is_last(&self, msg: &JobMessage) -> bool {
+        let max = self.config.jetstream.max_deliver;
+        max > 0 && msg.delivered >= max as u64
+    }
+
+    /// A job forwarded here on its last delivery while every slot is taken
+    /// and a job is parked: it runs now, beyond `max_in_flight`, rather
+    /// than be lost or run away from its conversation's home.
+    pub async fn arrived_over_limit(&mut self, msg: JobMessage) {
+        self.metrics.job(JobEvent::Taken);
+        let j = &self.config.jetstream;
+        let route = job::route(
+            &j.jobs_subject,
+            &self.config.route_subjects(),
+            &msg.incoming.subject,
+        );
+        let pending = self.settle(msg, route, None);
+        self.run(pending, None).await;
+    }
+
     /// Runs the parked job in `permit`'s slot.
     pub async fn run_parked(&mut self, permit: OwnedSemaphorePermit) {
         if let Some(p) = self.parked.take() {

@@ -90,6 +90,7 @@ impl Cluster {
             owned: Mutex::new(HashMap::new()),
             renewed: Mutex::new(None),
         });
+        cluster.refuse_a_twin().await?;
         cluster.renew().await?;
         info!(instance = %cluster.me.instance, opencode = %cluster.me.opencode, lease_ttl = ?c.lease_ttl, "joined the cluster");
         Ok(cluster)
@@ -104,6 +105,25 @@ impl Cluster {
         crate::ops::status::ClusterStatus {
             instance_id: self.me.instance.clone(),
             opencode_id: self.me.opencode.clone(),
+        }
+    }
+
+    /// A live lease under this instance id from another host means two
+    /// daemons were given one `[cluster] instance_id`: both would take the
+    /// same forwarded prompts. (The same host is this daemon restarted.)
+    async fn refuse_a_twin(&self) -> Result<(), BusError> {
+        let Some(e) = self.leases.get(&self.me.instance).await? else {
+            return Ok(());
+        };
+        match serde_json::from_slice::<Lease>(&e.value) {
+            Ok(l) if l.host != self.me.host => Err(BusError::Refused {
+                subject: self.leases.name().to_string(),
+                detail: format!(
+                    "instance id {:?} is in use by the live daemon on host {:?}: give each daemon its own [cluster] instance_id (or none)",
+                    self.me.instance, l.host
+                ),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -246,16 +266,27 @@ impl Cluster {
     }
 
     /// Waits (at most the lease TTL and a second) until `instance` has no
-    /// lease or has released `conversation`: a home that stopped taking
-    /// prompts (killed, hung, stopping) is taken over as soon as it may be.
-    pub async fn wait_for_home(&self, instance: &str) {
+    /// lease any more or no longer holds `conversation` (released, or taken
+    /// over): a home that stopped taking prompts (killed, hung, stopping)
+    /// is taken over as soon as it may be.
+    pub async fn wait_for_home(&self, instance: &str, conversation: &str) {
         let deadline = Instant::now() + self.ttl + Duration::from_secs(1);
         let step = (self.ttl / 15).max(Duration::from_millis(100));
+        let k = key(conversation);
         while Instant::now() < deadline {
-            match self.leases.get(instance).await {
-                Ok(None) => return,
-                Ok(Some(_)) | Err(_) => tokio::time::sleep(step).await,
+            let lease = self.leases.get(instance).await;
+            let home = self.homes.get(&k).await;
+            let holds = match home {
+                Ok(Some(e)) => serde_json::from_slice::<Home>(&e.value)
+                    .map(|h| h.instance == instance && !h.released)
+                    .unwrap_or(false),
+                Ok(None) => false,
+                Err(_) => true,
+            };
+            if matches!(lease, Ok(None)) || !holds {
+                return;
             }
+            tokio::time::sleep(step).await;
         }
     }
 

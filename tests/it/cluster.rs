@@ -448,3 +448,27 @@ async fn forwarded_requests_are_answered_under_the_shipped_permissions() {
         b.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_with_the_same_instance_id_on_another_host_does_not_start() {
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start().await;
+    let twin = |c: &mut Config| c.cluster.instance_id = Some("twin".into());
+    let a = Bridge::start(config(&nats, &fake, "host-a", twin)).await;
+    let cfg = config(&nats, &fake, "host-b", twin);
+    let r = tokio::time::timeout(
+        TURN,
+        opencode_nats_bridge::app::run(cfg, std::future::pending(), None),
+    )
+    .await
+    .expect("the twin gives up at once");
+    let e = r.expect_err("the twin must not start").to_string();
+    assert!(
+        e.contains("\"twin\" is in use") && e.contains("host-a"),
+        "{e}"
+    );
+    // The same host (a restart) is fine.
+    a.stop().await.unwrap();
+    let again = Bridge::start(config(&nats, &fake, "host-a", twin)).await;
+    again.stop().await.unwrap();
+}
