@@ -88,6 +88,7 @@ impl Jobs {
             consumer: j.jobs_consumer.clone(),
             ack_wait: j.ack_wait,
             max_deliver: j.max_deliver,
+            max_bytes: j.jobs_max_bytes,
         };
         let queue = JobQueue::open(js, &settings).await?;
         info!(stream = %settings.stream, subject = %settings.subject, consumer = %settings.consumer, "taking durable jobs");

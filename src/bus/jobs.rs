@@ -22,6 +22,9 @@ pub struct JobSettings {
     pub consumer: String,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    /// The stream's size limit; a full stream refuses new jobs (the
+    /// publisher's JetStream ack says so) instead of dropping stored ones.
+    pub max_bytes: u64,
 }
 
 /// The shared durable consumer of the jobs stream.
@@ -73,6 +76,8 @@ impl JobQueue {
                 subjects: vec![s.subject.clone(), format!("{}.>", s.subject)],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
+                max_bytes: i64::try_from(s.max_bytes).unwrap_or(i64::MAX),
+                discard: stream::DiscardPolicy::New,
                 ..Default::default()
             })
             .await

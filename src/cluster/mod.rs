@@ -307,7 +307,13 @@ impl Cluster {
             return;
         };
         let value = encode(&self.me.home(Some(session_id.to_string())));
-        match self.homes.update(&key(conversation), value, rev).await {
+        let k = key(conversation);
+        let update = self.homes.update(&k, value, rev);
+        let Ok(updated) = tokio::time::timeout(KV_TIMEOUT, update).await else {
+            warn!(%conversation, "recording the conversation's session took over 2s; skipped");
+            return;
+        };
+        match updated {
             Ok(Some(new)) => {
                 lock(&self.owned).insert(conversation.to_string(), new);
             }

@@ -86,6 +86,11 @@ pub struct JetStreamConfig {
     pub jobs_subject: String,
     /// The durable pull consumer every daemon shares.
     pub jobs_consumer: String,
+    /// The jobs stream's size (bytes) when the daemon creates it: a full
+    /// stream refuses new jobs (the publisher's JetStream ack fails)
+    /// rather than drop stored ones, and one tenant cannot fill the
+    /// JetStream store the cluster's buckets live in.
+    pub jobs_max_bytes: u64,
     /// A job not acknowledged (nor marked in progress) for this long is
     /// delivered again; a running job is marked in progress every third.
     #[serde(with = "humantime_serde")]
@@ -110,6 +115,7 @@ impl Default for JetStreamConfig {
             jobs_stream: "OPENCODE_JOBS".into(),
             jobs_subject: "opencode.job".into(),
             jobs_consumer: "opencode_bridge".into(),
+            jobs_max_bytes: 256 * 1024 * 1024,
             ack_wait: Duration::from_secs(30),
             max_deliver: 5,
             retry_delay: Duration::from_secs(5),

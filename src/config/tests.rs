@@ -69,6 +69,7 @@ fn example_file_is_valid_and_complete() {
         "jetstream.jobs_stream",
         "jetstream.jobs_subject",
         "jetstream.jobs_consumer",
+        "jetstream.jobs_max_bytes",
         "jetstream.ack_wait",
         "jetstream.max_deliver",
         "jetstream.retry_delay",

@@ -80,6 +80,9 @@ impl Config {
                 "must be at least 3s (renewed every third)".into(),
             );
         }
+        if j.jobs_max_bytes < 1024 * 1024 {
+            return invalid("jetstream.jobs_max_bytes", "must be at least 1 MiB".into());
+        }
         if j.max_deliver < 1 {
             return invalid("jetstream.max_deliver", "must be at least 1".into());
         }
