@@ -115,18 +115,7 @@ mod tests {
     use super::*;
     use crate::protocol::tenant::Caller;
 
-    const S: Subjects<'static> = Subjects {
-        prompt: "opencode.prompt",
-        abort: "opencode.abort",
-        permission_reply: "opencode.permission.reply",
-        question_reply: "opencode.question.reply",
-        status: "opencode.bridge.status",
-        heartbeat: "opencode.bridge.heartbeat",
-        reply_prefix: "opencode.reply",
-        turn_status: "opencode.turn.status",
-        jobs: "opencode.job",
-        instances: "opencode.bridge.instance",
-    };
+    use crate::protocol::tenant::tests::S;
 
     #[test]
     fn a_job_is_routed_as_the_prompt_it_mirrors() {

@@ -285,10 +285,11 @@ impl ReplyRules<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const S: Subjects<'static> = Subjects {
+    /// The default subjects, for the pure modules' tests.
+    pub(crate) const S: Subjects<'static> = Subjects {
         prompt: "opencode.prompt",
         abort: "opencode.abort",
         permission_reply: "opencode.permission.reply",

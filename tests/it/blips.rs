@@ -173,14 +173,11 @@ async fn a_prompt_cut_before_its_answer_is_not_sent_twice() {
     let c = s.client.clone();
     let turn =
         tokio::spawn(async move { request(&c, "opencode.prompt", "cut my prompt", COLLECT).await });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while s.fake.prompts().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no prompt reached the fake"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    s.fake
+        .wait_until("a prompt", Duration::from_secs(10), |f| {
+            !f.prompts().is_empty()
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(s.proxy.as_ref().unwrap().sever_all() > 0);
     let r = turn.await.unwrap();
@@ -202,14 +199,11 @@ async fn opencode_gone_longer_than_unavailable_after_fails_the_turn() {
     let c = s.client.clone();
     let turn =
         tokio::spawn(async move { request(&c, "opencode.prompt", "hang on", COLLECT).await });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while s.fake.prompts().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no prompt reached the fake"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    s.fake
+        .wait_until("a prompt", Duration::from_secs(10), |f| {
+            !f.prompts().is_empty()
+        })
+        .await;
     drop(s.proxy.take());
     let r = turn.await.unwrap();
     assert_well_formed(&r);

@@ -1616,16 +1616,7 @@ async fn a_caller_chooses_the_pace_of_the_text() {
     let words: Vec<String> = (0..400).map(|i| format!("w{i} ")).collect();
     let whole = words.concat();
     let rig = Rig::start(
-        move |input| {
-            let mut t = TurnBuilder::new(input);
-            t.gap_ms(5);
-            t.begin();
-            let a = t.assistant();
-            t.text(&a, &owned(&words));
-            t.finish(&a, "stop");
-            t.end();
-            t.build()
-        },
+        move |input| fake::paced_text_turn(input, &words, 5),
         |c| {
             c.tenancy
                 .stream

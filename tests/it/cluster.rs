@@ -5,7 +5,6 @@
 //! `max_in_flight`.
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,11 +13,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use opencode_nats_bridge::config::Config;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
-use crate::support::fake_opencode::{echo_reply, FakeOpenCode, TurnBuilder, TurnInput, TurnScript};
+use crate::support::daemon::{spawn_serving, BIN};
+use crate::support::fake_opencode::{
+    echo_reply, paced_text_turn, FakeOpenCode, TurnInput, TurnScript,
+};
 use crate::support::nats::{client, is_terminal, subscribe_ready, NatsServer, Reply};
 
 /// Bound on one turn's replies.
@@ -41,15 +42,7 @@ fn config(
 /// anything let them.
 fn paced(input: &TurnInput) -> TurnScript {
     let words: Vec<String> = (1..=5).map(|i| format!("w{i} ")).collect();
-    let refs: Vec<&str> = words.iter().map(String::as_str).collect();
-    let mut t = TurnBuilder::new(input);
-    t.gap_ms(40);
-    t.begin();
-    let a = t.assistant();
-    t.text(&a, &refs);
-    t.finish(&a, "stop");
-    t.end();
-    t.build()
+    paced_text_turn(input, &words, 40)
 }
 
 async fn ask(c: &async_nats::Client, subject: &str, text: &str) -> Value {
@@ -269,13 +262,12 @@ async fn thirty_prompts_at_max_in_flight_one_each_get_one_terminal_reply() {
 /// The daemon binary on a fake OpenCode, as its own process.
 struct Proc {
     child: Child,
+    _log: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_opencode-nats-bridge");
-
 async fn spawn_daemon(nats: &NatsServer, fake: &FakeOpenCode, host: &str, lease: &str) -> Proc {
-    let mut child = Command::new(BIN)
-        .arg("run")
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("OPENCODE_BRIDGE__NATS__URL", nats.url())
@@ -283,26 +275,9 @@ async fn spawn_daemon(nats: &NatsServer, fake: &FakeOpenCode, host: &str, lease:
         .env("OPENCODE_BRIDGE__SERVICE__HOST", host)
         .env("OPENCODE_BRIDGE__CLUSTER__LEASE_TTL", lease)
         .env("OPENCODE_BRIDGE__AGENT_PROTOCOL__ENABLED", "false")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the daemon");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if l.contains("opencode-nats-bridge is serving") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert!(matches!(ready, Ok(true)), "daemon {host} not ready");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child }
+        .env("RUST_LOG", "info");
+    let (child, _log) = spawn_serving(cmd, Duration::from_secs(30)).await;
+    Proc { child, _log }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

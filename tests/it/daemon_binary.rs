@@ -2,20 +2,17 @@
 //! default (the daemon starts `opencode serve` itself), stopped by SIGTERM.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::support::bridge::{assert_well_formed, request, terminal};
+use crate::support::daemon::{spawn_serving, BIN};
 use crate::support::fake_llm::{self, FakeLlm};
 use crate::support::nats::{client, NatsServer};
 use crate::support::real_opencode::{default_config, isolated_env, opencode_bin, IsolatedEnv};
-
-const BIN: &str = env!("CARGO_BIN_EXE_opencode-nats-bridge");
 
 #[test]
 fn check_config_accepts_the_example_and_names_what_is_wrong() {
@@ -86,8 +83,7 @@ async fn start_daemon_with(
         std::fs::write(&file, toml).unwrap();
         cmd.arg("--config").arg(file);
     }
-    let mut child = cmd
-        .env_clear()
+    cmd.env_clear()
         .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_os_str())))
         .env("OPENCODE_BRIDGE__NATS__URL", nats_url)
         .env("OPENCODE_BRIDGE__OPENCODE__BINARY", opencode_bin())
@@ -95,42 +91,8 @@ async fn start_daemon_with(
         .env("OPENCODE_BRIDGE__SHUTDOWN__GRACE", grace)
         .env("OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT", "20s")
         .env("OPENCODE_BRIDGE__OPENCODE__STREAM_STALL_TIMEOUT", "15s")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the daemon");
-    let (tx, mut log) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = child.stderr.take().unwrap();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let show = std::env::var_os("SHOW_DAEMON_LOG").is_some();
-        while let Ok(Some(l)) = lines.next_line().await {
-            if show {
-                eprintln!("daemon: {l}");
-            }
-            let _ = tx.send(l);
-        }
-    });
-    let mut seen = Vec::new();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(l) = log.recv().await {
-            let done = l.contains("opencode-nats-bridge is serving");
-            seen.push(l);
-            if done {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert!(
-        matches!(ready, Ok(true)),
-        "daemon not ready; log:\n{}",
-        seen.join("\n")
-    );
+        .env("RUST_LOG", "info");
+    let (child, log) = spawn_serving(cmd, Duration::from_secs(60)).await;
     Daemon { child, env, log }
 }
 

@@ -169,17 +169,9 @@ async fn two_hundred_concurrent_conversations_get_their_own_answers() {
                 .strip_prefix("load ")
                 .and_then(|n| n.trim().parse().ok())
                 .unwrap_or_else(|| panic!("a load prompt: {:?}", input.text));
-            let d = load_deltas(i);
-            let mut t = TurnBuilder::new(input);
             // Gaps keep every turn streaming for a while, so the events of
             // all sessions interleave on the one stream.
-            t.gap_ms(15);
-            t.begin();
-            let a = t.assistant();
-            t.text(&a, &owned(&d));
-            t.finish(&a, "stop");
-            t.end();
-            t.build()
+            fake::paced_text_turn(input, &load_deltas(i), 15)
         },
         |c| {
             c.turn.max_in_flight = 2 * LOAD_TURNS;

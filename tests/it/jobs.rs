@@ -12,14 +12,13 @@ use async_nats::Client;
 use futures::{FutureExt, StreamExt};
 use opencode_nats_bridge::config::{Config, Switch};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::support::bridge::{delta_text, test_config, Bridge};
-use crate::support::fake_opencode::{echo_reply, FakeOpenCode, TurnBuilder};
+use crate::support::daemon::{spawn_serving, BIN};
+use crate::support::fake_opencode::{echo_reply, paced_text_turn, FakeOpenCode};
 use crate::support::nats::{client, collect_until_terminal, subscribe_ready, NatsServer, Reply};
 
-const BIN: &str = env!("CARGO_BIN_EXE_opencode-nats-bridge");
 /// Bound on a job's end, redeliveries included: far beyond what any of
 /// these jobs needs (a few `ack_wait`s of 3 s).
 const JOB: Duration = Duration::from_secs(45);
@@ -203,44 +202,16 @@ async fn spawn_daemon(
     nats_url: &str,
     fake_url: &str,
 ) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    let mut child = Command::new(BIN)
-        .arg("run")
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
         .env_remove("OPENCODE_BRIDGE__NATS__URL")
         .env("OPENCODE_BRIDGE__NATS__URL", nats_url)
         .env("OPENCODE_BRIDGE__OPENCODE__BASE_URL", fake_url)
         .env("OPENCODE_BRIDGE__JETSTREAM__JOBS", "on")
         .env("OPENCODE_BRIDGE__JETSTREAM__ACK_WAIT", "3s")
         .env("OPENCODE_BRIDGE__AGENT_PROTOCOL__ENABLED", "false")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the daemon");
-    let (tx, mut log) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = child.stderr.take().unwrap();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let show = std::env::var_os("SHOW_DAEMON_LOG").is_some();
-        while let Ok(Some(l)) = lines.next_line().await {
-            if show {
-                eprintln!("daemon: {l}");
-            }
-            let _ = tx.send(l);
-        }
-    });
-    let ready = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(l) = log.recv().await {
-            if l.contains("opencode-nats-bridge is serving") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(ready, Ok(true), "the daemon did not start");
-    (child, log)
+        .env("RUST_LOG", "info");
+    spawn_serving(cmd, Duration::from_secs(30)).await
 }
 
 #[tokio::test]
@@ -251,15 +222,7 @@ async fn a_daemon_killed_mid_job_the_job_finishes_once_on_another() {
     // 40 deltas 100 ms apart: the daemon dies in the middle.
     fake.set_script(|input| {
         let deltas: Vec<String> = (1..=40).map(|i| format!("slow-{i} ")).collect();
-        let refs: Vec<&str> = deltas.iter().map(String::as_str).collect();
-        let mut t = TurnBuilder::new(input);
-        t.gap_ms(100);
-        t.begin();
-        let a = t.assistant();
-        t.text(&a, &refs);
-        t.finish(&a, "stop");
-        t.end();
-        t.build()
+        paced_text_turn(input, &deltas, 100)
     });
     let (mut doomed, _log) = spawn_daemon(&nats.url(), &fake.url()).await;
     let mut replies = subscribe_ready(&c, "opencode.reply.k1").await;

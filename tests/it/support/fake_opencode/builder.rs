@@ -308,10 +308,17 @@ impl TurnBuilder {
 
 /// A plain text answer streamed as `deltas`.
 pub fn text_turn(input: &TurnInput, deltas: &[&str]) -> TurnScript {
+    paced_text_turn(input, deltas, 0)
+}
+
+/// A text answer of `deltas`, `gap_ms` apart (every event of the turn is).
+pub fn paced_text_turn<S: AsRef<str>>(input: &TurnInput, deltas: &[S], gap_ms: u64) -> TurnScript {
+    let deltas: Vec<&str> = deltas.iter().map(AsRef::as_ref).collect();
     let mut t = TurnBuilder::new(input);
+    t.gap_ms(gap_ms);
     t.begin();
     let a = t.assistant();
-    t.text(&a, deltas);
+    t.text(&a, &deltas);
     t.finish(&a, "stop");
     t.end();
     t.build()
@@ -421,15 +428,7 @@ pub fn default_script(input: &TurnInput) -> TurnScript {
         error_turn(input, api_error(503, "Service overloaded", true))
     } else if text.contains("[slow]") {
         let deltas: Vec<String> = (1..=20).map(|i| format!("slow-{i} ")).collect();
-        let refs: Vec<&str> = deltas.iter().map(String::as_str).collect();
-        let mut t = TurnBuilder::new(input);
-        t.gap_ms(100);
-        t.begin();
-        let a = t.assistant();
-        t.text(&a, &refs);
-        t.finish(&a, "stop");
-        t.end();
-        t.build()
+        paced_text_turn(input, &deltas, 100)
     } else if text.contains("[hang]") {
         hang_turn(input, Duration::from_millis(200), Duration::from_secs(60))
     } else {
