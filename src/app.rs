@@ -362,13 +362,20 @@ impl Daemon {
         }
     }
 
+    /// A `turn.max_in_flight` slot, if one is free and no prompt waits for
+    /// one before this.
+    fn free_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if !self.waiting.is_empty() {
+            return None;
+        }
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
     /// A prompt just read: runs at once if a slot is free and nothing
     /// waits before it, else waits, else is answered `overloaded`.
     async fn arrived(&mut self, from: From, msg: Incoming) {
-        if self.waiting.is_empty() {
-            if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
-                return self.take(from, msg, Some(permit)).await;
-            }
+        if let Some(permit) = self.free_slot() {
+            return self.take(from, msg, Some(permit)).await;
         }
         if self.waiting.len() < self.config.turn.max_waiting {
             self.waiting.push_back((from, msg));
@@ -413,11 +420,7 @@ impl Daemon {
     /// if a job is parked already (or jobs are off here), it goes back to
     /// the stream at once.
     async fn forwarded_job(&mut self, job: crate::bus::JobMessage) {
-        let permit = if self.waiting.is_empty() {
-            self.in_flight.clone().try_acquire_owned().ok()
-        } else {
-            None
-        };
+        let permit = self.free_slot();
         match &mut self.jobs {
             Some(jobs) if permit.is_some() || !jobs.has_parked() => jobs.arrived(job, permit).await,
             // Its last delivery runs here, over the limit: this is its home.
@@ -436,11 +439,7 @@ impl Daemon {
     /// A job the feed pulled (it only pulls when a slot was free and no
     /// prompt waited): it runs now, or at the next free slot.
     async fn job_arrived(&mut self, job: crate::bus::JobMessage) {
-        let permit = if self.waiting.is_empty() {
-            self.in_flight.clone().try_acquire_owned().ok()
-        } else {
-            None
-        };
+        let permit = self.free_slot();
         if let Some(jobs) = &mut self.jobs {
             jobs.arrived(job, permit).await;
         }
@@ -495,7 +494,7 @@ impl Daemon {
             match f {
                 Forwarded::Prompt(msg) => self.intake.prompt(msg, None).await,
                 // Stopping: back to the stream, for another daemon.
-                Forwarded::Job(j) => give_back(&j).await,
+                Forwarded::Job(j) => crate::jobs::give_back(&j, &self.metrics).await,
             }
         }
         // Conversations with nothing running are handed back now: their
@@ -593,13 +592,6 @@ async fn next_job(jobs: &mut Option<Jobs>) -> crate::bus::JobMessage {
     match jobs {
         Some(j) => j.next().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Hands a job back to the stream at once (another daemon takes it).
-async fn give_back(job: &crate::bus::JobMessage) {
-    if let Err(e) = job.nak(None).await {
-        warn!(error = %e, "handing a job back failed; it comes back after ack_wait");
     }
 }
 

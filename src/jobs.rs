@@ -333,8 +333,9 @@ async fn feed(
     }
 }
 
-/// A job this daemon will not run (it is stopping): back at once.
-async fn give_back(msg: &JobMessage, metrics: &Metrics) {
+/// A job this daemon will not run (it is stopping): back to the stream at
+/// once, for another daemon; counted as taken and handed back.
+pub async fn give_back(msg: &JobMessage, metrics: &Metrics) {
     metrics.job(JobEvent::Taken);
     match msg.nak(None).await {
         Ok(()) => metrics.job(JobEvent::Naked),
