@@ -376,10 +376,16 @@ pub struct OpenCodeConfig {
     /// Session titles are `<title_prefix><conversation>`, so the
     /// conversation map can be rebuilt from `GET /session` after a restart.
     pub title_prefix: String,
-    /// Idle HTTP connections to OpenCode kept for reuse. Too few and the
-    /// calls of concurrent turns keep opening new connections; each one
-    /// kept costs about 20 KB. Size it near the turns you expect at once.
-    pub max_idle_connections: usize,
+    /// HTTP connections to OpenCode for its calls (the event stream has
+    /// its own): at most this many calls are in flight at once, the rest
+    /// wait for a free connection (at most `request_timeout`), and as many
+    /// are kept open for reuse, so a burst of turns reuses them instead of
+    /// opening one per call. Each costs about 20 KB while open. The calls of
+    /// a turn are short (a prompt, a status, a message list), so a few dozen
+    /// serve hundreds of concurrent turns. (`max_idle_connections` is the
+    /// old name.)
+    #[serde(alias = "max_idle_connections")]
+    pub max_connections: usize,
     /// With an external server (`base_url`): refuse to start (exit 78) when
     /// OpenCode's own config allows a permission that the bridge's policy
     /// would deny or ask about, since OpenCode would then never ask.
@@ -416,7 +422,7 @@ impl Default for OpenCodeConfig {
             reconnect_max: Duration::from_secs(30),
             unavailable_after: Duration::from_secs(5),
             title_prefix: "nats:".into(),
-            max_idle_connections: 16,
+            max_connections: 32,
             require_ask: false,
             one_off_sessions: OneOffSessions::Delete,
         }

@@ -236,6 +236,7 @@ impl Config {
             ("turn.max_waiting", self.turn.max_waiting),
             ("turn.event_buffer", self.turn.event_buffer),
             ("turn.max_conversations", self.turn.max_conversations),
+            ("opencode.max_connections", self.opencode.max_connections),
             ("limits.max_prompt_bytes", self.limits.max_prompt_bytes),
             (
                 "limits.max_attachment_bytes",

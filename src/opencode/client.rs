@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::events::MessageWithParts;
-use super::retry::{decode, read_body, Failure, Reach, Retry, FIRST_PAUSE, MAX_PAUSE};
+use super::retry::{decode, read_body, Failure, Lost, Reach, Retry, FIRST_PAUSE, MAX_PAUSE};
 use crate::config::OpenCodeConfig;
 use crate::protocol::{ErrorCode, ModelRef};
 
@@ -204,6 +204,13 @@ pub struct OpenCodeClient {
     /// Since when OpenCode has not been reached (shared by every clone).
     reach: Arc<Reach>,
     unavailable_after: Duration,
+    /// One permit per connection of the pool (`[opencode] max_connections`):
+    /// a call holds one from its send to the end of its body, so at most
+    /// that many calls are in flight and the pool, which keeps as many
+    /// idle, always has a connection to reuse for the next.
+    connections: Arc<tokio::sync::Semaphore>,
+    /// How long a call waits for a free connection (`request_timeout`).
+    connection_wait: Duration,
 }
 
 /// A `prompt_async` that may have reached OpenCode is sent again at most
@@ -235,12 +242,11 @@ impl OpenCodeClient {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(cfg.connect_timeout)
                 .pool_idle_timeout(Duration::from_secs(30))
-                // A burst of turns opens many connections at once; keeping
-                // every one of them idle (with its buffers) cost ~20 KB per
-                // turn in the end-to-end benchmark, keeping too few makes
-                // every turn's calls open new ones (docs/BENCHMARKS.md):
-                // `[opencode] max_idle_connections`.
-                .pool_max_idle_per_host(cfg.max_idle_connections)
+                // As many kept idle as may be in use at once (the calls
+                // wait for a permit of `connections`): a burst of turns
+                // reuses the pool instead of opening a connection per call
+                // (docs/BENCHMARKS.md, `[opencode] max_connections`).
+                .pool_max_idle_per_host(cfg.max_connections)
                 .user_agent(concat!("opencode-nats-bridge/", env!("CARGO_PKG_VERSION")));
             if let Some(t) = timeout {
                 b = b.timeout(t);
@@ -259,6 +265,8 @@ impl OpenCodeClient {
             directory,
             reach: Arc::default(),
             unavailable_after: cfg.unavailable_after,
+            connections: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
+            connection_wait: cfg.request_timeout,
         })
     }
 
@@ -323,8 +331,11 @@ impl OpenCodeClient {
         loop {
             let started = Instant::now();
             let once = rb.try_clone().expect("request bodies are in memory");
-            let outcome = match self.respond(what, once).await {
-                Ok(resp) => read_body(what, resp, max_body).await,
+            let outcome = match self.connection(what).await {
+                Ok(_permit) => match self.respond(what, once).await {
+                    Ok(resp) => read_body(what, resp, max_body).await,
+                    Err(f) => Err(f),
+                },
                 Err(f) => Err(f),
             };
             let lost = match outcome {
@@ -339,6 +350,32 @@ impl OpenCodeClient {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_PAUSE);
             attempt += 1;
+        }
+    }
+
+    /// A free connection of the pool, waited for at most `request_timeout`
+    /// (a wait that long means every connection is held by a call OpenCode
+    /// does not answer: a timeout, not retried).
+    async fn connection(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
+        let permit = tokio::time::timeout(
+            self.connection_wait,
+            Arc::clone(&self.connections).acquire_owned(),
+        )
+        .await;
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed.
+            Ok(Err(_)) | Err(_) => Err(Failure::Lost(Lost {
+                error: OpenCodeError::Unavailable {
+                    what: what.to_string(),
+                    detail: format!(
+                        "no free connection within {:?}: all [opencode] max_connections calls are waiting for OpenCode",
+                        self.connection_wait
+                    ),
+                },
+                maybe_sent: false,
+                timeout: true,
+            })),
         }
     }
 

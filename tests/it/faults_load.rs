@@ -5,6 +5,8 @@
 //!
 //! - load, no cross-talk, no drops
 //!   (`two_hundred_concurrent_conversations_get_their_own_answers`);
+//! - a burst of turns reuses the bounded connection pool
+//!   (`a_burst_of_turns_reuses_the_bounded_connection_pool`);
 //! - a caller that never reads its replies, as a server-side and a
 //!   client-side slow consumer (`a_slow_reply_subscriber_does_not_stall_other_turns`);
 //! - garbage on the event stream
@@ -249,6 +251,62 @@ async fn two_hundred_concurrent_conversations_get_their_own_answers() {
     eprintln!(
         "load: {LOAD_TURNS} turns x {LOAD_DELTAS} deltas in {took:?}; up to {overlap} turns streaming at once"
     );
+    rig.stop().await;
+}
+
+/// A burst of turns all starting at once (single-host, so nothing staggers
+/// their start) reuses `[opencode] max_connections` connections for its
+/// calls instead of opening one per call: every turn's session, prompt and
+/// message list go over at most that many (plus the event stream's own).
+/// Without the bound, 100 turns opened well over 100.
+#[tokio::test]
+async fn a_burst_of_turns_reuses_the_bounded_connection_pool() {
+    const TURNS: usize = 100;
+    const CONNECTIONS: usize = 4;
+    let rig = Rig::start_plain(
+        None,
+        |input| fake::paced_text_turn(input, &load_deltas(input.text.len()), 5),
+        |c| {
+            c.turn.max_in_flight = TURNS;
+            c.tenancy.max_turns_per_tenant = 0;
+            c.cluster.enabled = opencode_nats_bridge::config::Switch::Off;
+            c.opencode.max_connections = CONNECTIONS;
+        },
+    )
+    .await;
+    let before = rig.fake.connections_accepted();
+    let mut sub = subscribe_ready(&rig.client, "pool.replies.>").await;
+    for i in 0..TURNS {
+        let payload = json!({"text": format!("pool {i}"), "trace_id": format!("pool-{i}")});
+        rig.client
+            .publish_with_reply(
+                format!("opencode.prompt.pool.{i}"),
+                format!("pool.replies.{i}"),
+                Bytes::from(payload.to_string()),
+            )
+            .await
+            .expect("publish prompt");
+    }
+    rig.client.flush().await.expect("flush");
+    let by_subject = collect_turns(&mut sub, TURNS, Duration::from_secs(25)).await;
+    assert_eq!(by_subject.len(), TURNS);
+    for (subject, replies) in &by_subject {
+        assert_eq!(
+            terminal(replies)["kind"],
+            "final",
+            "{subject}: {replies:#?}"
+        );
+    }
+    assert_eq!(rig.fake.prompts().len(), TURNS);
+    let opened = rig.fake.connections_accepted() - before;
+    // The pool opens at most CONNECTIONS; one more may open while another
+    // is being handed back (hyper races a connect against the checkout),
+    // and is then the one reused.
+    assert!(
+        opened <= 2 * CONNECTIONS as u64,
+        "{TURNS} turns opened {opened} connections with max_connections = {CONNECTIONS}"
+    );
+    eprintln!("pool: {TURNS} turns opened {opened} connections (max_connections = {CONNECTIONS})");
     rig.stop().await;
 }
 

@@ -436,6 +436,11 @@ impl FakeOpenCode {
         self.shared.live_count().await
     }
 
+    /// TCP connections accepted so far (calls and event streams alike).
+    pub fn connections_accepted(&self) -> u64 {
+        self.server.connections_accepted()
+    }
+
     /// `GET /event` connections accepted so far.
     pub fn streams_opened(&self) -> u64 {
         self.shared.opened.load(Ordering::SeqCst)
