@@ -870,14 +870,17 @@ fn start_relay(dir: &Path, nats_url: &str, fake_url: &str) -> Proc {
 
 /// The baseline: SSE in, each raw `data:` line out to NATS. No JSON, no
 /// routing, no mapping. Same runtime shape as the daemon (multi-thread
-/// tokio, reqwest, async-nats).
+/// tokio without the LIFO slot, reqwest, async-nats).
 fn relay_child() {
     let nats_url = std::env::var("E2E_RELAY_NATS").expect("E2E_RELAY_NATS");
     let sse_url = std::env::var("E2E_RELAY_SSE").expect("E2E_RELAY_SSE");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The daemon's runtime (src/main.rs): no LIFO slot where the build
+    // allows it.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    let rt = builder.build().expect("runtime");
     rt.block_on(async move {
         let nats = async_nats::ConnectOptions::new()
             .client_capacity(8192)

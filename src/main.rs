@@ -119,7 +119,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&cfg);
-            let rt = match tokio::runtime::Runtime::new() {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
@@ -195,6 +195,20 @@ fn init_client_tracing() {
             .with_writer(std::io::stderr)
             .init();
     }
+}
+
+/// The daemon's runtime: multi-thread, without tokio's LIFO slot where
+/// the build allows (`.cargo/config.toml`). With the slot, each reply a
+/// turn task published put the NATS connection task in the slot, which ran
+/// it next: one `writev` per reply, and a wake-up of the other worker for
+/// each. Without it, the replies of all the turns an event burst woke go
+/// out together (docs/BENCHMARKS.md, "The raw path round").
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder.build()
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is

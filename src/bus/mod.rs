@@ -35,7 +35,7 @@ pub use incoming::Incoming;
 pub use jetstream::{Bucket, Entry, JetStream};
 pub use jobs::{JobMessage, JobQueue, JobSettings};
 pub use objects::Objects;
-pub use publish::Publisher;
+pub use publish::{Publisher, TurnHeaders};
 pub use service::{Service, ServiceOptions, StatusFn};
 pub use subscribe::{barrier, ControlSubscription, PromptSubscription};
 

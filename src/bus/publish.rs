@@ -10,6 +10,39 @@ use crate::config::ReplyHeaders;
 use crate::protocol::agent::Chunk;
 use crate::protocol::{Reply, ReplyBody};
 
+// Static names: no allocation and no validation per reply.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACE_ID: HeaderName = HeaderName::from_static("Trace-Id");
+const REPLY_KIND: HeaderName = HeaderName::from_static("Reply-Kind");
+const REPLY_SEQ: HeaderName = HeaderName::from_static("Reply-Seq");
+const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+
+/// What every reply of one turn shares on the wire, built once per turn:
+/// its subject (cloned per reply as a reference count, not a copy) and the
+/// headers whose values do not change (`Trace-Id`, `traceparent`). A reply
+/// clones the map and adds its own: async-nats' `HeaderMap` is a `HashMap`
+/// with a `Vec` and a `String` per header, so that is what the API allows
+/// (docs/BENCHMARKS.md).
+#[derive(Clone, Debug)]
+pub struct TurnHeaders {
+    subject: async_nats::Subject,
+    base: HeaderMap,
+}
+
+impl TurnHeaders {
+    pub fn new(subject: &str, trace_id: &str, traceparent: Option<&str>) -> Self {
+        let mut base = HeaderMap::new();
+        if let Some(t) = traceparent {
+            base.insert(TRACEPARENT, t);
+        }
+        base.insert(TRACE_ID, trace_id);
+        TurnHeaders {
+            subject: async_nats::Subject::from(subject),
+            base,
+        }
+    }
+}
+
 /// Publishes replies.
 #[derive(Clone)]
 pub struct Publisher {
@@ -55,32 +88,23 @@ impl Publisher {
     /// `Reply-Seq`, `Nats-Msg-Id`). While NATS is disconnected this waits in
     /// the client's bounded buffer.
     pub async fn publish(&self, subject: &str, reply: &Reply<'_>) -> Result<(), BusError> {
-        self.publish_traced(subject, reply, None).await
+        let turn = TurnHeaders::new(subject, reply.trace_id, None);
+        self.publish_turn(&turn, reply).await
     }
 
-    /// [`publish`](Self::publish), plus a W3C `traceparent` header.
-    pub async fn publish_traced(
+    /// Publishes one reply of a turn: the subject and the headers every
+    /// reply of the turn shares come ready from `turn`, so a reply costs
+    /// only its own headers (`Reply-Kind`, `Reply-Seq`, `Nats-Msg-Id`).
+    pub async fn publish_turn(
         &self,
-        subject: &str,
+        turn: &TurnHeaders,
         reply: &Reply<'_>,
-        traceparent: Option<&str>,
     ) -> Result<(), BusError> {
-        // Static names (no allocation, no validation per reply); the values
-        // are the only per-reply allocations async-nats' HeaderMap allows.
-        const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-        const TRACE_ID: HeaderName = HeaderName::from_static("Trace-Id");
-        const REPLY_KIND: HeaderName = HeaderName::from_static("Reply-Kind");
-        const REPLY_SEQ: HeaderName = HeaderName::from_static("Reply-Seq");
-        const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
-        let mut h = HeaderMap::new();
-        if let Some(t) = traceparent {
-            h.insert(TRACEPARENT, t);
-        }
-        h.insert(TRACE_ID, reply.trace_id);
         let streamed = matches!(
             reply.body,
             ReplyBody::Delta { .. } | ReplyBody::Reasoning { .. }
         );
+        let mut h = turn.base.clone();
         if !(streamed && self.headers == ReplyHeaders::Lean) {
             let seq = reply.seq.to_string();
             let mut msg_id = String::with_capacity(reply.trace_id.len() + 1 + seq.len());
@@ -92,9 +116,9 @@ impl Publisher {
             h.insert(NATS_MSG_ID, msg_id);
         }
         self.client
-            .publish_with_headers(subject.to_string(), h, Bytes::from(reply.to_json()))
+            .publish_with_headers(turn.subject.clone(), h, Bytes::from(reply.to_json()))
             .await
-            .map_err(publish_failed(subject))
+            .map_err(publish_failed(turn.subject.as_str()))
     }
 
     /// Publishes one message of an agent-protocol reply stream: a chunk

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use crate::bus::Publisher;
+use crate::bus::{Publisher, TurnHeaders};
 use crate::metrics::{Metrics, TurnObserver};
 use crate::protocol::agent::{ack, Encoder};
 use crate::protocol::reply::split_utf8;
@@ -43,6 +43,8 @@ pub struct ReplySink {
     /// The turn's span (`traceparent` of every reply), when the prompt
     /// came with a trace context.
     traceparent: Option<String>,
+    /// The subject and the headers every reply shares, built once.
+    headers: TurnHeaders,
     observer: Option<TurnObserver>,
     /// How replies are encoded on the subject.
     wire: Wire,
@@ -107,7 +109,9 @@ impl ReplySink {
         // case under the limit.
         let max_content = (limit.saturating_sub(ENVELOPE_ROOM) / 6).max(64);
         let max_body = limit.saturating_sub(HEADER_ROOM);
+        let headers = TurnHeaders::new(&subject, &trace_id, None);
         ReplySink {
+            headers,
             publisher,
             subject,
             trace_id,
@@ -205,7 +209,9 @@ impl ReplySink {
                 span_id = turn.span_id(),
                 "prompt carries a trace context"
             );
-            self.traceparent = Some(turn.to_string());
+            let turn = turn.to_string();
+            self.headers = TurnHeaders::new(&self.subject, &self.trace_id, Some(&turn));
+            self.traceparent = Some(turn);
         }
         self
     }
@@ -451,11 +457,7 @@ impl ReplySink {
             session_id: self.session_id.as_deref(),
             body,
         };
-        if let Err(e) = self
-            .publisher
-            .publish_traced(&self.subject, &reply, self.traceparent.as_deref())
-            .await
-        {
+        if let Err(e) = self.publisher.publish_turn(&self.headers, &reply).await {
             warn!(trace_id = %self.trace_id, seq = self.seq, error = %e, "publishing a reply failed");
             if body.is_terminal()
                 && !matches!(
