@@ -107,6 +107,9 @@ struct Params {
     window: u64,
     relay: bool,
     phase_timeout: Duration,
+    /// `E2E_STREAM`: the prompts' `"stream"` (JSON), e.g.
+    /// `{"coalesce_ms":100}` or `"final"`.
+    stream: Option<Value>,
 }
 
 impl Params {
@@ -125,6 +128,9 @@ impl Params {
             window: env_or("E2E_WINDOW", 256),
             relay: env_or("E2E_RELAY", 1u8) != 0,
             phase_timeout: Duration::from_secs(env_or("E2E_PHASE_TIMEOUT", 120)),
+            stream: std::env::var("E2E_STREAM").ok().map(|s| {
+                serde_json::from_str(&s).expect("E2E_STREAM: JSON, e.g. {\"coalesce_ms\":100}")
+            }),
         }
     }
 }
@@ -1159,6 +1165,7 @@ struct Rig {
     nats_pid: u32,
     phase_seq: usize,
     timeout: Duration,
+    stream: Option<Value>,
 }
 
 impl Rig {
@@ -1227,11 +1234,14 @@ impl Rig {
         match which {
             Target::Daemon => {
                 for t in 0..turns {
-                    let payload = json!({
+                    let mut payload = json!({
                         "text": "bench prompt",
                         "trace_id": format!("bench-{}-{t}", phase.id),
                         "conversation": format!("bench.{}.{t}", phase.id),
                     });
+                    if let Some(stream) = &self.stream {
+                        payload["stream"] = stream.clone();
+                    }
                     self.nats
                         .publish_with_reply(
                             "opencode.prompt",
@@ -1380,6 +1390,13 @@ fn report(
         "daemon reply_headers: {}",
         std::env::var("OPENCODE_BRIDGE__SUBJECTS__REPLY_HEADERS").unwrap_or_else(|_| "full".into())
     );
+    if let Ok(stream) = std::env::var("E2E_STREAM") {
+        let _ = writeln!(
+            out,
+            "daemon prompts' stream: {stream} (deltas = delta replies, each carrying merged text; \
+             lost does not apply; latency is from the first merged delta's write)"
+        );
+    }
     let _ = writeln!(
         out,
         "\n{:<7} {:<16} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9}",
@@ -1555,7 +1572,12 @@ async fn run(params: Params) {
         nats_pid: nats_server.pid().expect("nats-server runs"),
         phase_seq: 0,
         timeout: params.phase_timeout,
+        stream: params.stream.clone(),
     };
+    assert!(
+        params.stream.is_none() || params.tput_turns == 0,
+        "E2E_STREAM: the throughput phase's window counts delta replies; set E2E_TPUT_TURNS=0"
+    );
     let plan = phases(&params);
     let mut results = Vec::new();
 
