@@ -787,6 +787,54 @@ mod tests {
     use super::*;
     use crate::protocol::Attachment;
 
+    /// A call that finds every connection of the pool held waits at most
+    /// `request_timeout` for one, then fails as unreachable-by-timeout
+    /// (not retried), saying why; it never opens a connection of its own.
+    #[tokio::test]
+    async fn a_call_waits_for_a_free_connection_and_says_so_when_none_frees() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        // Accepts and never answers.
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(sock);
+            }
+        });
+        let cfg = OpenCodeConfig {
+            max_connections: 1,
+            request_timeout: Duration::from_millis(300),
+            ..OpenCodeConfig::default()
+        };
+        let client = OpenCodeClient::new(&format!("http://{addr}"), None, None, &cfg).unwrap();
+        // Holds the only connection for far longer than the other waits.
+        let holder = {
+            let c = client.clone();
+            tokio::spawn(async move { c.abort("ses_x", Duration::from_secs(30)).await })
+        };
+        while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let err = client.session_status().await.unwrap_err();
+        match &err {
+            OpenCodeError::Unavailable { detail, .. } => {
+                assert!(detail.contains("no free connection"), "{err}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(err.code(), ErrorCode::OpencodeUnavailable);
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the waiting call opened a connection of its own"
+        );
+        holder.abort();
+        server.abort();
+    }
+
     #[test]
     fn prompt_parts_are_the_text_then_data_url_files() {
         let a = Attachment {
