@@ -49,7 +49,9 @@ else
 fi
 
 step "[3/4] building the daemon (release; the first build takes several minutes, later ones seconds)"
-cargo build --release --locked --manifest-path "$root/Cargo.toml"
+# From the repository, so its .cargo/config.toml applies (the runtime's
+# LIFO slot off, README "Performance").
+(cd "$root" && cargo build --release --locked)
 
 step "[4/4] running the daemon (it starts \`opencode serve\` in $(pwd)); Ctrl-C stops it"
 "$bin" run "$@" &
