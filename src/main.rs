@@ -103,6 +103,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref()) {
             Ok((_, sources)) => {
                 println!("config OK; read: {sources}");
+                for note in &sources.renamed {
+                    println!("warning: {note}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -111,7 +114,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let cfg = match Config::load(config.as_deref()) {
+            let (cfg, sources) = match Config::load_with_sources(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&cfg);
+            log_build_and_config(&sources);
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -195,6 +199,23 @@ fn init_client_tracing() {
             .with_writer(std::io::stderr)
             .init();
     }
+}
+
+/// What the operator should know before the daemon starts: keys read under
+/// an old name, and which runtime this build has.
+fn log_build_and_config(sources: &opencode_nats_bridge::config::Sources) {
+    for note in &sources.renamed {
+        tracing::warn!("config: {note}");
+    }
+    tracing::info!(
+        lifo_slot = !cfg!(tokio_unstable),
+        "runtime: multi-thread tokio{}",
+        if cfg!(tokio_unstable) {
+            ", LIFO slot off"
+        } else {
+            " with its LIFO slot (built without .cargo/config.toml's tokio_unstable: more CPU per reply)"
+        }
+    );
 }
 
 /// The daemon's runtime: multi-thread, without tokio's LIFO slot where

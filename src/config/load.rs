@@ -49,6 +49,32 @@ impl Config {
     }
 }
 
+/// Keys that were renamed: `[section] old` is read as `[section] new`
+/// (the later source wins, as for any key), and the operator is told why.
+const RENAMED: &[(&str, &str, &str, &str)] = &[(
+    "opencode",
+    "max_idle_connections",
+    "max_connections",
+    "it now bounds the calls to OpenCode in flight as well as the idle connections kept",
+)];
+
+/// The key `key` of `section` is read as: itself, or its new name (and
+/// the note to give).
+fn current_name(section: &str, key: String) -> (String, Option<String>) {
+    match RENAMED
+        .iter()
+        .find(|(s, old, _, _)| *s == section && *old == key)
+    {
+        Some((_, old, new, why)) => (
+            new.to_string(),
+            Some(format!(
+                "[{section}] {old} is read as [{section}] {new}: {why}; rename it"
+            )),
+        ),
+        None => (key, None),
+    }
+}
+
 /// The table being layered, where each `section.key` came from (for
 /// validation errors), and the sources read.
 #[derive(Default)]
@@ -112,14 +138,22 @@ impl Layers {
             })?;
         }
         for (key, value) in keys {
+            let (name, note) = current_name(&section, key.clone());
+            // Said as written, with the name it is read as.
+            let written = if name == key {
+                key
+            } else {
+                format!("{key} (read as {name})")
+            };
+            self.sources.renamed.extend(note);
             let shown = value.to_string();
-            check_key(&section, Some(&key), value.clone()).map_err(|reason| ConfigError::Key {
-                origin: format!("{} = {shown}", origin(Some(&key))),
+            check_key(&section, Some(&name), value.clone()).map_err(|reason| ConfigError::Key {
+                origin: format!("{} = {shown}", origin(Some(&written))),
                 reason,
             })?;
             self.origins
-                .insert(format!("{section}.{key}"), origin(Some(&key)));
-            insert(&mut self.table, &section, key, value);
+                .insert(format!("{section}.{name}"), origin(Some(&written)));
+            insert(&mut self.table, &section, name, value);
         }
         Ok(())
     }
@@ -146,6 +180,9 @@ impl Layers {
                     ),
                 });
             };
+            let (current, note) = current_name(section, key.clone());
+            self.sources.renamed.extend(note);
+            let key = &current;
             let value = env_value(section, key, raw).map_err(|reason| ConfigError::Key {
                 origin: format!("{origin} ([{section}] {key})"),
                 reason,

@@ -376,15 +376,18 @@ pub struct OpenCodeConfig {
     /// Session titles are `<title_prefix><conversation>`, so the
     /// conversation map can be rebuilt from `GET /session` after a restart.
     pub title_prefix: String,
-    /// HTTP connections to OpenCode for its calls (the event stream has
-    /// its own): at most this many calls are in flight at once, the rest
-    /// wait for a free connection (at most `request_timeout`), and as many
-    /// are kept open for reuse, so a burst of turns reuses them instead of
-    /// opening one per call. Each costs about 20 KB while open. The calls of
-    /// a turn are short (a prompt, a status, a message list), so a few dozen
-    /// serve hundreds of concurrent turns. (`max_idle_connections` is the
-    /// old name.)
-    #[serde(alias = "max_idle_connections")]
+    /// HTTP connections to OpenCode for the turns' calls (sessions,
+    /// prompts, status, message lists; the event stream has its own): at
+    /// most this many are in flight at once, the rest wait for a free
+    /// connection in arrival order (at most `request_timeout`, then
+    /// `opencode_unavailable` saying so), and as many are kept open for
+    /// reuse, so a burst of turns reuses them instead of opening one per
+    /// call. Aborts, answers to permission requests and questions, and
+    /// health probes never wait for one. Each costs about 20 KB while
+    /// open. A few dozen serve hundreds of concurrent turns; raise it when
+    /// many turns end in the same instant. At most 4096.
+    /// (`max_idle_connections`, the old name, is read as this key, with a
+    /// warning.)
     pub max_connections: usize,
     /// With an external server (`base_url`): refuse to start (exit 78) when
     /// OpenCode's own config allows a permission that the bridge's policy
@@ -648,6 +651,8 @@ pub struct Sources {
     pub file: Option<PathBuf>,
     /// The `OPENCODE_BRIDGE__*` variables that were set, sorted.
     pub env: Vec<String>,
+    /// Keys read under an old name: what to tell the operator.
+    pub renamed: Vec<String>,
 }
 
 impl std::fmt::Display for Sources {

@@ -419,3 +419,49 @@ fn a_tenant_has_its_own_stream_default() {
         .to_string();
     assert!(e.contains("stream") && e.contains("slack"), "{e}");
 }
+
+/// `[opencode] max_idle_connections` (the old name) is read as
+/// `max_connections` from the file and the environment alike, the later
+/// source winning as for any key, with a note that says what changed; both
+/// names at once are not a duplicate.
+#[test]
+fn a_renamed_key_is_read_under_its_new_name_with_a_note() {
+    let old_in_file = write("[opencode]\nmax_idle_connections = 16\n");
+    let (c, s) = Config::load_inner(
+        Some(old_in_file.path()),
+        env(&[("OPENCODE_BRIDGE__OPENCODE__MAX_CONNECTIONS", "64")]),
+    )
+    .unwrap();
+    assert_eq!(c.opencode.max_connections, 64, "the environment wins");
+    assert_eq!(s.renamed.len(), 1, "{:?}", s.renamed);
+    assert!(
+        s.renamed[0].contains("max_idle_connections is read as [opencode] max_connections"),
+        "{:?}",
+        s.renamed
+    );
+
+    let new_in_file = write("[opencode]\nmax_connections = 8\n");
+    let (c, s) = Config::load_inner(
+        Some(new_in_file.path()),
+        env(&[("OPENCODE_BRIDGE__OPENCODE__MAX_IDLE_CONNECTIONS", "4")]),
+    )
+    .unwrap();
+    assert_eq!(c.opencode.max_connections, 4);
+    assert_eq!(s.renamed.len(), 1);
+
+    let (c, s) = Config::load_inner(None, env(&[])).unwrap();
+    assert_eq!(c.opencode.max_connections, 32);
+    assert!(s.renamed.is_empty());
+
+    // A bad value under the old name is named by where it came from.
+    let e = Config::load_with_env(
+        Some(write("[opencode]\nmax_idle_connections = 0\n").path()),
+        env(&[]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("max_idle_connections") && e.contains("max_connections"),
+        "{e}"
+    );
+}

@@ -3,6 +3,9 @@
 use super::{Config, ConfigError};
 use crate::protocol::subject::validate_subject;
 
+/// The most `[opencode] max_connections` may say.
+const MAX_CONNECTIONS: usize = 4096;
+
 impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -192,6 +195,15 @@ impl Config {
                     format!("{u:?} must start with http:// or https://"),
                 );
             }
+        }
+        if self.opencode.max_connections > MAX_CONNECTIONS {
+            return invalid(
+                "opencode.max_connections",
+                format!(
+                    "{} is more connections than one OpenCode server should get (at most {MAX_CONNECTIONS})",
+                    self.opencode.max_connections
+                ),
+            );
         }
         let positive = [
             ("turn.first_event_timeout", self.turn.first_event_timeout),

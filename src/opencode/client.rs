@@ -191,6 +191,20 @@ impl From<&ModelRef> for ModelBody {
     }
 }
 
+/// Which calls wait for a connection of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// A turn's traffic (sessions, prompts, status, message lists):
+    /// at most `[opencode] max_connections` at once.
+    Pooled,
+    /// Aborts, answers to permission requests and questions, health
+    /// probes, dispose: rare, and never queued behind turn traffic (a
+    /// tenant whose calls are slow must not delay another's abort); each
+    /// is bounded by its own timeout. They reuse an idle connection of the
+    /// pool when there is one.
+    Control,
+}
+
 /// A client for one OpenCode server.
 #[derive(Clone)]
 pub struct OpenCodeClient {
@@ -323,19 +337,23 @@ impl OpenCodeClient {
         &self,
         what: &str,
         retry: Retry,
+        lane: Lane,
         rb: reqwest::RequestBuilder,
         max_body: usize,
     ) -> Result<Bytes, Failure> {
         let mut pause = FIRST_PAUSE;
         let mut attempt = 0u32;
         loop {
+            // Waiting for a free connection is not OpenCode failing to
+            // answer: it is neither retried nor counted as unreachable.
+            let _permit = match lane {
+                Lane::Pooled => Some(self.connection(what).await?),
+                Lane::Control => None,
+            };
             let started = Instant::now();
             let once = rb.try_clone().expect("request bodies are in memory");
-            let outcome = match self.connection(what).await {
-                Ok(_permit) => match self.respond(what, once).await {
-                    Ok(resp) => read_body(what, resp, max_body).await,
-                    Err(f) => Err(f),
-                },
+            let outcome = match self.respond(what, once).await {
+                Ok(resp) => read_body(what, resp, max_body).await,
                 Err(f) => Err(f),
             };
             let lost = match outcome {
@@ -347,6 +365,7 @@ impl OpenCodeClient {
                 return Err(Failure::Lost(lost));
             }
             debug!(what, attempt, error = %lost.error, "retrying a call to OpenCode on a fresh connection");
+            drop(_permit);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_PAUSE);
             attempt += 1;
@@ -415,9 +434,10 @@ impl OpenCodeClient {
         &self,
         what: &str,
         retry: Retry,
+        lane: Lane,
         rb: reqwest::RequestBuilder,
     ) -> Result<(), OpenCodeError> {
-        self.call(what, retry, rb, usize::MAX)
+        self.call(what, retry, lane, rb, usize::MAX)
             .await
             .map(drop)
             .map_err(Failure::into_error)
@@ -427,10 +447,11 @@ impl OpenCodeClient {
         &self,
         what: &str,
         retry: Retry,
+        lane: Lane,
         rb: reqwest::RequestBuilder,
     ) -> Result<T, OpenCodeError> {
         let bytes = self
-            .call(what, retry, rb, usize::MAX)
+            .call(what, retry, lane, rb, usize::MAX)
             .await
             .map_err(Failure::into_error)?;
         decode(what, &bytes)
@@ -443,7 +464,8 @@ impl OpenCodeClient {
         let rb = self
             .request(&self.http, Method::GET, "/global/health")
             .timeout(timeout);
-        self.json("health check", Retry::Once, rb).await
+        self.json("health check", Retry::Once, Lane::Control, rb)
+            .await
     }
 
     /// `POST /session` with a title.
@@ -457,7 +479,8 @@ impl OpenCodeClient {
         let rb = self
             .request(&self.http, Method::POST, "/session")
             .json(&serde_json::json!({ "title": title }));
-        self.json("creating a session", Retry::Idempotent, rb).await
+        self.json("creating a session", Retry::Idempotent, Lane::Pooled, rb)
+            .await
     }
 
     /// `GET /session`.
@@ -468,7 +491,13 @@ impl OpenCodeClient {
         let what = "listing sessions";
         let rb = self.request(&self.http, Method::GET, "/session");
         let body = self
-            .call(what, Retry::Idempotent, rb, MAX_SESSION_LIST_BYTES)
+            .call(
+                what,
+                Retry::Idempotent,
+                Lane::Pooled,
+                rb,
+                MAX_SESSION_LIST_BYTES,
+            )
             .await
             .map_err(Failure::into_error)?;
         decode(what, &body)
@@ -480,6 +509,7 @@ impl OpenCodeClient {
         self.json(
             "reading a session",
             Retry::Idempotent,
+            Lane::Pooled,
             self.request(&self.http, Method::GET, &path),
         )
         .await
@@ -490,6 +520,7 @@ impl OpenCodeClient {
         self.json(
             "listing agents",
             Retry::Idempotent,
+            Lane::Pooled,
             self.request(&self.http, Method::GET, "/agent"),
         )
         .await
@@ -500,7 +531,8 @@ impl OpenCodeClient {
     /// stopping the server alone would leave them behind).
     pub async fn dispose(&self) -> Result<(), OpenCodeError> {
         let rb = self.request(&self.http, Method::POST, "/global/dispose");
-        self.send("disposing", Retry::Unsent, rb).await
+        self.send("disposing", Retry::Unsent, Lane::Control, rb)
+            .await
     }
 
     /// `DELETE /session/{id}` (retried: deleting twice is harmless, the
@@ -508,7 +540,8 @@ impl OpenCodeClient {
     pub async fn delete_session(&self, id: &str) -> Result<(), OpenCodeError> {
         let path = format!("/session/{id}");
         let rb = self.request(&self.http, Method::DELETE, &path);
-        self.send("deleting a session", Retry::Idempotent, rb).await
+        self.send("deleting a session", Retry::Idempotent, Lane::Pooled, rb)
+            .await
     }
 
     /// `POST /session/{id}/prompt_async` (204 on acceptance), so that
@@ -530,7 +563,10 @@ impl OpenCodeClient {
         let mut resent = 0;
         loop {
             let once = rb.try_clone().expect("request bodies are in memory");
-            match self.call(what, Retry::Unsent, once, usize::MAX).await {
+            match self
+                .call(what, Retry::Unsent, Lane::Pooled, once, usize::MAX)
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(Failure::Lost(lost)) if lost.maybe_sent && resent < PROMPT_RESENDS => {
                     warn!(session_id = %id, error = %lost.error, "the prompt may not have reached OpenCode; looking for it");
@@ -580,6 +616,7 @@ impl OpenCodeClient {
         self.json(
             "reading messages",
             Retry::Idempotent,
+            Lane::Pooled,
             self.request(&self.http, Method::GET, &path),
         )
         .await
@@ -590,6 +627,7 @@ impl OpenCodeClient {
         self.json(
             "reading session status",
             Retry::Idempotent,
+            Lane::Pooled,
             self.request(&self.http, Method::GET, "/session/status"),
         )
         .await
@@ -603,7 +641,7 @@ impl OpenCodeClient {
         let rb = self
             .request(&self.http, Method::POST, &path)
             .timeout(timeout);
-        self.send("aborting the session", Retry::Idempotent, rb)
+        self.send("aborting the session", Retry::Idempotent, Lane::Control, rb)
             .await
     }
 
@@ -624,7 +662,12 @@ impl OpenCodeClient {
         let rb = self.request(&self.http, Method::POST, &path).json(&body);
         // Not retried once sent: a second reply to an applied one is a 404.
         match self
-            .send("answering a permission request", Retry::Unsent, rb)
+            .send(
+                "answering a permission request",
+                Retry::Unsent,
+                Lane::Control,
+                rb,
+            )
             .await
         {
             Ok(_) => Ok(()),
@@ -636,6 +679,7 @@ impl OpenCodeClient {
                 self.send(
                     "answering a permission request (old route)",
                     Retry::Unsent,
+                    Lane::Control,
                     rb,
                 )
                 .await
@@ -655,7 +699,8 @@ impl OpenCodeClient {
         let rb = self
             .request(&self.http, Method::POST, &path)
             .json(&serde_json::json!({ "answers": answers }));
-        self.send("answering a question", Retry::Unsent, rb).await
+        self.send("answering a question", Retry::Unsent, Lane::Control, rb)
+            .await
     }
 
     /// `GET /config/providers`: provider id -> its model ids.
@@ -666,6 +711,7 @@ impl OpenCodeClient {
             .json(
                 "listing providers",
                 Retry::Idempotent,
+                Lane::Pooled,
                 self.request(&self.http, Method::GET, "/config/providers"),
             )
             .await?;
@@ -701,6 +747,7 @@ impl OpenCodeClient {
             .json(
                 "listing providers",
                 Retry::Idempotent,
+                Lane::Pooled,
                 self.request(&self.http, Method::GET, "/config/providers"),
             )
             .await?;
@@ -731,7 +778,8 @@ impl OpenCodeClient {
     pub async fn reject_question(&self, request_id: &str) -> Result<(), OpenCodeError> {
         let path = format!("/question/{request_id}/reject");
         let rb = self.request(&self.http, Method::POST, &path);
-        self.send("rejecting a question", Retry::Unsent, rb).await
+        self.send("rejecting a question", Retry::Unsent, Lane::Control, rb)
+            .await
     }
 
     /// Opens `GET /event`, checking the status and the content type (a 401
@@ -787,38 +835,42 @@ mod tests {
     use super::*;
     use crate::protocol::Attachment;
 
-    /// A call that finds every connection of the pool held waits at most
-    /// `request_timeout` for one, then fails as unreachable-by-timeout
-    /// (not retried), saying why; it never opens a connection of its own.
+    /// A turn's call that finds every connection of the pool held waits
+    /// for one at most `request_timeout`, then fails saying so, without
+    /// opening a connection of its own; an abort (a control call) does not
+    /// wait behind it.
     #[tokio::test]
-    async fn a_call_waits_for_a_free_connection_and_says_so_when_none_frees() {
+    async fn a_call_waits_for_a_free_connection_and_an_abort_does_not() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
         // Accepts and never answers.
         let server = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((sock, _)) = listener.accept().await {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                counter.fetch_add(1, SeqCst);
                 held.push(sock);
             }
         });
         let cfg = OpenCodeConfig {
             max_connections: 1,
-            request_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(30),
             ..OpenCodeConfig::default()
         };
-        let client = OpenCodeClient::new(&format!("http://{addr}"), None, None, &cfg).unwrap();
-        // Holds the only connection for far longer than the other waits.
+        let mut client = OpenCodeClient::new(&format!("http://{addr}"), None, None, &cfg).unwrap();
+        // The wait is request_timeout; shorter here than the holder's call.
+        client.connection_wait = Duration::from_millis(200);
+        // Holds the only connection (OpenCode never answers it).
         let holder = {
             let c = client.clone();
-            tokio::spawn(async move { c.abort("ses_x", Duration::from_secs(30)).await })
+            tokio::spawn(async move { c.session_status().await })
         };
-        while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        while accepted.load(SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let err = client.session_status().await.unwrap_err();
+        let err = client.messages("ses_x").await.unwrap_err();
         match &err {
             OpenCodeError::Unavailable { detail, .. } => {
                 assert!(detail.contains("no free connection"), "{err}")
@@ -827,10 +879,23 @@ mod tests {
         }
         assert_eq!(err.code(), ErrorCode::OpencodeUnavailable);
         assert_eq!(
-            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            accepted.load(SeqCst),
             1,
-            "the waiting call opened a connection of its own"
+            "the waiting call opened a connection"
         );
+        assert_eq!(
+            client.unreachable_for(),
+            None,
+            "waiting for a connection is not OpenCode being unreachable"
+        );
+        // An abort goes out at once on a connection of its own, bounded by
+        // its own timeout.
+        let err = client
+            .abort("ses_x", Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(!err.to_string().contains("no free connection"), "{err}");
+        assert_eq!(accepted.load(SeqCst), 2, "the abort did not go out");
         holder.abort();
         server.abort();
     }
