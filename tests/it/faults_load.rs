@@ -137,6 +137,24 @@ async fn collect_turns(
     by_subject
 }
 
+/// Publishes `n` prompts of tenant `tenant`, one conversation each:
+/// prompt `i` says `"<tenant> i"` on `opencode.prompt.<tenant>.<i>`, trace
+/// id `<tenant>-<i>`, replies to `<tenant>.replies.<i>`.
+async fn publish_turns(client: &async_nats::Client, tenant: &str, n: usize) {
+    for i in 0..n {
+        let payload = json!({"text": format!("{tenant} {i}"), "trace_id": format!("{tenant}-{i}")});
+        client
+            .publish_with_reply(
+                format!("opencode.prompt.{tenant}.{i}"),
+                format!("{tenant}.replies.{i}"),
+                Bytes::from(payload.to_string()),
+            )
+            .await
+            .expect("publish prompt");
+    }
+    client.flush().await.expect("flush");
+}
+
 /// The most turns whose delta streams were open at one instant on the fake.
 fn max_overlap(fake: &FakeOpenCode) -> usize {
     let windows: Vec<(Instant, Instant)> = fake
@@ -186,18 +204,7 @@ async fn two_hundred_concurrent_conversations_get_their_own_answers() {
     .await;
     let mut sub = subscribe_ready(&rig.client, "load.replies.>").await;
     let started = Instant::now();
-    for i in 0..LOAD_TURNS {
-        let payload = json!({"text": format!("load {i}"), "trace_id": format!("load-{i}")});
-        rig.client
-            .publish_with_reply(
-                format!("opencode.prompt.load.{i}"),
-                format!("load.replies.{i}"),
-                Bytes::from(payload.to_string()),
-            )
-            .await
-            .expect("publish prompt");
-    }
-    rig.client.flush().await.expect("flush");
+    publish_turns(&rig.client, "load", LOAD_TURNS).await;
     let by_subject = collect_turns(&mut sub, LOAD_TURNS, Duration::from_secs(18)).await;
     let took = started.elapsed();
 
@@ -276,18 +283,7 @@ async fn a_burst_of_turns_reuses_the_bounded_connection_pool() {
     .await;
     let before = rig.fake.connections_accepted();
     let mut sub = subscribe_ready(&rig.client, "pool.replies.>").await;
-    for i in 0..TURNS {
-        let payload = json!({"text": format!("pool {i}"), "trace_id": format!("pool-{i}")});
-        rig.client
-            .publish_with_reply(
-                format!("opencode.prompt.pool.{i}"),
-                format!("pool.replies.{i}"),
-                Bytes::from(payload.to_string()),
-            )
-            .await
-            .expect("publish prompt");
-    }
-    rig.client.flush().await.expect("flush");
+    publish_turns(&rig.client, "pool", TURNS).await;
     let by_subject = collect_turns(&mut sub, TURNS, Duration::from_secs(25)).await;
     assert_eq!(by_subject.len(), TURNS);
     for (subject, replies) in &by_subject {
