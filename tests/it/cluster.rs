@@ -5,7 +5,7 @@
 //! `max_in_flight`.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -84,16 +84,7 @@ async fn a_conversation_keeps_one_home_and_one_session_across_two_daemons() {
 
 /// Whether any two turns' delta streams overlapped on the fake.
 fn overlapping(fake: &FakeOpenCode) -> Vec<(usize, usize)> {
-    let w: Vec<(Instant, Instant)> = fake
-        .turns()
-        .iter()
-        .filter_map(|t| {
-            Some((
-                t.first_emitted("message.part.delta")?,
-                t.last_emitted("message.part.delta")?,
-            ))
-        })
-        .collect();
+    let w = fake.delta_windows();
     let mut out = Vec::new();
     for i in 0..w.len() {
         for j in i + 1..w.len() {

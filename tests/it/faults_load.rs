@@ -157,16 +157,7 @@ async fn publish_turns(client: &async_nats::Client, tenant: &str, n: usize) {
 
 /// The most turns whose delta streams were open at one instant on the fake.
 fn max_overlap(fake: &FakeOpenCode) -> usize {
-    let windows: Vec<(Instant, Instant)> = fake
-        .turns()
-        .iter()
-        .filter_map(|t| {
-            Some((
-                t.first_emitted("message.part.delta")?,
-                t.last_emitted("message.part.delta")?,
-            ))
-        })
-        .collect();
+    let windows = fake.delta_windows();
     windows
         .iter()
         .map(|(start, _)| {

@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_opencode-nats-bridge");
+use crate::support::daemon::{log_lines, wait_for_line, BIN};
 
 /// A loopback port where nothing listens (bound, then released).
 fn dead_port() -> u16 {
@@ -41,17 +40,7 @@ fn spawn(envs: &[(&str, &str)], dir: &Path) -> Started {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("spawn the daemon");
-    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = child.stderr.take().unwrap();
-    tokio::spawn(async move {
-        let mut r = BufReader::new(stderr).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            if std::env::var_os("SHOW_DAEMON_LOG").is_some() {
-                eprintln!("daemon: {l}");
-            }
-            let _ = tx.send(l);
-        }
-    });
+    let lines = log_lines(&mut child);
     Started {
         child,
         lines,
@@ -62,19 +51,15 @@ fn spawn(envs: &[(&str, &str)], dir: &Path) -> Started {
 impl Started {
     /// Reads the log until a line contains `needle` (bounded).
     async fn wait_for(&mut self, needle: &str) {
-        let found = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(l) = self.lines.recv().await {
-                let hit = l.contains(needle);
-                self.seen.push(l);
-                if hit {
-                    return true;
-                }
-            }
-            false
-        })
+        let found = wait_for_line(
+            &mut self.lines,
+            &mut self.seen,
+            needle,
+            Duration::from_secs(60),
+        )
         .await;
         assert!(
-            matches!(found, Ok(true)),
+            found,
             "no log line with {needle:?}; log:\n{}",
             self.seen.join("\n")
         );

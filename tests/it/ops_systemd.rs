@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixDatagram;
 use tokio::process::Child;
 
 use crate::support::bridge::{request, terminal};
+use crate::support::daemon::log_lines;
 use crate::support::fake_opencode::{echo_reply, FakeOpenCode};
 use crate::support::nats::{client, NatsServer};
 use crate::support::ops::command;
@@ -73,16 +73,7 @@ fn start(
         cmd.env("WATCHDOG_USEC", u);
     }
     let mut child = cmd.spawn().expect("spawn the daemon");
-    let stderr = child.stderr.take().unwrap();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let show = std::env::var_os("SHOW_DAEMON_LOG").is_some();
-        while let Ok(Some(l)) = lines.next_line().await {
-            if show {
-                eprintln!("daemon: {l}");
-            }
-        }
-    });
+    drop(log_lines(&mut child));
     child
 }
 

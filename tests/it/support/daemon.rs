@@ -9,7 +9,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_opencode-nats-bridge");
+pub use super::ops::BIN;
 
 /// Spawns `cmd` (the daemon, its arguments and environment set), forwards
 /// its log lines (echoed with `SHOW_DAEMON_LOG=1`), and waits up to
@@ -26,8 +26,24 @@ pub async fn spawn_serving(
         .kill_on_drop(true)
         .spawn()
         .expect("spawn the daemon");
-    let (tx, mut log) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = child.stderr.take().unwrap();
+    let mut log = log_lines(&mut child);
+    let mut seen = Vec::new();
+    let serving = wait_for_line(
+        &mut log,
+        &mut seen,
+        "opencode-nats-bridge is serving",
+        ready,
+    )
+    .await;
+    assert!(serving, "daemon not ready; log:\n{}", seen.join("\n"));
+    (child, log)
+}
+
+/// The daemon's stderr, line by line (echoed with `SHOW_DAEMON_LOG=1`); the
+/// lines are read to the end even when the receiver is dropped.
+pub fn log_lines(child: &mut Child) -> UnboundedReceiver<String> {
+    let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = child.stderr.take().expect("the daemon's stderr is piped");
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         let show = std::env::var_os("SHOW_DAEMON_LOG").is_some();
@@ -38,22 +54,27 @@ pub async fn spawn_serving(
             let _ = tx.send(l);
         }
     });
-    let mut seen = Vec::new();
-    let serving = tokio::time::timeout(ready, async {
+    log
+}
+
+/// Reads `log` into `seen` until a line contains `needle` (true), the log
+/// ends or `bound` passes (false).
+pub async fn wait_for_line(
+    log: &mut UnboundedReceiver<String>,
+    seen: &mut Vec<String>,
+    needle: &str,
+    bound: Duration,
+) -> bool {
+    let found = tokio::time::timeout(bound, async {
         while let Some(l) = log.recv().await {
-            let done = l.contains("opencode-nats-bridge is serving");
+            let hit = l.contains(needle);
             seen.push(l);
-            if done {
+            if hit {
                 return true;
             }
         }
         false
     })
     .await;
-    assert!(
-        matches!(serving, Ok(true)),
-        "daemon not ready; log:\n{}",
-        seen.join("\n")
-    );
-    (child, log)
+    matches!(found, Ok(true))
 }

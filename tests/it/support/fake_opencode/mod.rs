@@ -403,6 +403,20 @@ impl FakeOpenCode {
         lock(&self.shared.state).turns.clone()
     }
 
+    /// Each turn's delta stream as it ran: from its first delta written to
+    /// its last (turns without deltas left out), in the order turns began.
+    pub fn delta_windows(&self) -> Vec<(Instant, Instant)> {
+        self.turns()
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.first_emitted("message.part.delta")?,
+                    t.last_emitted("message.part.delta")?,
+                ))
+            })
+            .collect()
+    }
+
     pub fn sessions(&self) -> Vec<FakeSession> {
         lock(&self.shared.state).sessions.clone()
     }
