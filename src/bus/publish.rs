@@ -84,17 +84,12 @@ impl Publisher {
             .saturating_sub(1)
     }
 
-    /// Publishes one reply with its headers (`Trace-Id`, `Reply-Kind`,
-    /// `Reply-Seq`, `Nats-Msg-Id`). While NATS is disconnected this waits in
+    /// Publishes one reply of a turn with its headers (`Trace-Id`, and with
+    /// `reply_headers = "full"` or on any reply but a delta or reasoning,
+    /// `Reply-Kind`, `Reply-Seq`, `Nats-Msg-Id`). The subject and the
+    /// headers every reply of the turn shares come ready from `turn`, so a
+    /// reply costs only its own. While NATS is disconnected this waits in
     /// the client's bounded buffer.
-    pub async fn publish(&self, subject: &str, reply: &Reply<'_>) -> Result<(), BusError> {
-        let turn = TurnHeaders::new(subject, reply.trace_id, None);
-        self.publish_turn(&turn, reply).await
-    }
-
-    /// Publishes one reply of a turn: the subject and the headers every
-    /// reply of the turn shares come ready from `turn`, so a reply costs
-    /// only its own headers (`Reply-Kind`, `Reply-Seq`, `Nats-Msg-Id`).
     pub async fn publish_turn(
         &self,
         turn: &TurnHeaders,

@@ -346,7 +346,7 @@ impl OpenCodeClient {
         loop {
             // Waiting for a free connection is not OpenCode failing to
             // answer: it is neither retried nor counted as unreachable.
-            let _permit = match lane {
+            let permit = match lane {
                 Lane::Pooled => Some(self.connection(what).await?),
                 Lane::Control => None,
             };
@@ -365,7 +365,7 @@ impl OpenCodeClient {
                 return Err(Failure::Lost(lost));
             }
             debug!(what, attempt, error = %lost.error, "retrying a call to OpenCode on a fresh connection");
-            drop(_permit);
+            drop(permit);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_PAUSE);
             attempt += 1;
