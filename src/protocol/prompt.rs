@@ -154,6 +154,12 @@ pub struct PromptHeaders {
     pub agent: Option<String>,
 }
 
+/// `[limits] max_attachments` by default.
+pub const DEFAULT_MAX_ATTACHMENTS: usize = 16;
+/// `[limits] max_image_pixels` by default: 40 megapixels (a 8000x5000
+/// photo), about 160 MB once OpenCode decodes it to RGBA.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 40_000_000;
+
 #[derive(Debug, Clone, Copy)]
 pub struct PromptLimits {
     pub max_prompt_bytes: usize,
@@ -161,6 +167,10 @@ pub struct PromptLimits {
     pub max_attachment_bytes: usize,
     /// Decoded size of all the attachments of one prompt.
     pub max_attachments_bytes: usize,
+    /// How many attachments one prompt may carry.
+    pub max_attachments: usize,
+    /// Pixels (width x height) an image attachment may declare.
+    pub max_image_pixels: u64,
 }
 
 impl PromptLimits {
@@ -170,6 +180,8 @@ impl PromptLimits {
             max_prompt_bytes,
             max_attachment_bytes: max_prompt_bytes,
             max_attachments_bytes: max_prompt_bytes,
+            max_attachments: DEFAULT_MAX_ATTACHMENTS,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -652,10 +664,14 @@ mod tests {
 
     #[test]
     fn attachments_ride_along_and_their_errors_are_bad_requests() {
-        let p = parse(
-            r#"{"text":"look","attachments":[{"filename":"a.png","content":"iVBORw=="},
-                {"filename":"b.txt","content":"aGk=","mime":"text/plain"}]}"#,
-        )
+        let p = parse(&format!(
+            r#"{{"text":"look","attachments":[{{"filename":"a.png","content":"{}"}},
+                {{"filename":"b.txt","content":"aGk=","mime":"text/plain"}}]}}"#,
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                crate::protocol::image::tests::png_header(2, 2)
+            )
+        ))
         .unwrap();
         let names: Vec<&str> = p.attachments.iter().map(|a| a.filename.as_str()).collect();
         assert_eq!(names, ["a.png", "b.txt"]);
