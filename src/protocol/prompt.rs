@@ -8,7 +8,7 @@ use serde_json::Value;
 
 pub use super::attachment::{parse_attachments, Attachment};
 use super::caller::Caller;
-use super::subject::{validate_subject, validate_token, SubjectError};
+use super::subject::{validate_subject, validate_trace_id, SubjectError};
 
 /// What a prompt asks for, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -416,11 +416,7 @@ impl Fields {
             Some(t) => {
                 // One token: a dotted trace id would reach into another
                 // caller's reply space (`<reply_prefix>.<trace_id>`).
-                validate_token(&t).map_err(|e| {
-                    salvage.reject(format!(
-                        "`trace_id` {t:?} {e} (it must be one subject token, no dots)"
-                    ))
-                })?;
+                validate_trace_id(&t).map_err(|e| salvage.reject(e))?;
                 t
             }
             None => salvage.trace_id.clone(),
@@ -494,7 +490,7 @@ impl Salvage {
         let trace_id = h
             .trace_id
             .clone()
-            .filter(|t| validate_token(t).is_ok())
+            .filter(|t| validate_trace_id(t).is_ok())
             .unwrap_or_else(new_trace_id);
         Salvage {
             trace_id,
@@ -511,7 +507,7 @@ impl Salvage {
             Some(Value::String(s)) if validate_subject(s).is_ok() => Some(s.clone()),
             _ => None,
         };
-        if let Some(t) = str_of(&j.trace_id).filter(|t| validate_token(t).is_ok()) {
+        if let Some(t) = str_of(&j.trace_id).filter(|t| validate_trace_id(t).is_ok()) {
             self.trace_id = t;
         }
         if let Some(r) = str_of(&j.reply_to) {
@@ -722,6 +718,35 @@ mod tests {
 
     fn rejected(payload: &[u8]) -> Rejection {
         parse_prompt(payload, &PromptHeaders::default(), None, LIMITS).unwrap_err()
+    }
+
+    #[test]
+    fn trace_ids_are_printable_ascii() {
+        for bad in [
+            "a\u{202e}b",
+            "a\u{1b}[31m",
+            "caf\u{e9}",
+            "a b",
+            &"x".repeat(129),
+        ] {
+            let payload = serde_json::json!({"text": "x", "trace_id": bad}).to_string();
+            let r = rejected(payload.as_bytes());
+            assert!(
+                r.reason.contains("printable ASCII"),
+                "{bad:?}: {}",
+                r.reason
+            );
+            assert!(!r.reason.contains('\u{202e}') && !r.reason.contains('\u{1b}'));
+            // The refusal goes out under a fresh trace id, not the bad one.
+            assert_ne!(r.trace_id, bad);
+        }
+        let h = PromptHeaders {
+            trace_id: Some("h\u{202e}".into()),
+            ..PromptHeaders::default()
+        };
+        let p = parse_prompt(b"hi", &h, None, LIMITS).unwrap_err();
+        assert!(p.reason.contains("printable ASCII"), "{}", p.reason);
+        assert!(parse("{\"text\":\"x\",\"trace_id\":\"ok-1_A:~\"}").is_ok());
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub fn parse_request(payload: &[u8], from: &Caller) -> Result<StatusRequest, Str
     }
     let raw: Raw = serde_json::from_slice(payload)
         .map_err(|e| format!("a turn state request is {{\"trace_id\": \"...\"}}: {e}"))?;
-    validate_token(&raw.trace_id).map_err(|e| format!("`trace_id` {:?} {e}", raw.trace_id))?;
+    super::subject::validate_trace_id(&raw.trace_id)?;
     let owner = match (from, raw.tenant) {
         (Caller::Operator, Some(t)) => {
             validate_token(&t).map_err(|e| format!("`tenant` {t:?} {e}"))?;

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::bus::{Publisher, TurnHeaders};
 use crate::metrics::{Metrics, TurnObserver};
 use crate::protocol::agent::{ack, Encoder};
+use crate::protocol::redact;
 use crate::protocol::reply::split_utf8;
 use crate::protocol::traceparent::TraceParent;
 use crate::protocol::turn_state::TurnState;
@@ -266,6 +267,7 @@ impl ReplySink {
             warn!(trace_id = %self.trace_id, kind = body.kind(), "reply after the terminal reply suppressed");
             return;
         }
+        let body = public(body, &self.trace_id);
         let body = match &mut self.job {
             Some(job) if body.is_terminal() => match job.gate(body) {
                 super::job::Gate::Publish(b) => b,
@@ -527,4 +529,27 @@ async fn publish_agent(
         *ended = true;
     }
     debug!(%trace_id, kind = body.kind(), "agent reply published");
+}
+
+/// An `error` body as a caller may see it ([`redact::public_error`]): the
+/// original goes to the log when anything was taken out.
+fn public(body: ReplyBody, trace_id: &str) -> ReplyBody {
+    match body {
+        ReplyBody::Error {
+            error,
+            code,
+            retryable,
+        } => {
+            let public = redact::public_error(&error);
+            if public != error {
+                warn!(%trace_id, code = code.as_str(), detail = %error, "an error reply was stripped of detail (stack trace, URL, host or path); the detail is here");
+            }
+            ReplyBody::Error {
+                error: public,
+                code,
+                retryable,
+            }
+        }
+        other => other,
+    }
 }
