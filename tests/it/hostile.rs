@@ -1,0 +1,290 @@
+//! Hostile tenants, round 2 (issue 22), tried as the attacker `discord`
+//! against `deploy/nats-server.conf` as shipped, the daemon as user
+//! `bridge` in strict mode, `slack` the tenant that must not notice: image
+//! bombs and floods of attachments are refused before OpenCode sees them,
+//! and caller-chosen subjects cannot forge the daemon's log.
+
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::ops_nats_permissions::{conf, password, request, user};
+use crate::support::bridge::{assert_well_formed, terminal, test_config, Bridge};
+use crate::support::fake_opencode::FakeOpenCode;
+use crate::support::nats::{NatsServer, Reply};
+
+const TURN: Duration = Duration::from_secs(30);
+
+/// The shipped NATS config, the daemon as `bridge` (strict), and a tenant
+/// client each for the attacker and the bystander.
+pub(crate) struct Shipped {
+    pub nats: NatsServer,
+    pub fake: FakeOpenCode,
+    pub bridge: Bridge,
+    pub slack: Client,
+    pub discord: Client,
+}
+
+impl Shipped {
+    pub async fn start(tweak: impl FnOnce(&mut opencode_nats_bridge::config::Config)) -> Shipped {
+        let nats = NatsServer::start_with_config(&conf());
+        let fake = FakeOpenCode::start().await;
+        let mut cfg = test_config(&nats.url(), &fake.url(), None);
+        cfg.nats.user = Some("bridge".into());
+        cfg.nats.password = Some(password("bridge"));
+        cfg.nats.inbox_prefix = "_INBOX.bridge".into();
+        cfg.tenancy.strict = true;
+        cfg.cluster.instance_id = Some("bridge-1".into());
+        tweak(&mut cfg);
+        let bridge = Bridge::start(cfg).await;
+        let (slack, _) = user(&nats.url(), "slack").await;
+        let (discord, _) = user(&nats.url(), "discord").await;
+        Shipped {
+            nats,
+            fake,
+            bridge,
+            slack,
+            discord,
+        }
+    }
+}
+
+/// A bad_request refusal, alone, not retryable; its text.
+fn bad_request(r: &[Reply]) -> String {
+    assert_well_formed(r);
+    assert_eq!(r.len(), 1, "a refusal is one reply: {r:#?}");
+    let t = terminal(r);
+    assert_eq!(
+        (t["kind"].as_str(), t["code"].as_str()),
+        (Some("error"), Some("bad_request")),
+        "{t}"
+    );
+    assert_eq!(t["retryable"], false, "{t}");
+    t["error"].as_str().unwrap().to_string()
+}
+
+/// A real greyscale PNG of `side` x `side` pixels at 1 bit per pixel, all
+/// black: signature, IHDR, one IDAT of zlib (fixed-Huffman deflate: one
+/// literal 0 then matches of 258 at distance 1), IEND; CRCs and the
+/// Adler-32 computed. 16000x16000 is about 200 KB and decodes to 256 MB.
+pub(crate) fn png_bomb(side: u32) -> Vec<u8> {
+    let row = 1 + side.div_ceil(8) as u64; // filter byte + packed pixels
+    let raw = row * u64::from(side); // all zero bytes
+    let mut bits = BitWriter::default();
+    bits.put(1, 1); // BFINAL
+    bits.put(1, 2); // BTYPE = fixed Huffman
+    bits.code(0b0011_0000, 8); // literal 0
+    let mut left = raw - 1;
+    while left >= 258 {
+        bits.code(0b1100_0101, 8); // length 258 (symbol 285)
+        bits.code(0, 5); // distance 1
+        left -= 258;
+    }
+    for _ in 0..left {
+        bits.code(0b0011_0000, 8);
+    }
+    bits.code(0, 7); // end of block
+    let mut zlib = vec![0x78, 0x01];
+    zlib.extend(bits.finish());
+    let b = (raw % 65521) as u32; // Adler-32 of zeros: a = 1, b = n
+    zlib.extend(((b << 16) | 1).to_be_bytes());
+
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend([1, 0, 0, 0, 0]); // 1 bit, greyscale, deflate, filter 0, no interlace
+    for (kind, data) in [(&b"IHDR"[..], ihdr), (b"IDAT", zlib), (b"IEND", Vec::new())] {
+        png.extend((data.len() as u32).to_be_bytes());
+        let mut chunk = kind.to_vec();
+        chunk.extend(&data);
+        png.extend(&chunk);
+        png.extend(crc32(&chunk).to_be_bytes());
+    }
+    png
+}
+
+#[derive(Default)]
+struct BitWriter {
+    out: Vec<u8>,
+    acc: u32,
+    n: u32,
+}
+
+impl BitWriter {
+    /// `len` bits of `v`, least significant first (deflate's header bits).
+    fn put(&mut self, v: u32, len: u32) {
+        self.acc |= v << self.n;
+        self.n += len;
+        while self.n >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n -= 8;
+        }
+    }
+
+    /// A Huffman code, most significant bit first.
+    fn code(&mut self, code: u32, len: u32) {
+        let rev = (0..len).fold(0, |r, i| r | ((code >> i) & 1) << (len - 1 - i));
+        self.put(rev, len);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.n > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn the_png_bomb_is_a_png() {
+    assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    let png = png_bomb(16000);
+    assert!(png.len() < 300_000, "{} bytes", png.len());
+    assert_eq!(&png[12..16], b"IHDR");
+    assert_eq!(&png[16..24], [0, 0, 0x3e, 0x80, 0, 0, 0x3e, 0x80]);
+    assert!(png.ends_with(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xae, 0x42, 0x60, 0x82]));
+}
+
+/// The attacker's prompt with `attachments`, sent request style.
+async fn attack(s: &Shipped, trace: &str, attachments: Value) -> (Vec<Reply>, Duration) {
+    let prompt = json!({"text": "look", "trace_id": trace, "attachments": attachments});
+    let t0 = Instant::now();
+    let r = request(
+        &s.discord,
+        "opencode.prompt.discord.D1",
+        &prompt.to_string(),
+        TURN,
+    )
+    .await;
+    (r, t0.elapsed())
+}
+
+/// An image bomb (a 16000x16000 PNG of ~200 KB), 5,000 tiny attachments
+/// and a text file named `.png` are refused with `bad_request` naming the
+/// attachment and the limit, while the bystander's probe prompt, sent at
+/// the same time, ends with its `final`; none of the attacks reaches
+/// OpenCode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_bombs_and_attachment_floods_are_refused_before_opencode() {
+    let s = Shipped::start(|_| {}).await;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let bomb = png_bomb(16000);
+    let bomb_bytes = bomb.len();
+    let flood: Vec<Value> = (0..5000)
+        .map(|i| json!({"filename": format!("f{i}.txt"), "content": "eA=="}))
+        .collect();
+    let probe = async {
+        let t0 = Instant::now();
+        let r = request(&s.slack, "opencode.prompt.slack.C1", "probe", TURN).await;
+        (r, t0.elapsed())
+    };
+    let attacks = async {
+        let bomb = attack(
+            &s,
+            "atk-bomb",
+            json!([{"filename": "bomb.png", "content": b64(&bomb)}]),
+        )
+        .await;
+        let flood = attack(&s, "atk-flood", json!(flood)).await;
+        let fake = attack(
+            &s,
+            "atk-fake",
+            json!([{"filename": "x.png", "content": b64(b"console.log('not a png')")}]),
+        )
+        .await;
+        (bomb, flood, fake)
+    };
+    let ((probe, probe_took), (bomb, flood, fake)) = tokio::join!(probe, attacks);
+
+    let e = bad_request(&bomb.0);
+    assert!(
+        e.contains("\"bomb.png\"")
+            && e.contains("16000x16000 = 256000000 pixels")
+            && e.contains("40000000 pixels (max_image_pixels)"),
+        "{e}"
+    );
+    let e = bad_request(&flood.0);
+    assert!(
+        e.contains("5000 attachments, above the limit of 16 (max_attachments)"),
+        "{e}"
+    );
+    let e = bad_request(&fake.0);
+    assert!(
+        e.contains("(\"x.png\") is declared image/png but its content is not an image"),
+        "{e}"
+    );
+    assert_well_formed(&probe);
+    assert_eq!(terminal(&probe)["kind"], "final", "{probe:#?}");
+    eprintln!(
+        "bomb refused in {:?} ({} bytes), 5,000 attachments in {:?}, the probe's final in {probe_took:?}",
+        bomb.1,
+        bomb_bytes,
+        flood.1
+    );
+    for (what, took) in [("bomb", bomb.1), ("flood", flood.1), ("probe", probe_took)] {
+        assert!(took < TURN / 3, "{what} took {took:?}");
+    }
+    for p in s.fake.prompts() {
+        let body = p.json().to_string();
+        assert!(
+            !body.contains("bomb.png") && !body.contains("f4999.txt") && !body.contains("x.png"),
+            "an attack reached OpenCode: {body:.200}"
+        );
+    }
+    let _ = &s.nats;
+    s.bridge.stop().await.unwrap();
+}
+
+/// A subject token with an escape sequence, NUL and a right-to-left
+/// override reaches the daemon's log escaped: no raw control character in
+/// any line, the escapes visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_with_escape_codes_is_logged_escaped() {
+    use crate::support::daemon::{spawn_serving, wait_for_line};
+    let nats = NatsServer::start();
+    let fake = FakeOpenCode::start().await;
+    let mut cmd = crate::support::ops::command(&["run"]);
+    cmd.env("OPENCODE_BRIDGE__NATS__URL", nats.url())
+        .env("OPENCODE_BRIDGE__OPENCODE__BASE_URL", fake.url())
+        .env("OPENCODE_BRIDGE__SHUTDOWN__GRACE", "2s")
+        .env("RUST_LOG", "info");
+    let (_child, mut log) = spawn_serving(cmd, Duration::from_secs(30)).await;
+    let c = crate::support::nats::client(&nats.url()).await;
+    let evil = "opencode.prompt.x\u{1b}[31mRED\u{0}\u{202e}gnp";
+    c.publish(evil, "hi".into()).await.unwrap();
+    c.flush().await.unwrap();
+    let mut seen = Vec::new();
+    let found = wait_for_line(&mut log, &mut seen, "RED", Duration::from_secs(10)).await;
+    assert!(found, "the subject was not logged: {seen:#?}");
+    let line = seen.last().unwrap();
+    assert!(
+        line.contains("x\\x1b[31mRED\\x00\\u{202e}gnp"),
+        "not escaped: {line:?}"
+    );
+    for l in &seen {
+        assert!(
+            !l.chars()
+                .any(|c| (c.is_control() && c != '\t') || c == '\u{202e}'),
+            "a raw control character in the log: {l:?}"
+        );
+    }
+}
