@@ -50,6 +50,10 @@
 #[path = "../tests/it/support/nats.rs"]
 #[allow(dead_code)]
 mod nats;
+/// The leak check `nats.rs` runs on every reply it reads.
+#[path = "../tests/it/support/leaks.rs"]
+#[allow(dead_code)]
+mod leaks;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
