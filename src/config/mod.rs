@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
+pub use shares::SharesConfig;
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
 pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
@@ -44,6 +45,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[jetstream]`: durable jobs and the optional replies stream.
     pub jetstream: JetStreamConfig,
+    /// `[shares]`: what one tenant may hold of what tenants share.
+    pub shares: SharesConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -787,6 +790,7 @@ impl OpenCodeConfig {
 
 mod cluster;
 mod load;
+mod shares;
 #[cfg(test)]
 mod tests;
 mod validate;

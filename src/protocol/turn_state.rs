@@ -116,6 +116,13 @@ pub fn state_key(owner: &Caller, trace_id: &str) -> String {
 /// and `-`, else `<base>_<hex of the name>` (never the same for two
 /// tenants), so NATS permissions can give each tenant its own bucket.
 pub fn finals_bucket(base: &str, owner: &Caller) -> String {
+    tenant_bucket(base, owner)
+}
+
+/// The bucket of `owner` among buckets named after `base` (large finals,
+/// turn states): `base` for the operator, `<base>-<tenant>` or
+/// `<base>_<hex>` for a tenant, as [`finals_bucket`] says.
+pub fn tenant_bucket(base: &str, owner: &Caller) -> String {
     match owner {
         Caller::Operator => base.to_string(),
         Caller::Tenant(t) if t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {

@@ -59,6 +59,9 @@ pub struct ReplySink {
     record: Option<TurnRecord>,
     /// A durable job's turn: its terminal reply decides the job's fate.
     job: Option<super::job::JobHook>,
+    /// The tenant's share this turn holds (`[shares]`), given back when
+    /// the sink is dropped after the terminal reply.
+    share: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Text of one part held back for `coalesce_ms`.
@@ -130,6 +133,7 @@ impl ReplySink {
             last_text: None,
             record: None,
             job: None,
+            share: None,
         }
     }
 
@@ -222,6 +226,12 @@ impl ReplySink {
     /// every N ms, or the terminal reply only.
     pub fn streaming(mut self, stream: StreamMode) -> Self {
         self.stream = stream;
+        self
+    }
+
+    /// Holds `share` until the turn ends (`turn::shares`).
+    pub fn holding(mut self, share: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        self.share = share;
         self
     }
 
@@ -390,8 +400,7 @@ impl ReplySink {
                 Ok(object) => fin.content_object = Some(Box::new(object)),
                 Err(e) => {
                     warn!(trace_id = %self.trace_id, error = %e, "storing the whole final failed");
-                    fin.notes
-                        .push(format!("the whole final could not be stored: {e}"));
+                    fin.notes.push(final_not_stored(&e));
                 }
             }
         }
@@ -551,5 +560,16 @@ fn public(body: ReplyBody, trace_id: &str) -> ReplyBody {
             }
         }
         other => other,
+    }
+}
+
+/// The note of a final whose whole text could not be stored: a full share
+/// says what to do; anything else says where the detail is (the log).
+fn final_not_stored(error: &str) -> String {
+    let e = error.to_ascii_lowercase();
+    if e.contains("maximum bytes") || e.contains("insufficient resources") {
+        "the whole final was not kept: this tenant's share of the large-finals store is full ([shares] finals_bytes); older finals expire after [cluster] turn_ttl. The deltas carried the whole text.".to_string()
+    } else {
+        "the whole final could not be stored (the daemon's log says why); the deltas carried the whole text".to_string()
     }
 }

@@ -288,3 +288,192 @@ async fn a_subject_with_escape_codes_is_logged_escaped() {
         );
     }
 }
+
+/// `[big]`: 600 KB of text in 6 deltas (a final cut to fit a reply and
+/// stored whole); anything else as the default script says.
+fn big_or_default(
+    input: &crate::support::fake_opencode::TurnInput,
+) -> crate::support::fake_opencode::TurnScript {
+    if !input.text.contains("[big]") {
+        return crate::support::fake_opencode::default_script(input);
+    }
+    let deltas: Vec<String> = (0..6)
+        .map(|i| format!("{i}{}", "y".repeat(100_000)))
+        .collect();
+    let refs: Vec<&str> = deltas.iter().map(String::as_str).collect();
+    crate::support::fake_opencode::text_turn(input, &refs)
+}
+
+/// A tenant's prompt on `subject` sent to a fresh inbox; its replies.
+async fn prompt_json(c: &Client, subject: &str, body: Value) -> Vec<Reply> {
+    let r = request(c, subject, &body.to_string(), TURN).await;
+    assert_well_formed(&r);
+    r
+}
+
+/// A `[big]` prompt's final (cut: the deltas carry more than its content).
+async fn big_final(c: &Client, subject: &str, trace: &str) -> Value {
+    let body = json!({"text": "[big]", "trace_id": trace});
+    let r = request(c, subject, &body.to_string(), TURN).await;
+    let fin = terminal(&r).clone();
+    assert_eq!(fin["kind"], "final", "{:.300}", fin.to_string());
+    assert_eq!(fin["content_truncated"], true);
+    assert_eq!(r.iter().filter(|(_, v)| v["kind"] == "final").count(), 1);
+    fin
+}
+
+/// One turn state request as `c`; the answer.
+async fn turn_state(c: &Client, tenant: &str, trace: &str) -> Value {
+    let m = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.request(
+            format!("opencode.turn.status.{tenant}"),
+            json!({"trace_id": trace}).to_string().into(),
+        ),
+    )
+    .await
+    .expect("a turn state answer within 10s")
+    .expect("a turn state answer");
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+/// The attacker fills its own share of the large-finals store and of the
+/// turn states: its next large final goes out cut without
+/// `content_object`, with a note that says its share is full and what to
+/// do; the bystander's large final is still stored whole, its turn state
+/// still reads `done`, and the daemon's lease is still renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_that_fills_its_shares_of_jetstream_hurts_only_itself() {
+    let s = Shipped::start(|c| {
+        c.shares.finals_bytes = 1024 * 1024;
+        c.shares.turn_states_bytes = 1024 * 1024;
+        c.cluster.lease_ttl = Duration::from_secs(3);
+    })
+    .await;
+    s.fake.set_script(big_or_default);
+    let mut full_note = None;
+    for i in 0..4 {
+        let trace = format!("atk-big-{i}");
+        let fin = big_final(&s.discord, "opencode.prompt.discord.D1", &trace).await;
+        if fin.get("content_object").is_none() {
+            full_note = fin["notes"]
+                .as_array()
+                .and_then(|n| n.iter().find_map(|n| n.as_str().map(str::to_string)));
+            break;
+        }
+    }
+    let note = full_note.expect("the attacker's share of the finals store never filled");
+    assert!(
+        note.contains("share of the large-finals store is full ([shares] finals_bytes)")
+            && note.contains("turn_ttl"),
+        "{note}"
+    );
+
+    // The bystander: its large final stored whole, its state readable.
+    let fin = big_final(&s.slack, "opencode.prompt.slack.C1", "slack-big").await;
+    assert_eq!(
+        fin["content_object"]["bucket"],
+        "opencode_bridge_finals-slack",
+        "{:.300}",
+        fin.to_string()
+    );
+    // Written after the reply went out: asked until it is there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let state = turn_state(&s.slack, "slack", "slack-big").await;
+        if state["state"] == "done" || Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state["state"], "done", "{:.300}", state.to_string());
+    // The attacker's own states: its bucket is full, its later turns
+    // are not all recorded (read as what was written last, or unknown).
+    let last = turn_state(&s.discord, "discord", "atk-big-0").await;
+    eprintln!("the attacker's first turn state: {:.100}", last.to_string());
+
+    // The daemon still holds its lease: renewed after the flood.
+    let (bridge, _) = user(&s.nats.url(), "bridge").await;
+    let kv = async_nats::jetstream::new(bridge)
+        .get_key_value("opencode_bridge_instances")
+        .await
+        .unwrap();
+    let before = kv
+        .entry("bridge-1")
+        .await
+        .unwrap()
+        .expect("a lease")
+        .revision;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = kv
+        .entry("bridge-1")
+        .await
+        .unwrap()
+        .expect("a lease")
+        .revision;
+    assert!(
+        after > before,
+        "the lease was not renewed ({before} -> {after})"
+    );
+    s.bridge.stop().await.unwrap();
+}
+
+/// Attachment bytes in flight: beyond its share, the attacker's prompt
+/// with attachments gets `overloaded` (retryable) while its slow turn
+/// holds the share; the bystander's attachments are served; once the
+/// attacker's turn has ended its share is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachment_bytes_in_flight_are_shared_per_tenant() {
+    let s = Shipped::start(|c| c.shares.attachment_bytes_in_flight = 1000).await;
+    let file = || json!([{"filename": "a.txt", "content": base64::engine::general_purpose::STANDARD.encode([b'x'; 800])}]);
+    let inbox = s.discord.new_inbox();
+    let mut slow = s.discord.subscribe(inbox.clone()).await.unwrap();
+    s.discord
+        .publish_with_reply(
+            "opencode.prompt.discord.D1",
+            inbox,
+            json!({"text": "[slow] hold", "attachments": file()})
+                .to_string()
+                .into(),
+        )
+        .await
+        .unwrap();
+    // Its first reply: the turn is running and holds 800 bytes.
+    futures::StreamExt::next(&mut slow).await.unwrap();
+    let r = prompt_json(
+        &s.discord,
+        "opencode.prompt.discord.D2",
+        json!({"text": "more", "attachments": file()}),
+    )
+    .await;
+    let t = terminal(&r);
+    assert_eq!(
+        (t["code"].as_str(), t["retryable"].as_bool()),
+        (Some("overloaded"), Some(true)),
+        "{t}"
+    );
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap()
+            .contains("share of 1000 bytes ([shares] attachment_bytes_in_flight)"),
+        "{t}"
+    );
+    let r = prompt_json(
+        &s.slack,
+        "opencode.prompt.slack.C1",
+        json!({"text": "mine", "attachments": file()}),
+    )
+    .await;
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+    let rest = crate::support::nats::collect_until_terminal(&mut slow, TURN).await;
+    assert_eq!(terminal(&rest)["kind"], "final", "{rest:#?}");
+    let r = prompt_json(
+        &s.discord,
+        "opencode.prompt.discord.D2",
+        json!({"text": "again", "attachments": file()}),
+    )
+    .await;
+    assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+    s.bridge.stop().await.unwrap();
+}
