@@ -477,3 +477,57 @@ async fn attachment_bytes_in_flight_are_shared_per_tenant() {
     assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
     s.bridge.stop().await.unwrap();
 }
+
+/// The object `name` of `bucket`, read as `c` (`None`: refused or absent).
+async fn read_object(c: &Client, bucket: &str, name: &str) -> Option<Vec<u8>> {
+    let js = async_nats::jetstream::new(c.clone());
+    let read = async {
+        let store = js.get_object_store(bucket).await.ok()?;
+        let mut o = store.get(name).await.ok()?;
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut o, &mut got)
+            .await
+            .ok()?;
+        Some(got)
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// With the shipped NATS config a tenant fetches its own large final
+/// (`final.content_object`) whole, and cannot read another tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_fetches_its_own_large_finals_and_no_one_elses() {
+    let s = Shipped::start(|_| {}).await;
+    s.fake.set_script(big_or_default);
+    let whole: String = (0..6)
+        .map(|i| format!("{i}{}", "y".repeat(100_000)))
+        .collect();
+    let mine = big_final(&s.slack, "opencode.prompt.slack.C1", "slack-own").await;
+    let theirs = big_final(&s.discord, "opencode.prompt.discord.D1", "discord-own").await;
+    let object = |fin: &Value| {
+        let o = &fin["content_object"];
+        (
+            o["bucket"].as_str().unwrap().to_string(),
+            o["name"].as_str().unwrap().to_string(),
+        )
+    };
+    let (bucket, name) = object(&mine);
+    assert_eq!(bucket, "opencode_bridge_finals-slack");
+    let got = read_object(&s.slack, &bucket, &name)
+        .await
+        .expect("slack reads its own final");
+    assert!(got == whole.as_bytes(), "{} bytes", got.len());
+    let (bucket, name) = object(&theirs);
+    assert!(
+        read_object(&s.slack, &bucket, &name).await.is_none(),
+        "slack read discord's final"
+    );
+    let got = read_object(&s.discord, &bucket, &name)
+        .await
+        .expect("discord reads its own");
+    assert!(got == whole.as_bytes());
+    s.bridge.stop().await.unwrap();
+}
