@@ -136,6 +136,30 @@ fn host_port_start(core: &str) -> Option<usize> {
     hosty.then_some(start)
 }
 
+/// `text` with the host's path to OpenCode's data directory cut from
+/// every saved tool output it names: `/home/u/.local/share/opencode/
+/// tool-output/tool_1` becomes `tool-output/tool_1` (truncation hints in
+/// tool results, permission notes). Borrowed when there is none.
+pub fn strip_data_dirs(text: &str) -> std::borrow::Cow<'_, str> {
+    const MARK: &str = "/opencode/tool-output";
+    if !text.contains(MARK) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(MARK) {
+        // The path starts after the last space, quote or bracket before it.
+        let start = rest[..i]
+            .rfind(|c: char| c.is_whitespace() || "\"'`([{<=:,".contains(c))
+            .map_or(0, |j| j + 1);
+        out.push_str(&rest[..start]);
+        out.push_str("tool-output");
+        rest = &rest[i + MARK.len()..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +210,23 @@ mod tests {
         ] {
             assert_eq!(public_error(s), s);
         }
+    }
+
+    #[test]
+    fn saved_tool_outputs_are_named_without_the_host_path() {
+        let hint = "...\nThe tool call succeeded but the output was truncated. Full output saved to: /home/op/.local/share/opencode/tool-output/tool_9f\nUse the Task tool";
+        assert_eq!(
+            strip_data_dirs(hint),
+            "...\nThe tool call succeeded but the output was truncated. Full output saved to: tool-output/tool_9f\nUse the Task tool"
+        );
+        assert_eq!(
+            strip_data_dirs("permission `external_directory` (/x/d/opencode/tool-output/*) denied"),
+            "permission `external_directory` (tool-output/*) denied"
+        );
+        assert!(matches!(
+            strip_data_dirs("no paths"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]
