@@ -531,3 +531,124 @@ async fn a_tenant_fetches_its_own_large_finals_and_no_one_elses() {
     assert!(got == whole.as_bytes());
     s.bridge.stop().await.unwrap();
 }
+
+/// The real OpenCode 1.18.34, embedded (the daemon binary starts it, one
+/// server for every tenant), the shipped NATS config: `slack` (allowed
+/// bash by a rule) prints a secret at the end of 3,000 lines, which
+/// OpenCode saves whole under `<data>/opencode/tool-output/`; `discord`'s
+/// agent then tries `read`, `grep`, `glob` and `list` on that folder and
+/// gets nothing of it (OpenCode 1.18.34 has no `list` tool: `read` of the
+/// folder lists it), and nothing of it reaches discord's model or replies. Slack's own hint names the saved file without the host path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_saved_tool_output_is_out_of_reach() {
+    use crate::support::daemon::spawn_serving;
+    use crate::support::fake_llm::FakeLlm;
+    use crate::support::real_opencode::{default_config, isolated_env, opencode_bin};
+    let nats = NatsServer::start_with_config(&conf());
+    let llm = FakeLlm::start().await;
+    let env = isolated_env(&default_config(&llm.base_url()));
+    let toml = r#"
+[tenancy]
+strict = true
+[permissions]
+rules = [{ tenant = "slack", permission = "bash", action = "allow" }]
+"#;
+    let file = env.tmp.path().join("bridge.toml");
+    std::fs::write(&file, toml).unwrap();
+    let mut cmd = tokio::process::Command::new(crate::support::daemon::BIN);
+    cmd.arg("run").arg("--config").arg(&file);
+    cmd.env_clear()
+        .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_os_str())))
+        .env("OPENCODE_BRIDGE__NATS__URL", nats.url())
+        .env("OPENCODE_BRIDGE__NATS__USER", "bridge")
+        .env("OPENCODE_BRIDGE__NATS__PASSWORD", password("bridge"))
+        .env("OPENCODE_BRIDGE__NATS__INBOX_PREFIX", "_INBOX.bridge")
+        .env("OPENCODE_BRIDGE__OPENCODE__BINARY", opencode_bin())
+        .env("OPENCODE_BRIDGE__OPENCODE__DIRECTORY", &env.work_dir)
+        .env("OPENCODE_BRIDGE__SHUTDOWN__GRACE", "5s")
+        .env("RUST_LOG", "info");
+    let (_daemon, _log) = spawn_serving(cmd, Duration::from_secs(90)).await;
+    let (slack, _) = user(&nats.url(), "slack").await;
+    let (discord, _) = user(&nats.url(), "discord").await;
+    let turn = Duration::from_secs(90);
+
+    let secret = format!("DB_PASSWORD=s3cr3t-{}", std::process::id());
+    let text = format!("[tool:bash seq 1 3000; echo {secret}]");
+    let r = request(&slack, "opencode.prompt.slack.ops", &text, turn).await;
+    assert_well_formed(&r);
+    assert_eq!(terminal(&r)["kind"], "final", "{:.500}", format!("{r:?}"));
+    // OpenCode saved the whole output in its one folder.
+    let folder = env.tmp.path().join("data/opencode/tool-output");
+    let saved: Vec<_> = std::fs::read_dir(&folder)
+        .expect("the tool-output folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        saved.iter().any(|p| std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .contains(&secret)),
+        "no saved output holds the secret: {saved:?}"
+    );
+    let hint = r
+        .iter()
+        .find(|(_, v)| v["kind"] == "tool_result")
+        .map(|(_, v)| v["result"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    assert!(
+        hint.contains("saved to: tool-output/tool_") && !hint.contains(folder.to_str().unwrap()),
+        "{hint:.300}"
+    );
+    let seen_before = llm.chat_requests().len();
+
+    let dir = folder.to_str().unwrap().to_string();
+    let file = saved[0].to_str().unwrap().to_string();
+    let attempts = [
+        ("read", json!({"filePath": file})),
+        ("grep", json!({"pattern": "DB_PASSWORD", "path": dir})),
+        ("glob", json!({"pattern": "*", "path": dir})),
+        // OpenCode 1.18.34 has no `list` tool: `read` of a folder lists it.
+        ("read", json!({"filePath": dir})),
+    ];
+    for (tool, args) in attempts {
+        let text = format!("[call:{tool} {args}:call]");
+        let r = request(&discord, "opencode.prompt.discord.D1", &text, turn).await;
+        assert_well_formed(&r);
+        let all = format!("{r:?}");
+        assert_eq!(terminal(&r)["kind"], "final", "{tool}: {all:.500}");
+        let result = r
+            .iter()
+            .find(|(_, v)| v["kind"] == "tool_result")
+            .unwrap_or_else(|| panic!("{tool}: no tool_result: {all:.500}"));
+        assert_eq!(
+            result.1["success"],
+            false,
+            "{tool} reached the folder: {:.300}",
+            result.1.to_string()
+        );
+        // What came back (the result, the answer) holds nothing of it: not
+        // the secret, not a saved file's name (the attacker's own call
+        // names the file it tried).
+        let back: String = r
+            .iter()
+            .filter(|(_, v)| v["kind"] != "tool_call")
+            .map(|(_, v)| v.to_string())
+            .collect();
+        eprintln!("{tool}: {:.300}", result.1["result"].to_string());
+        assert!(
+            !back.contains("s3cr3t") && !back.contains("tool_0"),
+            "{tool}: {back:.500}"
+        );
+        // The denial the caller sees names the folder without the host's
+        // path to it (the model's own answer repeats what OpenCode told it).
+        let told = result.1["result"].as_str().unwrap_or_default();
+        assert!(!told.contains(&dir), "{tool}: the host path in {told}");
+    }
+    // Nothing of it reached discord's model either.
+    for body in &llm.chat_requests()[seen_before..] {
+        assert!(
+            !body.to_string().contains("s3cr3t"),
+            "the secret reached the model"
+        );
+    }
+}
