@@ -27,6 +27,41 @@ pub struct SharesConfig {
     /// out cut without `content_object`, and its `notes` say why and what
     /// to do. The operator's bucket has the same bound.
     pub finals_bytes: u64,
+    /// Tenants whose durable jobs go to a stream of their own,
+    /// `<[jetstream] jobs_stream>_<tenant>` capturing
+    /// `<jobs_subject>.<tenant>` and `<jobs_subject>.<tenant>.>`, bounded
+    /// by `jobs_bytes`: a tenant that fills its stream has only its own
+    /// publishes refused, and `Nats-Msg-Id` deduplication is per stream, so
+    /// one tenant's id never shadows another's. Empty (default): one
+    /// stream for everyone, as before. When set, `jobs_stream` captures
+    /// only the operator's `<jobs_subject>`, and a tenant not listed has
+    /// no jobs stream (its job publish gets no JetStream answer). NATS
+    /// streams may not overlap: an existing `jobs_stream` that captures
+    /// `<jobs_subject>.>` must be drained and deleted first.
+    pub job_tenants: Vec<String>,
+    /// `max_bytes` of each tenant's jobs stream (`job_tenants`); a full
+    /// stream refuses that tenant's next job (its publish ack says
+    /// "maximum bytes exceeded") until its jobs have run.
+    pub jobs_bytes: u64,
+}
+
+impl SharesConfig {
+    /// Each of `job_tenants` is one subject token usable in a stream name
+    /// (letters, digits, `-`, `_`); the `Err` names the bad one.
+    pub fn check_job_tenants(&self) -> Result<(), String> {
+        for t in &self.job_tenants {
+            let ok = !t.is_empty()
+                && t.len() <= 64
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(format!(
+                    "{t:?} is not a tenant name a stream can carry (letters, digits, - and _, at most 64)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for SharesConfig {
@@ -35,6 +70,8 @@ impl Default for SharesConfig {
             attachment_bytes_in_flight: 4 * 1024 * 1024,
             turn_states_bytes: 64 * 1024 * 1024,
             finals_bytes: 256 * 1024 * 1024,
+            job_tenants: Vec::new(),
+            jobs_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -82,6 +82,8 @@ fn example_file_is_valid_and_complete() {
         "shares.attachment_bytes_in_flight",
         "shares.turn_states_bytes",
         "shares.finals_bytes",
+        "shares.job_tenants",
+        "shares.jobs_bytes",
     ] {
         assert!(
             example.iter().any(|k| k == key),

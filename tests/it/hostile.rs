@@ -652,3 +652,105 @@ rules = [{ tenant = "slack", permission = "bash", action = "allow" }]
         );
     }
 }
+
+/// Stores a job published as `c` with `Nats-Msg-Id: id`; the ack, or the
+/// refusal's text.
+async fn publish_job(c: &Client, subject: &str, id: &str, body: Value) -> Result<bool, String> {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", id);
+    let js = async_nats::jetstream::new(c.clone());
+    let ack = js
+        .publish_with_headers(subject.to_string(), h, body.to_string().into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let ack = tokio::time::timeout(Duration::from_secs(10), ack)
+        .await
+        .map_err(|_| "no ack within 10s".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(ack.duplicate)
+}
+
+/// The terminal reply of `trace` on `sub` (other traces skipped).
+async fn job_terminal(sub: &mut async_nats::Subscriber, trace: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + TURN;
+    loop {
+        let m = tokio::time::timeout_at(deadline, futures::StreamExt::next(sub))
+            .await
+            .unwrap_or_else(|_| panic!("no terminal reply for {trace}"))
+            .expect("subscription open");
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        crate::support::leaks::assert_no_leak(&v);
+        if v["trace_id"] == trace && matches!(v["kind"].as_str(), Some("final" | "error")) {
+            return v;
+        }
+    }
+}
+
+/// `[shares] job_tenants`: each tenant's jobs in a stream of its own. The
+/// attacker's job with the victim's `Nats-Msg-Id` does not make the
+/// victim's job a duplicate; the attacker filling its stream has its own
+/// publishes refused while the victim's job is stored and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_have_a_stream_per_tenant_ids_and_room_included() {
+    let s = Shipped::start(|c| {
+        c.jetstream.jobs = opencode_nats_bridge::config::Switch::On;
+        c.shares.job_tenants = vec!["slack".into(), "discord".into()];
+        c.shares.jobs_bytes = 16 * 1024;
+    })
+    .await;
+    let mut replies = s.slack.subscribe("opencode.reply.slack.>").await.unwrap();
+    s.slack.flush().await.unwrap();
+
+    // The attacker takes the victim's id first.
+    let shadow = publish_job(
+        &s.discord,
+        "opencode.job.discord.D1",
+        "slack-order-1001",
+        json!({"text": "hi from discord", "trace_id": "d-1001"}),
+    )
+    .await;
+    assert_eq!(shadow, Ok(false));
+    let dup = publish_job(
+        &s.slack,
+        "opencode.job.slack.C1",
+        "slack-order-1001",
+        json!({"text": "order 1001", "trace_id": "s-1001"}),
+    )
+    .await;
+    assert_eq!(dup, Ok(false), "the victim's job was taken for a duplicate");
+    let t = job_terminal(&mut replies, "s-1001").await;
+    assert_eq!(t["kind"], "final", "{t}");
+
+    // The attacker fills its own stream with jobs that never end.
+    let pad = "p".repeat(3000);
+    let mut refused = None;
+    for i in 0..20 {
+        let body = json!({"text": format!("[hang] {pad}"), "trace_id": format!("d-fill-{i}")});
+        if let Err(e) = publish_job(
+            &s.discord,
+            "opencode.job.discord.D2",
+            &format!("fill-{i}"),
+            body,
+        )
+        .await
+        {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (stored, why) = refused.expect("the attacker's stream never filled");
+    assert!(stored >= 2, "refused at once: {why}");
+    eprintln!("the attacker's job {stored} was refused: {why}");
+    // The victim's job is still stored and served.
+    let dup = publish_job(
+        &s.slack,
+        "opencode.job.slack.C1",
+        "slack-order-1002",
+        json!({"text": "order 1002", "trace_id": "s-1002"}),
+    )
+    .await;
+    assert_eq!(dup, Ok(false));
+    let t = job_terminal(&mut replies, "s-1002").await;
+    assert_eq!(t["kind"], "final", "{t}");
+    s.bridge.stop().await.unwrap();
+}
