@@ -336,8 +336,9 @@ async fn answer(config: &Config, buckets: &StateBuckets, publisher: &Publisher, 
 }
 
 fn unavailable(detail: String) -> Vec<u8> {
+    // The detail (NATS's own words) stays in the log.
     warn!(%detail, "cannot read the turns bucket");
-    let reason = format!("cannot read the turn states: {detail}; try again");
+    let reason = "cannot read the turn states now; try again".to_string();
     serde_json::to_vec(
         &serde_json::json!({"error": reason, "code": "unavailable", "retryable": true}),
     )
