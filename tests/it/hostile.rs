@@ -1,8 +1,12 @@
 //! Hostile tenants, round 2 (issue 22), tried as the attacker `discord`
 //! against `deploy/nats-server.conf` as shipped, the daemon as user
 //! `bridge` in strict mode, `slack` the tenant that must not notice: image
-//! bombs and floods of attachments are refused before OpenCode sees them,
-//! and caller-chosen subjects cannot forge the daemon's log.
+//! bombs and floods of attachments are refused before OpenCode sees them;
+//! a caller-chosen subject cannot forge the daemon's log; filling its own
+//! shares (attachments in flight, turn states, large finals, jobs) hurts
+//! only the attacker; job ids do not cross tenants; each tenant reads its
+//! own large finals only; and, with the real OpenCode, another tenant's
+//! saved tool output is out of reach.
 
 use std::time::{Duration, Instant};
 
@@ -260,16 +264,20 @@ async fn image_bombs_and_attachment_floods_are_refused_before_opencode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subject_with_escape_codes_is_logged_escaped() {
     use crate::support::daemon::{spawn_serving, wait_for_line};
-    let nats = NatsServer::start();
+    let nats = NatsServer::start_with_config(&conf());
     let fake = FakeOpenCode::start().await;
     let mut cmd = crate::support::ops::command(&["run"]);
     cmd.env("OPENCODE_BRIDGE__NATS__URL", nats.url())
+        .env("OPENCODE_BRIDGE__NATS__USER", "bridge")
+        .env("OPENCODE_BRIDGE__NATS__PASSWORD", password("bridge"))
+        .env("OPENCODE_BRIDGE__NATS__INBOX_PREFIX", "_INBOX.bridge")
+        .env("OPENCODE_BRIDGE__TENANCY__STRICT", "true")
         .env("OPENCODE_BRIDGE__OPENCODE__BASE_URL", fake.url())
         .env("OPENCODE_BRIDGE__SHUTDOWN__GRACE", "2s")
         .env("RUST_LOG", "info");
     let (_child, mut log) = spawn_serving(cmd, Duration::from_secs(30)).await;
-    let c = crate::support::nats::client(&nats.url()).await;
-    let evil = "opencode.prompt.x\u{1b}[31mRED\u{0}\u{202e}gnp";
+    let (c, _) = user(&nats.url(), "discord").await;
+    let evil = "opencode.prompt.discord.x\u{1b}[31mRED\u{0}\u{202e}gnp";
     c.publish(evil, "hi".into()).await.unwrap();
     c.flush().await.unwrap();
     let mut seen = Vec::new();
@@ -277,7 +285,7 @@ async fn a_subject_with_escape_codes_is_logged_escaped() {
     assert!(found, "the subject was not logged: {seen:#?}");
     let line = seen.last().unwrap();
     assert!(
-        line.contains("x\\x1b[31mRED\\x00\\u{202e}gnp"),
+        line.contains("discord.x\\x1b[31mRED\\x00\\u{202e}gnp"),
         "not escaped: {line:?}"
     );
     for l in &seen {
@@ -415,6 +423,21 @@ async fn a_tenant_that_fills_its_shares_of_jetstream_hurts_only_itself() {
         after > before,
         "the lease was not renewed ({before} -> {after})"
     );
+    // Each tenant's turn states are a bucket of their own, bounded.
+    let js = async_nats::jetstream::new(user(&s.nats.url(), "bridge").await.0);
+    for tenant in ["slack", "discord"] {
+        let mut kv = js
+            .get_stream(format!("KV_opencode_bridge_turns-{tenant}"))
+            .await
+            .unwrap();
+        let info = kv.info().await.unwrap();
+        assert_eq!(info.config.max_bytes, 1024 * 1024, "{tenant}");
+        assert!(
+            info.state.bytes <= 1024 * 1024,
+            "{tenant}: {}",
+            info.state.bytes
+        );
+    }
     s.bridge.stop().await.unwrap();
 }
 
