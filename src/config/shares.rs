@@ -19,7 +19,8 @@ pub struct SharesConfig {
     /// (`<[cluster] turns_bucket>-<tenant>`, each tenant its own bucket,
     /// created with this `max_bytes`): a tenant that fills it loses its
     /// own turn states (`opencode.turn.status` reads `unknown` for its new
-    /// turns), never another's. The operator's bucket has the same bound.
+    /// turns, and their finals' `notes` say so), never another's. The
+    /// operator's bucket has the same bound.
     pub turn_states_bytes: u64,
     /// Bytes of the object store bucket that keeps one tenant's large
     /// finals (`<[limits] large_final_bucket>-<tenant>`, created with this

@@ -353,6 +353,7 @@ impl ReplySink {
 
     /// Publishes one reply now (several, if its text must be split).
     async fn send_now(&mut self, body: ReplyBody) {
+        let body = self.noted(body);
         match &body {
             ReplyBody::Delta { content, part_id } | ReplyBody::Reasoning { content, part_id }
                 if content.len() > self.max_content =>
@@ -380,6 +381,18 @@ impl ReplySink {
                 self.publish(&ReplyBody::Final(fin)).await
             }
             _ => self.publish(&body).await,
+        }
+    }
+
+    /// A final whose owner's turn states share is full says so: its state
+    /// will not be kept, and what to do.
+    fn noted(&self, body: ReplyBody) -> ReplyBody {
+        match (body, &self.record) {
+            (ReplyBody::Final(mut fin), Some(r)) if r.states_full() => {
+                fin.notes.push("this turn's state is not kept: this tenant's share of the turn states is full ([shares] turn_states_bytes), so opencode.turn.status may not know it; older states expire after [cluster] turn_ttl".to_string());
+                ReplyBody::Final(fin)
+            }
+            (body, _) => body,
         }
     }
 
@@ -566,8 +579,7 @@ fn public(body: ReplyBody, trace_id: &str) -> ReplyBody {
 /// The note of a final whose whole text could not be stored: a full share
 /// says what to do; anything else says where the detail is (the log).
 fn final_not_stored(error: &str) -> String {
-    let e = error.to_ascii_lowercase();
-    if e.contains("maximum bytes") || e.contains("insufficient resources") {
+    if super::states::is_out_of_room(error) {
         "the whole final was not kept: this tenant's share of the large-finals store is full ([shares] finals_bytes); older finals expire after [cluster] turn_ttl. The deltas carried the whole text.".to_string()
     } else {
         "the whole final could not be stored (the daemon's log says why); the deltas carried the whole text".to_string()

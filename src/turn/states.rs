@@ -66,6 +66,9 @@ pub struct StateBuckets {
     ttl: Duration,
     max_bytes: u64,
     open: Mutex<HashMap<String, Bucket>>,
+    /// Buckets whose last write was refused for want of room (a tenant's
+    /// share used up), until a write succeeds again.
+    full: Mutex<std::collections::HashSet<String>>,
 }
 
 impl StateBuckets {
@@ -81,6 +84,29 @@ impl StateBuckets {
         }
         open.insert(name.to_string(), b.clone());
         Ok(b)
+    }
+
+    /// Whether the bucket `name` refused its last write for want of room.
+    pub fn is_full(&self, name: &str) -> bool {
+        self.full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    /// Records how the last write to `name` went (`refused`: the error's
+    /// text, when there was one).
+    fn wrote(&self, name: &str, refused: Option<&str>) {
+        let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+        match refused.map(is_out_of_room) {
+            Some(true) => {
+                full.insert(name.to_string());
+            }
+            Some(false) => {}
+            None => {
+                full.remove(name);
+            }
+        }
     }
 
     /// The name of `owner`'s bucket.
@@ -118,6 +144,7 @@ impl TurnStates {
             ttl: c.turn_ttl,
             max_bytes: config.shares.turn_states_bytes,
             open: Mutex::new(HashMap::new()),
+            full: Mutex::new(Default::default()),
         });
         // The operator's bucket now: a JetStream that refuses it stops
         // the turn states at start-up, not at the first turn.
@@ -188,7 +215,20 @@ impl TurnStates {
     }
 }
 
+/// Whether a JetStream error says the bucket or stream has no room left
+/// (its `max_bytes`, or the server's store).
+pub fn is_out_of_room(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("maximum bytes") || e.contains("insufficient resources")
+}
+
 impl TurnRecord {
+    /// Whether this turn's owner has used up its share of the turn states
+    /// (`[shares] turn_states_bytes`): its states are not being kept.
+    pub fn states_full(&self) -> bool {
+        self.states.buckets.is_full(&self.bucket)
+    }
+
     /// The turn is queued or running now.
     pub fn set(&self, state: TurnState) {
         self.states.send(
@@ -259,8 +299,14 @@ async fn write(
                 };
                 let r = tokio::time::timeout(IO_TIMEOUT, put).await;
                 match r {
-                    Ok(Ok(_)) => debug!(%key, "turn state written"),
-                    Ok(Err(e)) => warn!(%key, error = %e, "writing a turn state failed"),
+                    Ok(Ok(_)) => {
+                        buckets.wrote(&name, None);
+                        debug!(%key, "turn state written")
+                    }
+                    Ok(Err(e)) => {
+                        buckets.wrote(&name, Some(&e.to_string()));
+                        warn!(%key, error = %e, "writing a turn state failed")
+                    }
                     Err(_) => warn!(%key, "writing a turn state timed out"),
                 }
             }

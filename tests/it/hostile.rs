@@ -376,6 +376,31 @@ async fn a_tenant_that_fills_its_shares_of_jetstream_hurts_only_itself() {
             && note.contains("turn_ttl"),
         "{note}"
     );
+    // Its turn states share fills too: a later final says its state is
+    // not kept, and what to do.
+    let mut states_note = None;
+    for i in 0..6 {
+        let fin = big_final(
+            &s.discord,
+            "opencode.prompt.discord.D1",
+            &format!("atk-more-{i}"),
+        )
+        .await;
+        let notes = fin["notes"].as_array().cloned().unwrap_or_default();
+        if let Some(n) = notes
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|n| n.contains("turn_states_bytes"))
+        {
+            states_note = Some(n.to_string());
+            break;
+        }
+    }
+    let n = states_note.expect("the attacker's share of the turn states never filled");
+    assert!(
+        n.contains("share of the turn states is full") && n.contains("turn_ttl"),
+        "{n}"
+    );
 
     // The bystander: its large final stored whole, its state readable.
     let fin = big_final(&s.slack, "opencode.prompt.slack.C1", "slack-big").await;
