@@ -46,6 +46,10 @@
 //! | `OPENCODE_BRIDGE__SUBJECTS__REPLY_HEADERS` | `full` | the daemon's reply headers (`lean`: deltas carry `Trace-Id` only) |
 //! | `E2E_PERF_DIR` | unset | `perf record` the daemon/relay during every phase into this directory (`E2E_PERF_CALLGRAPH=1`: with call graphs) |
 
+/// The leak check `nats.rs` runs on every reply it reads.
+#[path = "../tests/it/support/leaks.rs"]
+#[allow(dead_code)]
+mod leaks;
 /// nats-server as the integration tests start it.
 #[path = "../tests/it/support/nats.rs"]
 #[allow(dead_code)]

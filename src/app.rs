@@ -835,6 +835,9 @@ async fn audit_permissions(client: &OpenCodeClient, config: &Config) -> Vec<Stri
         if !allowed.is_empty() && !allowed.contains(&agent.name) {
             continue;
         }
+        if crate::protocol::interactive::reads_saved_outputs(&agent.permission) {
+            warn!(agent = %agent.name, "{}", crate::opencode::tool_output::AUDIT_WARNING);
+        }
         for b in
             crate::protocol::interactive::bypasses(&config.permissions.rules, &agent.permission)
         {

@@ -23,6 +23,7 @@ use crate::protocol::tenant::{authorize, Caller, Route};
 use crate::protocol::{parse_prompt, validate_subject, ErrorCode, Prompt, ReplyBody};
 use crate::turn::interactive::{AnswerMsg, AnswerRegistry};
 use crate::turn::queue::Refused;
+use crate::turn::shares::AttachmentShares;
 use crate::turn::{Dispatcher, Job, ReplySink};
 
 /// Where an admitted prompt goes, in a cluster.
@@ -66,6 +67,8 @@ pub struct Intake {
     metrics: Arc<Metrics>,
     /// Conversation homes across daemons, when in a cluster.
     cluster: Option<Arc<Cluster>>,
+    /// Each tenant's share of attachment bytes in flight (`[shares]`).
+    shares: AttachmentShares,
 }
 
 impl Intake {
@@ -77,6 +80,7 @@ impl Intake {
         metrics: Arc<Metrics>,
     ) -> Self {
         Intake {
+            shares: AttachmentShares::new(config.shares.attachment_bytes_in_flight),
             answers: dispatcher.context().answers.clone(),
             dispatcher,
             publisher,
@@ -394,6 +398,19 @@ impl Intake {
         subject: String,
         permit: Option<OwnedSemaphorePermit>,
     ) {
+        let share = match self.shares.take(&prompt) {
+            Ok(share) => share,
+            Err(reason) => {
+                let r = Refusal {
+                    subject,
+                    trace_id: prompt.trace_id,
+                    conversation: prompt.conversation,
+                    code: ErrorCode::Overloaded,
+                    reason,
+                };
+                return self.refuse(msg, r).await;
+            }
+        };
         let sink = self
             .sink(
                 subject,
@@ -401,7 +418,8 @@ impl Intake {
                 prompt.conversation.as_deref(),
                 msg,
             )
-            .streaming(self.pace(&prompt));
+            .streaming(self.pace(&prompt))
+            .holding(share);
         self.dispatch_with(prompt, sink, permit).await
     }
 

@@ -89,6 +89,8 @@ impl Jobs {
             ack_wait: j.ack_wait,
             max_deliver: j.max_deliver,
             max_bytes: j.jobs_max_bytes,
+            tenants: config.shares.job_tenants.clone(),
+            tenant_bytes: config.shares.jobs_bytes,
         };
         let queue = JobQueue::open(js, &settings).await?;
         info!(stream = %settings.stream, subject = %settings.subject, consumer = %settings.consumer, "taking durable jobs");

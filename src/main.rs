@@ -158,10 +158,16 @@ fn init_tracing(cfg: &Config) {
         .and_then(|spec| EnvFilter::try_new(quiet_nats(&spec)).ok())
         .or_else(|| EnvFilter::try_new(quiet_nats(&cfg.log.level)).ok())
         .unwrap_or_else(|| EnvFilter::new(quiet_nats("info")));
+    let colour = colour();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(colour())
-        .with_writer(std::io::stderr);
+        .with_ansi(colour)
+        .with_writer(opencode_nats_bridge::ops::log::SafeStderr {
+            style: opencode_nats_bridge::protocol::logsafe::LineStyle {
+                keep_esc: colour,
+                json: cfg.log.format == LogFormat::Json,
+            },
+        });
     match cfg.log.format {
         LogFormat::Json => builder
             .json()

@@ -539,6 +539,13 @@ fn tool_replies(
                 } else {
                     state.error.clone().unwrap_or_else(|| "tool failed".into())
                 };
+                // A cut output's hint names the saved file: without the
+                // host's path to it.
+                if let std::borrow::Cow::Owned(s) =
+                    crate::protocol::redact::strip_data_dirs(&result)
+                {
+                    result = s;
+                }
                 let truncated = result.len() > max_tool_result;
                 result.truncate(floor_char_boundary(&result, max_tool_result));
                 out.push(ReplyBody::ToolResult {

@@ -55,9 +55,15 @@ impl JetStream {
         }
     }
 
-    /// The bucket `name`, created when missing with `max_age` (zero: keep)
-    /// and one value per key. An existing bucket is used as it is.
-    pub async fn bucket(&self, name: &str, max_age: Duration) -> Result<Bucket, BusError> {
+    /// The bucket `name`, created when missing with `max_age` (zero: keep),
+    /// one value per key and at most `max_bytes` (`None`: no bound; a full
+    /// bucket refuses new writes). An existing bucket is used as it is.
+    pub async fn bucket(
+        &self,
+        name: &str,
+        max_age: Duration,
+        max_bytes: Option<u64>,
+    ) -> Result<Bucket, BusError> {
         let store = match self.ctx.get_key_value(name).await {
             Ok(s) => s,
             Err(_) => self
@@ -66,6 +72,7 @@ impl JetStream {
                     bucket: name.to_string(),
                     history: 1,
                     max_age,
+                    max_bytes: max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
                     ..Default::default()
                 })
                 .await

@@ -25,11 +25,19 @@ pub struct JobSettings {
     /// The stream's size limit; a full stream refuses new jobs (the
     /// publisher's JetStream ack says so) instead of dropping stored ones.
     pub max_bytes: u64,
+    /// Tenants with a stream of their own (`[shares] job_tenants`):
+    /// `<stream>_<tenant>` on `<subject>.<tenant>[.>]`, each of
+    /// `tenant_bytes`; `stream` then captures `<subject>` alone.
+    pub tenants: Vec<String>,
+    pub tenant_bytes: u64,
 }
 
-/// The shared durable consumer of the jobs stream.
+/// The shared durable consumer of each jobs stream (one, or one per
+/// tenant besides the operator's), pulled in turn.
 pub struct JobQueue {
-    consumer: PullConsumer,
+    consumers: Vec<PullConsumer>,
+    /// Which consumer is asked first next time (round robin).
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 /// One delivery of a job: the message as a prompt would arrive (without
@@ -69,19 +77,45 @@ impl JobQueue {
     /// The stream and the consumer, created when missing; existing ones
     /// are used as they are (an operator may have tuned them).
     pub async fn open(js: &JetStream, s: &JobSettings) -> Result<JobQueue, BusError> {
+        let mut consumers = Vec::with_capacity(1 + s.tenants.len());
+        let shared = if s.tenants.is_empty() {
+            vec![s.subject.clone(), format!("{}.>", s.subject)]
+        } else {
+            vec![s.subject.clone()]
+        };
+        consumers.push(Self::one(js, s, &s.stream, shared, s.max_bytes).await?);
+        for t in &s.tenants {
+            let subjects = vec![format!("{}.{t}", s.subject), format!("{}.{t}.>", s.subject)];
+            let name = format!("{}_{t}", s.stream);
+            consumers.push(Self::one(js, s, &name, subjects, s.tenant_bytes).await?);
+        }
+        Ok(JobQueue {
+            consumers,
+            turn: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// One work-queue stream `name` on `subjects` and its consumer.
+    async fn one(
+        js: &JetStream,
+        s: &JobSettings,
+        name: &str,
+        subjects: Vec<String>,
+        max_bytes: u64,
+    ) -> Result<PullConsumer, BusError> {
         let stream = js
             .ctx
             .get_or_create_stream(stream::Config {
-                name: s.stream.clone(),
-                subjects: vec![s.subject.clone(), format!("{}.>", s.subject)],
+                name: name.to_string(),
+                subjects,
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
-                max_bytes: i64::try_from(s.max_bytes).unwrap_or(i64::MAX),
+                max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
                 discard: stream::DiscardPolicy::New,
                 ..Default::default()
             })
             .await
-            .map_err(|e| failed(format!("create the jobs stream {}", s.stream))(e.into()))?;
+            .map_err(|e| failed(format!("create the jobs stream {name} (streams may not overlap: with [shares] job_tenants, a jobs_stream that captures every tenant's jobs must be drained and deleted first)"))(e.into()))?;
         let consumer = stream
             .get_or_create_consumer(
                 &s.consumer,
@@ -95,7 +129,7 @@ impl JobQueue {
             )
             .await
             .map_err(|e| failed(format!("create the jobs consumer {}", s.consumer))(e.into()))?;
-        Ok(JobQueue { consumer })
+        Ok(consumer)
     }
 
     /// The next job, waiting at most `wait` for one (`None`: none came).
@@ -103,8 +137,23 @@ impl JobQueue {
     /// pull nobody listens to; only a job already on the wire at that
     /// instant waits out `ack_wait` before it goes to another daemon.
     pub async fn next(&self, wait: Duration) -> Result<Option<JobMessage>, BusError> {
-        let mut batch = self
-            .consumer
+        use std::sync::atomic::Ordering;
+        let n = self.consumers.len();
+        // Each stream is asked in turn, `wait` shared among them.
+        let each = (wait / n as u32).max(Duration::from_millis(100));
+        let first = self.turn.load(Ordering::Relaxed);
+        for k in 0..n {
+            let i = (first + k) % n;
+            if let Some(job) = Self::pull(&self.consumers[i], each).await? {
+                self.turn.store(i + 1, Ordering::Relaxed);
+                return Ok(Some(job));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn pull(consumer: &PullConsumer, wait: Duration) -> Result<Option<JobMessage>, BusError> {
+        let mut batch = consumer
             .batch()
             .max_messages(1)
             .expires(wait)

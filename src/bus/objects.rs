@@ -24,8 +24,14 @@ pub struct Objects {
 
 impl JetStream {
     /// The object store bucket `name`, created when missing with `max_age`
-    /// (zero: keep). An existing bucket is used as it is.
-    pub async fn objects(&self, name: &str, max_age: Duration) -> Result<Objects, BusError> {
+    /// (zero: keep) and at most `max_bytes` (a full bucket refuses new
+    /// objects). An existing bucket is used as it is.
+    pub async fn objects(
+        &self,
+        name: &str,
+        max_age: Duration,
+        max_bytes: u64,
+    ) -> Result<Objects, BusError> {
         let store = match self.ctx.get_object_store(name).await {
             Ok(s) => s,
             Err(_) => self
@@ -33,6 +39,7 @@ impl JetStream {
                 .create_object_store(object_store::Config {
                     bucket: name.to_string(),
                     max_age,
+                    max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
                     ..Default::default()
                 })
                 .await

@@ -73,8 +73,12 @@ impl Cluster {
             host: host.to_string(),
             opencode: opencode_id,
         };
-        let homes = js.bucket(&c.conversations_bucket, Duration::ZERO).await?;
-        let leases = js.bucket(&c.instances_bucket, c.lease_ttl).await?;
+        // The bridge's own buckets are not bounded: every bucket tenants
+        // fill is ([shares]), so the rest of the store is their reserve.
+        let homes = js
+            .bucket(&c.conversations_bucket, Duration::ZERO, None)
+            .await?;
+        let leases = js.bucket(&c.instances_bucket, c.lease_ttl, None).await?;
         let forwarder = Forwarder::new(
             nats.clone(),
             &c.instance_prefix,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
+pub use shares::SharesConfig;
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
 pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
@@ -44,6 +45,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[jetstream]`: durable jobs and the optional replies stream.
     pub jetstream: JetStreamConfig,
+    /// `[shares]`: what one tenant may hold of what tenants share.
+    pub shares: SharesConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -507,6 +510,15 @@ pub struct LimitsConfig {
     /// default `max_prompt_bytes` can carry in base64; raise all three (and
     /// the NATS server's `max_payload`) together to take larger files.
     pub max_attachments_bytes: usize,
+    /// A prompt with more attachments than this gets `bad_request` before
+    /// any is read: OpenCode spends time on each one (about 17 ms), so a
+    /// prompt of thousands of tiny files would hold it for every tenant.
+    pub max_attachments: usize,
+    /// An image attachment whose header declares more pixels (width x
+    /// height) than this gets `bad_request`: OpenCode decodes images whole
+    /// on the event loop all tenants share, and a 250 KB PNG can declare
+    /// 16000x16000. The default is 40 megapixels (8000x5000).
+    pub max_image_pixels: u64,
     /// An SSE event from OpenCode above this is skipped (logged).
     pub max_event_bytes: usize,
     /// A tool result above this is cut on a UTF-8 boundary and marked
@@ -528,6 +540,8 @@ impl Default for LimitsConfig {
             max_prompt_bytes: 1024 * 1024,
             max_attachment_bytes: 768 * 1024,
             max_attachments_bytes: 768 * 1024,
+            max_attachments: crate::protocol::prompt::DEFAULT_MAX_ATTACHMENTS,
+            max_image_pixels: crate::protocol::prompt::DEFAULT_MAX_IMAGE_PIXELS,
             max_event_bytes: 16 * 1024 * 1024,
             max_tool_result_bytes: 64 * 1024,
             max_reply_bytes: 512 * 1024,
@@ -543,6 +557,8 @@ impl LimitsConfig {
             max_prompt_bytes: self.max_prompt_bytes,
             max_attachment_bytes: self.max_attachment_bytes,
             max_attachments_bytes: self.max_attachments_bytes,
+            max_attachments: self.max_attachments,
+            max_image_pixels: self.max_image_pixels,
         }
     }
 }
@@ -774,6 +790,7 @@ impl OpenCodeConfig {
 
 mod cluster;
 mod load;
+mod shares;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -77,6 +77,13 @@ fn example_file_is_valid_and_complete() {
         "jetstream.replies_max_age",
         "subjects.turn_status",
         "limits.large_final_bucket",
+        "limits.max_attachments",
+        "limits.max_image_pixels",
+        "shares.attachment_bytes_in_flight",
+        "shares.turn_states_bytes",
+        "shares.finals_bytes",
+        "shares.job_tenants",
+        "shares.jobs_bytes",
     ] {
         assert!(
             example.iter().any(|k| k == key),

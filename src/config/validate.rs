@@ -16,6 +16,12 @@ impl Config {
         self.validate_service()?;
         self.validate_cluster()?;
         self.validate_stream_defaults()?;
+        self.shares
+            .check_job_tenants()
+            .map_err(|reason| ConfigError::Invalid {
+                key: "shares.job_tenants",
+                reason,
+            })?;
         self.validate_agent_protocol()
     }
 

@@ -251,7 +251,12 @@ pub fn asking_config(operator: Option<&str>) -> String {
         }
         None => serde_json::Map::new(),
     };
-    config.insert("permission".into(), serde_json::json!({"*": "ask"}));
+    // And the saved tool outputs denied: one folder for all tenants.
+    let glob = super::tool_output::folder_glob(|k| std::env::var(k).ok());
+    config.insert(
+        "permission".into(),
+        super::tool_output::deny_rules(glob.as_deref()),
+    );
     serde_json::Value::Object(config).to_string()
 }
 

@@ -17,6 +17,7 @@ pub mod ids;
 pub mod retry;
 pub mod sse;
 pub mod stream;
+pub mod tool_output;
 pub mod version;
 
 pub use client::{OpenCodeClient, OpenCodeError};

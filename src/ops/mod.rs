@@ -8,9 +8,11 @@
 //!   document, the Prometheus text, the watchdog's yes/no.
 //! - [`systemd`]: `sd_notify` (`READY=1`, `WATCHDOG=1`, `STOPPING=1`).
 //! - [`http`]: the optional loopback `/metrics` listener.
+//! - [`log`]: the log writer that escapes control characters.
 //! - [`Ops`]: starts all of it next to the prompt loop and stops it.
 
 pub mod http;
+pub mod log;
 pub mod status;
 pub mod systemd;
 

@@ -5,6 +5,7 @@
 use base64::Engine as _;
 use serde_json::Value;
 
+use super::image::{dimensions, ImageFormat};
 use super::prompt::PromptLimits;
 
 /// One file sent with a prompt, validated.
@@ -44,6 +45,14 @@ pub fn parse_attachments(
         Some(Value::Array(items)) => items,
         Some(_) => return Err("`attachments` must be an array of objects".into()),
     };
+    // Counted before any is read: each costs OpenCode work of its own.
+    if items.len() > limits.max_attachments {
+        return Err(format!(
+            "the prompt carries {} attachments, above the limit of {} (max_attachments); send fewer (bundle small files into one)",
+            items.len(),
+            limits.max_attachments
+        ));
+    }
     let mut out = Vec::with_capacity(items.len());
     let mut total = 0usize;
     for (i, item) in items.into_iter().enumerate() {
@@ -110,14 +119,15 @@ fn parse_one(i: usize, item: Value, limits: &PromptLimits) -> Result<Attachment,
     if estimate > limits.max_attachment_bytes + 2 {
         return Err(too_big(i, &filename, limits));
     }
-    let size = match base64::engine::general_purpose::STANDARD.decode(&base64) {
-        Ok(bytes) => bytes.len(),
+    let bytes = match base64::engine::general_purpose::STANDARD.decode(&base64) {
+        Ok(bytes) => bytes,
         Err(e) => {
             return Err(format!(
                 "`attachments[{i}].content` ({filename:?}) is not standard base64: {e}"
             ))
         }
     };
+    let size = bytes.len();
     if size == 0 {
         return Err(format!(
             "`attachments[{i}]` ({filename:?}) is empty (0 bytes)"
@@ -126,12 +136,74 @@ fn parse_one(i: usize, item: Value, limits: &PromptLimits) -> Result<Attachment,
     if size > limits.max_attachment_bytes {
         return Err(too_big(i, &filename, limits));
     }
+    check_image(&filename, &mime, &bytes, limits)
+        .map_err(|e| format!("`attachments[{i}]` ({filename:?}) {e}"))?;
     Ok(Attachment {
         filename,
         mime,
         base64,
         size,
     })
+}
+
+/// An attachment that is an image by its media type or its name must be
+/// one of the formats taken ([`ImageFormat`]), its content must be that
+/// format (a file named `.png` is a PNG), and its header must declare at
+/// most `max_image_pixels`: OpenCode decodes images whole, on the event
+/// loop every tenant shares. The `Err` is the rest of a sentence that
+/// starts with the attachment's name.
+fn check_image(
+    filename: &str,
+    mime: &str,
+    bytes: &[u8],
+    limits: &PromptLimits,
+) -> Result<(), String> {
+    let by_name = guess_mime(filename);
+    let named_image = by_name.starts_with("image/");
+    if !mime.starts_with("image/") && !named_image {
+        return Ok(());
+    }
+    let taken = || {
+        ImageFormat::ALL
+            .iter()
+            .map(|f| f.mime())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if named_image && by_name != mime {
+        return Err(format!("is named like {by_name} but declared {mime}"));
+    }
+    let Some(format) = ImageFormat::of_mime(mime) else {
+        return Err(format!(
+            "is {mime}, not an image format the bridge passes on ({})",
+            taken()
+        ));
+    };
+    match ImageFormat::sniff(bytes) {
+        Some(f) if f == format => {}
+        Some(f) => {
+            return Err(format!(
+                "is declared {mime} but its content is {}",
+                f.mime()
+            ))
+        }
+        None => {
+            return Err(format!(
+                "is declared {mime} but its content is not an image"
+            ))
+        }
+    }
+    let Some((w, h)) = dimensions(format, bytes) else {
+        return Err(format!("has a {mime} header that cannot be read"));
+    };
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > limits.max_image_pixels {
+        return Err(format!(
+            "is {w}x{h} = {pixels} pixels, above the limit of {} pixels (max_image_pixels); scale it down",
+            limits.max_image_pixels
+        ));
+    }
+    Ok(())
 }
 
 fn too_big(i: usize, filename: &str, limits: &PromptLimits) -> String {
@@ -191,6 +263,8 @@ mod tests {
         max_prompt_bytes: 1 << 20,
         max_attachment_bytes: 10,
         max_attachments_bytes: 16,
+        max_attachments: 4,
+        max_image_pixels: 1000,
     };
 
     fn b64(bytes: &[u8]) -> String {
@@ -211,7 +285,7 @@ mod tests {
     #[test]
     fn mime_given_or_guessed_and_the_data_url() {
         let got = parse(json!([
-            {"filename": "dot.PNG", "content": b64(b"\x89PNG")},
+            {"filename": "dot.TXT", "content": b64(b"hi")},
             {"filename": "notes", "content": b64(b"hi"), "mime": " Text/Plain "},
             {"filename": "main.rs", "content": b64(b"fn")},
             {"filename": "blob.bin", "content": b64(b"\0")},
@@ -221,13 +295,13 @@ mod tests {
         assert_eq!(
             mimes,
             [
-                "image/png",
+                "text/plain",
                 "text/plain",
                 "text/plain",
                 "application/octet-stream"
             ]
         );
-        assert_eq!(got[0].size, 4);
+        assert_eq!(got[0].size, 2);
         assert_eq!(got[1].data_url(), "data:text/plain;base64,aGk=");
     }
 
@@ -314,6 +388,75 @@ mod tests {
             let e = parse(v.clone()).unwrap_err();
             assert!(e.contains(needle), "{v}: {e:?} does not mention {needle:?}");
         }
+    }
+
+    const IMAGES: PromptLimits = PromptLimits {
+        max_attachment_bytes: 1 << 20,
+        max_attachments_bytes: 1 << 20,
+        ..LIMITS
+    };
+
+    fn image(v: Value) -> Result<Vec<Attachment>, String> {
+        parse_attachments(Some(v), &IMAGES)
+    }
+
+    #[test]
+    fn images_by_header_content_and_format() {
+        use crate::protocol::image::tests::png_header;
+        // 40 x 25 = 1000 pixels: at the limit, taken.
+        let ok = image(json!([{"filename": "ok.png", "content": b64(&png_header(40, 25))}]));
+        assert_eq!(ok.unwrap()[0].mime, "image/png");
+        let cases = [
+            // A bomb: refused from its header.
+            (
+                json!([{"filename": "bomb.png", "content": b64(&png_header(16000, 16000))}]),
+                "(\"bomb.png\") is 16000x16000 = 256000000 pixels, above the limit of 1000 pixels (max_image_pixels)",
+            ),
+            (
+                json!([{"filename": "fake.png", "content": b64(b"console.log(1)")}]),
+                "(\"fake.png\") is declared image/png but its content is not an image",
+            ),
+            (
+                json!([{"filename": "x.jpg", "content": b64(&png_header(1, 1))}]),
+                "is declared image/jpeg but its content is image/png",
+            ),
+            (
+                json!([{"filename": "x.png", "content": b64(&png_header(1, 1)), "mime": "image/jpeg"}]),
+                "is named like image/png but declared image/jpeg",
+            ),
+            (
+                json!([{"filename": "x.bmp", "content": b64(b"BM")}]),
+                "is image/bmp, not an image format the bridge passes on (image/png, image/jpeg, image/gif, image/webp)",
+            ),
+            (
+                json!([{"filename": "x", "content": b64(b"\x89PNG\r\n\x1a\n"), "mime": "image/png"}]),
+                "has a image/png header that cannot be read",
+            ),
+        ];
+        for (v, needle) in cases {
+            let e = image(v.clone()).unwrap_err();
+            assert!(e.contains(needle), "{v}: {e:?} does not say {needle:?}");
+        }
+        // Not an image by name nor type: not looked into.
+        assert!(
+            image(json!([{"filename": "a.txt", "content": b64(&png_header(9999, 9999))}])).is_ok()
+        );
+    }
+
+    #[test]
+    fn attachments_counted_before_they_are_read() {
+        let five: Vec<Value> = (0..5)
+            .map(|i| json!({"filename": format!("f{i}.txt"), "content": b64(b"x")}))
+            .collect();
+        assert_eq!(parse(json!(&five[..4])).unwrap().len(), 4);
+        // The fifth is refused before any is decoded: even a broken one.
+        let mut bad = five.clone();
+        bad[0] = json!({"filename": "broken"});
+        let e = parse(json!(bad)).unwrap_err();
+        assert!(
+            e.contains("carries 5 attachments, above the limit of 4 (max_attachments)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub fn parse_abort(payload: &[u8]) -> Result<AbortRequest, String> {
     let target = match (raw.trace_id, raw.conversation) {
         (Some(t), _) => {
             validate_subject(&t).map_err(|e| format!("`trace_id` {t:?} {e}"))?;
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "`trace_id` \"{}\" must be printable ASCII",
+                    super::logsafe::escaped(&t)
+                ));
+            }
             AbortTarget::Trace(t)
         }
         (None, Some(c)) => {

@@ -96,16 +96,36 @@ pub fn bypasses(rules: &[Rule], opencode: &[OpenCodeRule]) -> Vec<String> {
             .rposition(|r| applies(r) && r.pattern == "*")
             .unwrap_or(0);
         for r in &opencode[from..] {
-            // OpenCode always lets its tools read back their own saved
-            // output (a folder of its data directory): not a bypass.
-            let own_output = r.permission == "external_directory"
-                && r.pattern.ends_with("/opencode/tool-output/*");
-            if applies(r) && r.action == "allow" && !own_output {
+            // OpenCode's rule for its saved tool outputs (every session's,
+            // every tenant's) is reported on its own ([`reads_saved_outputs`]),
+            // not here: the bridge's policy cannot tell whose file it is.
+            if applies(r) && r.action == "allow" && !is_saved_outputs_rule(r) {
                 found.push(format!("`{p}` (pattern {:?})", r.pattern));
             }
         }
     }
     found
+}
+
+/// OpenCode's rule that lets `external_directory` reach its saved tool
+/// outputs (`<data>/opencode/tool-output/*`).
+fn is_saved_outputs_rule(r: &OpenCodeRule) -> bool {
+    r.permission == "external_directory" && r.pattern.ends_with("/opencode/tool-output/*")
+}
+
+/// Whether OpenCode's rules let an agent read the saved tool outputs of
+/// every session without asking: the last rule for that folder allows it.
+/// With one OpenCode for all tenants, that is every tenant's output
+/// (`opencode/tool_output.rs`).
+pub fn reads_saved_outputs(opencode: &[OpenCodeRule]) -> bool {
+    opencode
+        .iter()
+        .rev()
+        .find(|r| {
+            glob(&r.permission, "external_directory")
+                && (is_saved_outputs_rule(r) || r.pattern == "*")
+        })
+        .is_some_and(|r| r.action == "allow" && is_saved_outputs_rule(r))
 }
 
 /// The configured rules first (first match wins; a rule matches when its
@@ -134,6 +154,15 @@ pub fn decide(
         if all {
             return r.action;
         }
+    }
+    // Another tenant's saved tool output may be in OpenCode's one folder
+    // for all sessions: no tenant reads there (`opencode/tool_output.rs`).
+    let saved_outputs = tenant.is_some()
+        && patterns
+            .iter()
+            .any(|p| p.contains("/opencode/tool-output/") || p.ends_with("/opencode/tool-output"));
+    if saved_outputs {
+        return Action::Deny;
     }
     let secret = permission == "read"
         && patterns
@@ -399,6 +428,46 @@ mod tests {
             Action::Deny
         );
         assert_eq!(decide(&[], None, "read", &p("src/env.rs")), Action::Allow);
+    }
+
+    #[test]
+    fn no_tenant_reads_the_saved_tool_outputs() {
+        let f = |s: &str| vec![s.to_string()];
+        let saved = "/home/u/.local/share/opencode/tool-output/tool_1";
+        for perm in ["read", "list", "glob", "grep", "external_directory"] {
+            assert_eq!(
+                decide(&[], Some("discord"), perm, &f(saved)),
+                Action::Deny,
+                "{perm}"
+            );
+        }
+        assert_eq!(
+            decide(
+                &[],
+                Some("discord"),
+                "list",
+                &f("/home/u/.local/share/opencode/tool-output")
+            ),
+            Action::Deny
+        );
+        // The operator is not a tenant; a tenant's own files are read.
+        assert_eq!(decide(&[], None, "read", &f(saved)), Action::Allow);
+        assert_eq!(
+            decide(&[], Some("discord"), "read", &f("/w/src/a.rs")),
+            Action::Allow
+        );
+        let stock = vec![
+            oc("*", "*", "ask"),
+            oc("external_directory", "/d/opencode/tool-output/*", "allow"),
+        ];
+        assert!(reads_saved_outputs(&stock));
+        let denied = vec![
+            oc("*", "*", "ask"),
+            oc("external_directory", "*", "ask"),
+            oc("external_directory", "/d/opencode/tool-output/*", "deny"),
+        ];
+        assert!(!reads_saved_outputs(&denied));
+        assert!(!reads_saved_outputs(&[oc("*", "*", "ask")]));
     }
 
     fn oc(p: &str, pat: &str, a: &str) -> OpenCodeRule {

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 pub use super::attachment::{parse_attachments, Attachment};
 use super::caller::Caller;
-use super::subject::{validate_subject, validate_token, SubjectError};
+use super::subject::{validate_subject, validate_trace_id, SubjectError};
 
 /// What a prompt asks for, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +154,12 @@ pub struct PromptHeaders {
     pub agent: Option<String>,
 }
 
+/// `[limits] max_attachments` by default.
+pub const DEFAULT_MAX_ATTACHMENTS: usize = 16;
+/// `[limits] max_image_pixels` by default: 40 megapixels (a 8000x5000
+/// photo), about 160 MB once OpenCode decodes it to RGBA.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 40_000_000;
+
 #[derive(Debug, Clone, Copy)]
 pub struct PromptLimits {
     pub max_prompt_bytes: usize,
@@ -161,6 +167,10 @@ pub struct PromptLimits {
     pub max_attachment_bytes: usize,
     /// Decoded size of all the attachments of one prompt.
     pub max_attachments_bytes: usize,
+    /// How many attachments one prompt may carry.
+    pub max_attachments: usize,
+    /// Pixels (width x height) an image attachment may declare.
+    pub max_image_pixels: u64,
 }
 
 impl PromptLimits {
@@ -170,6 +180,8 @@ impl PromptLimits {
             max_prompt_bytes,
             max_attachment_bytes: max_prompt_bytes,
             max_attachments_bytes: max_prompt_bytes,
+            max_attachments: DEFAULT_MAX_ATTACHMENTS,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -404,11 +416,7 @@ impl Fields {
             Some(t) => {
                 // One token: a dotted trace id would reach into another
                 // caller's reply space (`<reply_prefix>.<trace_id>`).
-                validate_token(&t).map_err(|e| {
-                    salvage.reject(format!(
-                        "`trace_id` {t:?} {e} (it must be one subject token, no dots)"
-                    ))
-                })?;
+                validate_trace_id(&t).map_err(|e| salvage.reject(e))?;
                 t
             }
             None => salvage.trace_id.clone(),
@@ -482,7 +490,7 @@ impl Salvage {
         let trace_id = h
             .trace_id
             .clone()
-            .filter(|t| validate_token(t).is_ok())
+            .filter(|t| validate_trace_id(t).is_ok())
             .unwrap_or_else(new_trace_id);
         Salvage {
             trace_id,
@@ -499,7 +507,7 @@ impl Salvage {
             Some(Value::String(s)) if validate_subject(s).is_ok() => Some(s.clone()),
             _ => None,
         };
-        if let Some(t) = str_of(&j.trace_id).filter(|t| validate_token(t).is_ok()) {
+        if let Some(t) = str_of(&j.trace_id).filter(|t| validate_trace_id(t).is_ok()) {
             self.trace_id = t;
         }
         if let Some(r) = str_of(&j.reply_to) {
@@ -652,10 +660,14 @@ mod tests {
 
     #[test]
     fn attachments_ride_along_and_their_errors_are_bad_requests() {
-        let p = parse(
-            r#"{"text":"look","attachments":[{"filename":"a.png","content":"iVBORw=="},
-                {"filename":"b.txt","content":"aGk=","mime":"text/plain"}]}"#,
-        )
+        let p = parse(&format!(
+            r#"{{"text":"look","attachments":[{{"filename":"a.png","content":"{}"}},
+                {{"filename":"b.txt","content":"aGk=","mime":"text/plain"}}]}}"#,
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                crate::protocol::image::tests::png_header(2, 2)
+            )
+        ))
         .unwrap();
         let names: Vec<&str> = p.attachments.iter().map(|a| a.filename.as_str()).collect();
         assert_eq!(names, ["a.png", "b.txt"]);
@@ -706,6 +718,35 @@ mod tests {
 
     fn rejected(payload: &[u8]) -> Rejection {
         parse_prompt(payload, &PromptHeaders::default(), None, LIMITS).unwrap_err()
+    }
+
+    #[test]
+    fn trace_ids_are_printable_ascii() {
+        for bad in [
+            "a\u{202e}b",
+            "a\u{1b}[31m",
+            "caf\u{e9}",
+            "a b",
+            &"x".repeat(129),
+        ] {
+            let payload = serde_json::json!({"text": "x", "trace_id": bad}).to_string();
+            let r = rejected(payload.as_bytes());
+            assert!(
+                r.reason.contains("printable ASCII"),
+                "{bad:?}: {}",
+                r.reason
+            );
+            assert!(!r.reason.contains('\u{202e}') && !r.reason.contains('\u{1b}'));
+            // The refusal goes out under a fresh trace id, not the bad one.
+            assert_ne!(r.trace_id, bad);
+        }
+        let h = PromptHeaders {
+            trace_id: Some("h\u{202e}".into()),
+            ..PromptHeaders::default()
+        };
+        let p = parse_prompt(b"hi", &h, None, LIMITS).unwrap_err();
+        assert!(p.reason.contains("printable ASCII"), "{}", p.reason);
+        assert!(parse("{\"text\":\"x\",\"trace_id\":\"ok-1_A:~\"}").is_ok());
     }
 
     #[test]

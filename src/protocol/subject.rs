@@ -62,6 +62,29 @@ pub fn validate_token(s: &str) -> Result<(), SubjectError> {
     validate_subject(s)
 }
 
+/// The longest trace id taken (bytes).
+pub const MAX_TRACE_ID_BYTES: usize = 128;
+
+/// A trace id: one subject token (no dots) of printable ASCII (`!` to
+/// `~`), at most [`MAX_TRACE_ID_BYTES`]: it names reply subjects, KV keys
+/// and log lines, where a control character or a bidirectional override
+/// could forge or hide text. The `Err` says why, the id shown escaped.
+pub fn validate_trace_id(s: &str) -> Result<(), String> {
+    let shown = || format!("\"{}\"", super::logsafe::escaped(s));
+    if s.is_empty() || s.len() > MAX_TRACE_ID_BYTES || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "`trace_id` {} must be 1 to {MAX_TRACE_ID_BYTES} printable ASCII characters (no spaces or control characters)",
+            shown()
+        ));
+    }
+    validate_token(s).map_err(|e| {
+        format!(
+            "`trace_id` {} {e} (it must be one subject token, no dots)",
+            shown()
+        )
+    })
+}
+
 fn validate_token_chars(token: &str) -> Result<(), SubjectError> {
     if token.is_empty() {
         return Err(SubjectError::EmptyToken);

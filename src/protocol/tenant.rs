@@ -172,8 +172,7 @@ pub fn authorize(
     if let Some(a) = &prompt.agent {
         if !policy.agents.is_empty() && !policy.agents.iter().any(|x| x == a) {
             return Err(format!(
-                "agent {a:?} is not allowed here ([prompt] agents: {:?})",
-                policy.agents
+                "agent {a:?} is not allowed here (it is not in the operator's [prompt] agents)"
             ));
         }
     }
@@ -181,8 +180,7 @@ pub fn authorize(
         let m = m.to_string();
         if !policy.models.is_empty() && !policy.models.contains(&m) {
             return Err(format!(
-                "model {m:?} is not allowed here ([prompt] models: {:?})",
-                policy.models
+                "model {m:?} is not allowed here (it is not in the operator's [prompt] models)"
             ));
         }
     }

@@ -71,7 +71,7 @@ pub fn parse_request(payload: &[u8], from: &Caller) -> Result<StatusRequest, Str
     }
     let raw: Raw = serde_json::from_slice(payload)
         .map_err(|e| format!("a turn state request is {{\"trace_id\": \"...\"}}: {e}"))?;
-    validate_token(&raw.trace_id).map_err(|e| format!("`trace_id` {:?} {e}", raw.trace_id))?;
+    super::subject::validate_trace_id(&raw.trace_id)?;
     let owner = match (from, raw.tenant) {
         (Caller::Operator, Some(t)) => {
             validate_token(&t).map_err(|e| format!("`tenant` {t:?} {e}"))?;
@@ -116,6 +116,13 @@ pub fn state_key(owner: &Caller, trace_id: &str) -> String {
 /// and `-`, else `<base>_<hex of the name>` (never the same for two
 /// tenants), so NATS permissions can give each tenant its own bucket.
 pub fn finals_bucket(base: &str, owner: &Caller) -> String {
+    tenant_bucket(base, owner)
+}
+
+/// The bucket of `owner` among buckets named after `base` (large finals,
+/// turn states): `base` for the operator, `<base>-<tenant>` or
+/// `<base>_<hex>` for a tenant, as [`finals_bucket`] says.
+pub fn tenant_bucket(base: &str, owner: &Caller) -> String {
     match owner {
         Caller::Operator => base.to_string(),
         Caller::Tenant(t) if t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {

@@ -211,12 +211,14 @@ async fn check_model(ctx: &TurnContext, m: &ModelRef) -> Result<(), TurnError> {
     let providers = ctx.client.providers().await?;
     match providers.get(&m.provider) {
         None => {
+            // Which providers there are is the operator's to know: logged.
             let mut known: Vec<&String> = providers.keys().collect();
             known.sort();
+            tracing::info!(model = %m, ?known, "a prompt named a provider OpenCode does not have");
             Err(TurnError::new(
                 ErrorCode::BadRequest,
                 format!(
-                    "unknown model {m}: OpenCode has no provider {:?} (it has {known:?})",
+                    "unknown model {m}: OpenCode has no provider {:?} (the operator can tell which models there are)",
                     m.provider
                 ),
             ))

@@ -203,6 +203,7 @@ impl Interactive {
             &p.patterns,
         );
         let what = format!("`{}` ({})", p.permission, p.patterns.join(", "));
+        let what = crate::protocol::redact::strip_data_dirs(&what).into_owned();
         match (action, self.interactive) {
             (Action::Allow, _) => {
                 info!(request_id = %p.id, permission = %p.permission, "permission allowed by policy");

@@ -11,6 +11,7 @@ pub mod provider;
 pub mod queue;
 pub mod resume;
 pub mod sessions;
+pub mod shares;
 pub mod sink;
 pub mod states;
 

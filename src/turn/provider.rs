@@ -38,6 +38,8 @@ impl ProviderRetries {
             limit = self.limit,
             "OpenCode is retrying the model provider"
         );
+        // The caller hears the reason without the provider's hosts or paths.
+        let reason = crate::protocol::redact::public_error(&reason);
         if self.progress {
             sink.send(ReplyBody::Status {
                 event: StatusEvent::ProviderRetry,
@@ -102,10 +104,13 @@ pub async fn explain(
             .map(|u| crate::opencode::client::host_of(&u)),
         None => None,
     };
-    let which = match (&model, &endpoint) {
-        (Some((p, m)), Some(h)) => format!("model {p}/{m} at {h}"),
-        (Some((p, m)), None) => format!("model {p}/{m}"),
-        (None, _) => "OpenCode's default model".to_string(),
+    // Where the provider is goes to the log, never to the caller.
+    if let Some(h) = &endpoint {
+        warn!(endpoint = %h, error = %e.message, "the model provider failed");
+    }
+    let which = match &model {
+        Some((p, m)) => format!("model {p}/{m}"),
+        None => "OpenCode's default model".to_string(),
     };
     let message = e.message.trim_end_matches('.');
     let auth = is_auth(&e.message);
@@ -123,10 +128,7 @@ pub async fn explain(
             model.as_ref().map_or("the provider", |(p, _)| p.as_str())
         )
     } else {
-        format!(
-            "What to do: check that {} is reachable and working, configure a provider (`opencode auth login`) or choose another model (the prompt's \"model\" field, `prompt --model provider/model`, or OpenCode's \"model\" setting).",
-            endpoint.as_deref().unwrap_or("the provider")
-        )
+        "What to do: check that the provider is reachable and working (the daemon's log names its endpoint), configure a provider (`opencode auth login`) or choose another model (the prompt's \"model\" field, `prompt --model provider/model`, or OpenCode's \"model\" setting).".to_string()
     };
     e.message = format!("{message} ({which}). {retry} {todo}");
     e

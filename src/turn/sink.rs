@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::bus::{Publisher, TurnHeaders};
 use crate::metrics::{Metrics, TurnObserver};
 use crate::protocol::agent::{ack, Encoder};
+use crate::protocol::redact;
 use crate::protocol::reply::split_utf8;
 use crate::protocol::traceparent::TraceParent;
 use crate::protocol::turn_state::TurnState;
@@ -58,6 +59,9 @@ pub struct ReplySink {
     record: Option<TurnRecord>,
     /// A durable job's turn: its terminal reply decides the job's fate.
     job: Option<super::job::JobHook>,
+    /// The tenant's share this turn holds (`[shares]`), given back when
+    /// the sink is dropped after the terminal reply.
+    share: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Text of one part held back for `coalesce_ms`.
@@ -129,6 +133,7 @@ impl ReplySink {
             last_text: None,
             record: None,
             job: None,
+            share: None,
         }
     }
 
@@ -224,6 +229,12 @@ impl ReplySink {
         self
     }
 
+    /// Holds `share` until the turn ends (`turn::shares`).
+    pub fn holding(mut self, share: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        self.share = share;
+        self
+    }
+
     pub fn observed(mut self, metrics: &Arc<Metrics>) -> Self {
         self.observer = Some(TurnObserver::new(metrics.clone()));
         self
@@ -266,6 +277,7 @@ impl ReplySink {
             warn!(trace_id = %self.trace_id, kind = body.kind(), "reply after the terminal reply suppressed");
             return;
         }
+        let body = public(body, &self.trace_id);
         let body = match &mut self.job {
             Some(job) if body.is_terminal() => match job.gate(body) {
                 super::job::Gate::Publish(b) => b,
@@ -341,6 +353,7 @@ impl ReplySink {
 
     /// Publishes one reply now (several, if its text must be split).
     async fn send_now(&mut self, body: ReplyBody) {
+        let body = self.noted(body);
         match &body {
             ReplyBody::Delta { content, part_id } | ReplyBody::Reasoning { content, part_id }
                 if content.len() > self.max_content =>
@@ -371,6 +384,18 @@ impl ReplySink {
         }
     }
 
+    /// A final whose owner's turn states share is full says so: its state
+    /// will not be kept, and what to do.
+    fn noted(&self, body: ReplyBody) -> ReplyBody {
+        match (body, &self.record) {
+            (ReplyBody::Final(mut fin), Some(r)) if r.states_full() => {
+                fin.notes.push("this turn's state is not kept: this tenant's share of the turn states is full ([shares] turn_states_bytes), so opencode.turn.status may not know it; older states expire after [cluster] turn_ttl".to_string());
+                ReplyBody::Final(fin)
+            }
+            (body, _) => body,
+        }
+    }
+
     /// The size of `body` as it would go out now (its real JSON encoding).
     fn encoded_len(&self, body: &ReplyBody) -> usize {
         self.wire_json(body).len()
@@ -388,8 +413,7 @@ impl ReplySink {
                 Ok(object) => fin.content_object = Some(Box::new(object)),
                 Err(e) => {
                     warn!(trace_id = %self.trace_id, error = %e, "storing the whole final failed");
-                    fin.notes
-                        .push(format!("the whole final could not be stored: {e}"));
+                    fin.notes.push(final_not_stored(&e));
                 }
             }
         }
@@ -527,4 +551,37 @@ async fn publish_agent(
         *ended = true;
     }
     debug!(%trace_id, kind = body.kind(), "agent reply published");
+}
+
+/// An `error` body as a caller may see it ([`redact::public_error`]): the
+/// original goes to the log when anything was taken out.
+fn public(body: ReplyBody, trace_id: &str) -> ReplyBody {
+    match body {
+        ReplyBody::Error {
+            error,
+            code,
+            retryable,
+        } => {
+            let public = redact::public_error(&error);
+            if public != error {
+                warn!(%trace_id, code = code.as_str(), detail = %error, "an error reply was stripped of detail (stack trace, URL, host or path); the detail is here");
+            }
+            ReplyBody::Error {
+                error: public,
+                code,
+                retryable,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The note of a final whose whole text could not be stored: a full share
+/// says what to do; anything else says where the detail is (the log).
+fn final_not_stored(error: &str) -> String {
+    if super::states::is_out_of_room(error) {
+        "the whole final was not kept: this tenant's share of the large-finals store is full ([shares] finals_bytes); older finals expire after [cluster] turn_ttl. The deltas carried the whole text.".to_string()
+    } else {
+        "the whole final could not be stored (the daemon's log says why); the deltas carried the whole text".to_string()
+    }
 }

@@ -28,7 +28,8 @@ use crate::config::Config;
 use crate::protocol::reply::ContentObject;
 use crate::protocol::tenant::Caller;
 use crate::protocol::turn_state::{
-    done_doc, final_object, parse_request, requester, state_doc, state_key, TurnState,
+    done_doc, final_object, parse_request, requester, state_doc, state_key, tenant_bucket,
+    TurnState,
 };
 
 /// State writes waiting for the writer; beyond it they are dropped.
@@ -40,20 +41,89 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Object store buckets kept open (one per tenant with a large final).
 const MAX_BUCKETS: usize = 256;
 
+/// One state write: the owner's bucket, the key, the document.
+type Write = (String, String, Vec<u8>);
+
 /// The turn state writer's side for turns, and the large finals' store.
 pub struct TurnStates {
-    tx: mpsc::Sender<(String, Vec<u8>)>,
+    tx: mpsc::Sender<Write>,
     dropped: AtomicU64,
     js: JetStream,
     finals_base: String,
+    /// Each tenant's finals bucket holds at most this (`[shares]`).
+    finals_bytes: u64,
     ttl: Duration,
     finals: Mutex<HashMap<String, Objects>>,
+    /// Each owner's turn states bucket (`[shares] turn_states_bytes`).
+    buckets: Arc<StateBuckets>,
+}
+
+/// The turn states buckets, one per owner (`<turns_bucket>-<tenant>`, the
+/// operator's `<turns_bucket>`), each bounded, opened when first used.
+pub struct StateBuckets {
+    js: JetStream,
+    base: String,
+    ttl: Duration,
+    max_bytes: u64,
+    open: Mutex<HashMap<String, Bucket>>,
+    /// Buckets whose last write was refused for want of room (a tenant's
+    /// share used up), until a write succeeds again.
+    full: Mutex<std::collections::HashSet<String>>,
+}
+
+impl StateBuckets {
+    /// The bucket named `name`, opened (created when missing) once.
+    async fn get(&self, name: &str) -> Result<Bucket, crate::bus::BusError> {
+        if let Some(b) = self.lock().get(name) {
+            return Ok(b.clone());
+        }
+        let b = self.js.bucket(name, self.ttl, Some(self.max_bytes)).await?;
+        let mut open = self.lock();
+        if open.len() >= MAX_BUCKETS {
+            open.clear();
+        }
+        open.insert(name.to_string(), b.clone());
+        Ok(b)
+    }
+
+    /// Whether the bucket `name` refused its last write for want of room.
+    pub fn is_full(&self, name: &str) -> bool {
+        self.full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    /// Records how the last write to `name` went (`refused`: the error's
+    /// text, when there was one).
+    fn wrote(&self, name: &str, refused: Option<&str>) {
+        let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+        match refused.map(is_out_of_room) {
+            Some(true) => {
+                full.insert(name.to_string());
+            }
+            Some(false) => {}
+            None => {
+                full.remove(name);
+            }
+        }
+    }
+
+    /// The name of `owner`'s bucket.
+    fn name_for(&self, owner: &Caller) -> String {
+        tenant_bucket(&self.base, owner)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bucket>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// One turn's handle on its state (held by its [`ReplySink`](super::ReplySink)).
 #[derive(Clone)]
 pub struct TurnRecord {
     states: Arc<TurnStates>,
+    bucket: String,
     key: String,
     owner: Caller,
     trace_id: String,
@@ -66,35 +136,48 @@ impl TurnStates {
         js: &JetStream,
         config: &Config,
         cancel: CancellationToken,
-    ) -> Result<(Arc<TurnStates>, Bucket, JoinHandle<()>), crate::bus::BusError> {
+    ) -> Result<(Arc<TurnStates>, Arc<StateBuckets>, JoinHandle<()>), crate::bus::BusError> {
         let c = &config.cluster;
-        let bucket = js.bucket(&c.turns_bucket, c.turn_ttl).await?;
+        let buckets = Arc::new(StateBuckets {
+            js: js.clone(),
+            base: c.turns_bucket.clone(),
+            ttl: c.turn_ttl,
+            max_bytes: config.shares.turn_states_bytes,
+            open: Mutex::new(HashMap::new()),
+            full: Mutex::new(Default::default()),
+        });
+        // The operator's bucket now: a JetStream that refuses it stops
+        // the turn states at start-up, not at the first turn.
+        buckets.get(&c.turns_bucket).await?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let writer = tokio::spawn(write(rx, bucket.clone(), cancel));
+        let writer = tokio::spawn(write(rx, buckets.clone(), cancel));
         info!(bucket = %c.turns_bucket, ttl = ?c.turn_ttl, "turn states are kept in KV ({} on request)", config.subjects.turn_status);
         let states = Arc::new(TurnStates {
             tx,
             dropped: AtomicU64::new(0),
             js: js.clone(),
             finals_base: config.limits.large_final_bucket.clone(),
+            finals_bytes: config.shares.finals_bytes,
             ttl: c.turn_ttl,
             finals: Mutex::new(HashMap::new()),
+            buckets: buckets.clone(),
         });
-        Ok((states, bucket, writer))
+        Ok((states, buckets, writer))
     }
 
     /// The record of `owner`'s turn `trace_id`.
     pub fn record(self: &Arc<Self>, owner: &Caller, trace_id: &str) -> TurnRecord {
         TurnRecord {
             states: self.clone(),
+            bucket: self.buckets.name_for(owner),
             key: state_key(owner, trace_id),
             owner: owner.clone(),
             trace_id: trace_id.to_string(),
         }
     }
 
-    fn send(&self, key: String, value: Vec<u8>) {
-        if self.tx.try_send((key, value)).is_err() {
+    fn send(&self, bucket: String, key: String, value: Vec<u8>) {
+        if self.tx.try_send((bucket, key, value)).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 warn!(
@@ -116,7 +199,7 @@ impl TurnStates {
         }
         let o = self
             .js
-            .objects(name, self.ttl)
+            .objects(name, self.ttl, self.finals_bytes)
             .await
             .map_err(|e| e.to_string())?;
         let mut finals = self.lock_finals();
@@ -132,17 +215,36 @@ impl TurnStates {
     }
 }
 
+/// Whether a JetStream error says the bucket or stream has no room left
+/// (its `max_bytes`, or the server's store).
+pub fn is_out_of_room(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("maximum bytes") || e.contains("insufficient resources")
+}
+
 impl TurnRecord {
+    /// Whether this turn's owner has used up its share of the turn states
+    /// (`[shares] turn_states_bytes`): its states are not being kept.
+    pub fn states_full(&self) -> bool {
+        self.states.buckets.is_full(&self.bucket)
+    }
+
     /// The turn is queued or running now.
     pub fn set(&self, state: TurnState) {
-        self.states
-            .send(self.key.clone(), state_doc(&self.trace_id, state));
+        self.states.send(
+            self.bucket.clone(),
+            self.key.clone(),
+            state_doc(&self.trace_id, state),
+        );
     }
 
     /// The terminal reply `terminal` (its JSON, as published) went out.
     pub fn done(&self, terminal: &[u8]) {
-        self.states
-            .send(self.key.clone(), done_doc(&self.trace_id, terminal));
+        self.states.send(
+            self.bucket.clone(),
+            self.key.clone(),
+            done_doc(&self.trace_id, terminal),
+        );
     }
 
     /// Puts the whole text of the turn's final in its owner's object store
@@ -167,8 +269,8 @@ impl TurnRecord {
 
 /// The writer: batches of the latest state per key, put at once.
 async fn write(
-    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
-    bucket: Bucket,
+    mut rx: mpsc::Receiver<Write>,
+    buckets: Arc<StateBuckets>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -178,22 +280,33 @@ async fn write(
             w = rx.recv() => match w { Some(w) => w, None => break },
             _ = cancel.cancelled() => break,
         };
-        let mut batch: HashMap<String, Vec<u8>> = HashMap::from([first]);
+        let (b, k, v) = first;
+        let mut batch: HashMap<(String, String), Vec<u8>> = HashMap::from([((b, k), v)]);
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok((k, v)) => {
-                    batch.insert(k, v);
+                Ok((b, k, v)) => {
+                    batch.insert((b, k), v);
                 }
                 Err(_) => break,
             }
         }
-        let puts = batch.into_iter().map(|(key, value)| {
-            let bucket = bucket.clone();
+        let puts = batch.into_iter().map(|((name, key), value)| {
+            let buckets = buckets.clone();
             async move {
-                let r = tokio::time::timeout(IO_TIMEOUT, bucket.put(&key, value.into())).await;
+                let put = async {
+                    let bucket = buckets.get(&name).await?;
+                    bucket.put(&key, value.into()).await
+                };
+                let r = tokio::time::timeout(IO_TIMEOUT, put).await;
                 match r {
-                    Ok(Ok(_)) => debug!(%key, "turn state written"),
-                    Ok(Err(e)) => warn!(%key, error = %e, "writing a turn state failed"),
+                    Ok(Ok(_)) => {
+                        buckets.wrote(&name, None);
+                        debug!(%key, "turn state written")
+                    }
+                    Ok(Err(e)) => {
+                        buckets.wrote(&name, Some(&e.to_string()));
+                        warn!(%key, error = %e, "writing a turn state failed")
+                    }
                     Err(_) => warn!(%key, "writing a turn state timed out"),
                 }
             }
@@ -207,7 +320,7 @@ async fn write(
 pub async fn spawn_status(
     nats: &crate::bus::Connection,
     config: Arc<Config>,
-    bucket: Bucket,
+    buckets: Arc<StateBuckets>,
     publisher: Publisher,
     cancel: CancellationToken,
 ) -> Result<JoinHandle<()>, crate::bus::BusError> {
@@ -222,14 +335,14 @@ pub async fn spawn_status(
                 m = sub.next() => m,
             };
             let Some(msg) = msg else { break };
-            answer(&config, &bucket, &publisher, msg).await;
+            answer(&config, &buckets, &publisher, msg).await;
         }
     }))
 }
 
 /// One request: checked like a control message, answered from KV. An
 /// unknown key, an expired one and another tenant's read the same.
-async fn answer(config: &Config, bucket: &Bucket, publisher: &Publisher, msg: Incoming) {
+async fn answer(config: &Config, buckets: &StateBuckets, publisher: &Publisher, msg: Incoming) {
     let Some(from) = requester(&config.subjects.turn_status, &msg.subject) else {
         return;
     };
@@ -251,7 +364,11 @@ async fn answer(config: &Config, bucket: &Bucket, publisher: &Publisher, msg: In
         }
         Ok(req) => {
             let key = state_key(&req.owner, &req.trace_id);
-            match tokio::time::timeout(IO_TIMEOUT, bucket.get(&key)).await {
+            let read = async {
+                let bucket = buckets.get(&buckets.name_for(&req.owner)).await?;
+                bucket.get(&key).await
+            };
+            match tokio::time::timeout(IO_TIMEOUT, read).await {
                 Ok(Ok(Some(e))) => e.value.to_vec(),
                 Ok(Ok(None)) => state_doc(&req.trace_id, TurnState::Unknown),
                 Ok(Err(e)) => unavailable(e.to_string()),
@@ -265,8 +382,9 @@ async fn answer(config: &Config, bucket: &Bucket, publisher: &Publisher, msg: In
 }
 
 fn unavailable(detail: String) -> Vec<u8> {
+    // The detail (NATS's own words) stays in the log.
     warn!(%detail, "cannot read the turns bucket");
-    let reason = format!("cannot read the turn states: {detail}; try again");
+    let reason = "cannot read the turn states now; try again".to_string();
     serde_json::to_vec(
         &serde_json::json!({"error": reason, "code": "unavailable", "retryable": true}),
     )
@@ -328,11 +446,11 @@ impl Running {
         publisher: &Publisher,
     ) -> Result<Running, crate::bus::BusError> {
         let cancel = CancellationToken::new();
-        let (states, bucket, writer) = TurnStates::start(js, config, cancel.clone()).await?;
+        let (states, buckets, writer) = TurnStates::start(js, config, cancel.clone()).await?;
         let status = spawn_status(
             nats,
             config.clone(),
-            bucket,
+            buckets,
             publisher.clone(),
             cancel.clone(),
         )

@@ -229,7 +229,9 @@ pub fn assert_well_formed(replies: &[Reply]) {
 pub async fn drain_for(sub: &mut async_nats::Subscriber, wait: Duration) -> Vec<Value> {
     let mut out = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(wait, sub.next()).await {
-        out.push(serde_json::from_slice(&m.payload).unwrap_or(Value::Null));
+        let body = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+        super::leaks::assert_no_leak(&body);
+        out.push(body);
     }
     out
 }

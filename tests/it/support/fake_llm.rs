@@ -16,6 +16,7 @@
 //! | `[slow]` | text [`slow_reply`]`()`: [`SLOW_CHUNKS`] chunks, [`SLOW_CHUNK_DELAY`] apart |
 //! | `[many]` | text [`many_reply`]`()`: [`MANY_CHUNKS`] chunks, [`MANY_PAUSE`] after every ten |
 //! | `[recall]` | text [`recall_reply`]`(first user message of the conversation)` |
+//! | `[call:<tool> <json args>:call]` | a call of any tool with these arguments (the follow-up as for `[tool:bash]`) |
 //!
 //! Title requests (no tools, and either `stream: false` or a system prompt that
 //! mentions "title") get [`TITLE`], as JSON or as a stream as asked. OpenCode
@@ -124,6 +125,8 @@ pub enum Scenario {
     /// `[task:<prompt>:task]`: call OpenCode's `task` tool (a `general`
     /// subagent) with this prompt.
     Task(String),
+    /// `[call:<tool> <json args>:call]`: call any tool with these arguments.
+    Call(String, String),
 }
 
 /// The arguments of the `[question]` scenario's `question` tool call.
@@ -244,6 +247,12 @@ pub fn scenario_for(body: &Value) -> Scenario {
         let inner = rest.split_once(":task]").map_or(rest, |(c, _)| c);
         return Scenario::Task(inner.to_string());
     }
+    if let Some(start) = last_user.find("[call:") {
+        let rest = &last_user[start + "[call:".len()..];
+        let inner = rest.split_once(":call]").map_or(rest, |(c, _)| c);
+        let (tool, args) = inner.split_once(' ').unwrap_or((inner, "{}"));
+        return Scenario::Call(tool.to_string(), args.trim().to_string());
+    }
     if let Some(start) = last_user.find("[tool:bash ") {
         let rest = &last_user[start + "[tool:bash ".len()..];
         let cmd = rest.split_once(']').map_or(rest, |(c, _)| c);
@@ -358,13 +367,13 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
         Scenario::ToolCall(cmd) => {
             finish = "tool_calls";
             let call_id = format!("call_fake_{n}");
-            steps.push(Step::ToolStart(call_id, "bash"));
+            steps.push(Step::ToolStart(call_id, "bash".into()));
             let args = json!({"command": cmd, "description": TOOL_DESCRIPTION}).to_string();
             steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
         }
         Scenario::Task(inner) => {
             finish = "tool_calls";
-            steps.push(Step::ToolStart(format!("call_fake_{n}"), "task"));
+            steps.push(Step::ToolStart(format!("call_fake_{n}"), "task".into()));
             let args = json!({"description": "delegated work", "prompt": inner,
                               "subagent_type": "general"})
             .to_string();
@@ -372,9 +381,14 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
         }
         Scenario::Question => {
             finish = "tool_calls";
-            steps.push(Step::ToolStart(format!("call_fake_{n}"), "question"));
+            steps.push(Step::ToolStart(format!("call_fake_{n}"), "question".into()));
             let args = question_args().to_string();
             steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
+        }
+        Scenario::Call(tool, args) => {
+            finish = "tool_calls";
+            steps.push(Step::ToolStart(format!("call_fake_{n}"), tool.clone()));
+            steps.extend(fragments(args, 12).into_iter().map(Step::ToolArgs));
         }
         Scenario::Error401 | Scenario::Error500 => unreachable!(),
     }
@@ -399,7 +413,7 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
 enum Step {
     Content(String),
     Reasoning(String),
-    ToolStart(String, &'static str),
+    ToolStart(String, String),
     ToolArgs(String),
     Sleep(Duration),
 }

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod fake_llm;
 pub mod fake_opencode;
 pub mod http;
+pub mod leaks;
 pub mod nats;
 pub mod ops;
 pub mod proxy;

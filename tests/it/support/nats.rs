@@ -299,6 +299,7 @@ pub fn is_terminal(body: &Value) -> bool {
 fn to_reply(msg: async_nats::Message) -> Reply {
     let body = serde_json::from_slice(&msg.payload)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&msg.payload).into_owned()));
+    super::leaks::assert_no_leak(&body);
     (msg.headers, body)
 }
 
