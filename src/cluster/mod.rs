@@ -290,6 +290,16 @@ impl Cluster {
         }
     }
 
+    /// The daemon `conversation` is at home on now (none when unclaimed or
+    /// released, or when the bucket cannot be read).
+    pub async fn home_of(&self, conversation: &str) -> Option<String> {
+        let e = self.homes.get(&key(conversation)).await.ok()??;
+        serde_json::from_slice::<Home>(&e.value)
+            .ok()
+            .filter(|h| !h.released)
+            .map(|h| h.instance)
+    }
+
     /// Hands a pulled job to the daemon `instance`, which settles it.
     pub async fn forward_job(&self, instance: &str, job: &bus::JobMessage) -> Result<(), BusError> {
         self.forwarder.forward_job(instance, job).await

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
+pub use controls::{ControlsConfig, OnNew};
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
 pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
@@ -44,6 +45,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[jetstream]`: durable jobs and the optional replies stream.
     pub jetstream: JetStreamConfig,
+    /// `[controls]`: the conversation control API (undo, diff, history...).
+    pub controls: ControlsConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -694,6 +697,7 @@ impl Config {
             turn_status: &s.turn_status,
             jobs: &self.jetstream.jobs_subject,
             instances: &self.cluster.instance_prefix,
+            controls: &self.controls.subject,
         }
     }
 
@@ -773,6 +777,7 @@ impl OpenCodeConfig {
 }
 
 mod cluster;
+mod controls;
 mod load;
 #[cfg(test)]
 mod tests;

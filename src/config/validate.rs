@@ -16,6 +16,7 @@ impl Config {
         self.validate_service()?;
         self.validate_cluster()?;
         self.validate_stream_defaults()?;
+        self.controls.validate()?;
         self.validate_agent_protocol()
     }
 

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod attachment;
 pub mod caller;
 pub mod control;
+pub mod controls;
 pub mod interactive;
 pub mod job;
 pub mod prompt;

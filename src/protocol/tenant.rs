@@ -41,6 +41,8 @@ pub struct Subjects<'a> {
     pub jobs: &'a str,
     /// Where daemons take forwarded prompts (`[cluster] instance_prefix`).
     pub instances: &'a str,
+    /// Conversation control requests (`[controls] subject`).
+    pub controls: &'a str,
 }
 
 /// Which kind of answer a control message carries.
@@ -227,6 +229,7 @@ impl ReplyRules<'_> {
             j.turn_status,
             j.jobs,
             j.instances,
+            j.controls,
         ]
         .iter()
         .any(|base| is_under(s, base))
@@ -300,6 +303,7 @@ pub(crate) mod tests {
         turn_status: "opencode.turn.status",
         jobs: "opencode.job",
         instances: "opencode.bridge.instance",
+        controls: "opencode.control",
     };
 
     fn tenant(t: &str) -> Caller {

@@ -317,11 +317,60 @@ impl Dispatcher {
         self.queues.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Holds `conversation` for a control that changes it: `None` when a
+    /// turn runs or waits there. While held, its prompts queue (as behind a
+    /// running turn) and run once the hold is dropped.
+    pub fn hold(self: &Arc<Self>, conversation: &str) -> Option<ConversationHold> {
+        let key = QueueKey::Conversation(conversation.to_string());
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.contains_key(&key) {
+            return None;
+        }
+        queues.insert(key.clone(), VecDeque::new());
+        Some(ConversationHold {
+            dispatcher: self.clone(),
+            key: Some(key),
+        })
+    }
+
+    /// How many prompts of `conversation` wait behind its running turn.
+    pub fn queued(&self, conversation: &str) -> usize {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&QueueKey::Conversation(conversation.to_string()))
+            .map_or(0, VecDeque::len)
+    }
+
     /// Whether `conversation` has a turn running or queued here.
     pub fn is_active(&self, conversation: &str) -> bool {
         self.queues
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&QueueKey::Conversation(conversation.to_string()))
+    }
+}
+
+/// A conversation held by a control ([`Dispatcher::hold`]); dropping it
+/// starts the prompts that queued meanwhile.
+pub struct ConversationHold {
+    dispatcher: Arc<Dispatcher>,
+    key: Option<QueueKey>,
+}
+
+impl Drop for ConversationHold {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let d = &self.dispatcher;
+        let mut queues = d.queues.lock().unwrap_or_else(|p| p.into_inner());
+        match queues.get_mut(&key).and_then(VecDeque::pop_front) {
+            Some(job) => {
+                let me = d.clone();
+                d.tracker.spawn(async move { me.work(key, job).await });
+            }
+            None => {
+                queues.remove(&key);
+            }
+        }
     }
 }

@@ -1,0 +1,167 @@
+//! The OpenCode routes behind the conversation controls (`crate::controls`):
+//! revert and unrevert, fork, summarize, diff, a session's detail and the
+//! session list with times, titles. Each takes `?directory=` like the rest.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::client::{Lane, OpenCodeClient, OpenCodeError, MAX_SESSION_LIST_BYTES};
+use super::retry::{decode, Failure, Retry};
+
+/// A session as OpenCode describes it (what the controls read).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SessionDetail {
+    pub id: String,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default, rename = "parentID")]
+    pub parent_id: Option<String>,
+    #[serde(default)]
+    pub time: SessionTime,
+    /// Set while the session is reverted (`undo`): the first message hidden.
+    #[serde(default)]
+    pub revert: Option<Revert>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SessionTime {
+    #[serde(default)]
+    pub created: Option<f64>,
+    #[serde(default)]
+    pub updated: Option<f64>,
+}
+
+/// A session's revert point.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Revert {
+    #[serde(rename = "messageID")]
+    pub message_id: String,
+    /// The files the revert restored, as a unified diff (absent when
+    /// OpenCode recorded no file changes).
+    #[serde(default)]
+    pub diff: Option<String>,
+}
+
+/// One changed file (`GET /session/{id}/diff`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileDiff {
+    #[serde(default)]
+    pub file: String,
+    #[serde(default)]
+    pub patch: String,
+    #[serde(default)]
+    pub additions: f64,
+    #[serde(default)]
+    pub deletions: f64,
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+impl OpenCodeClient {
+    /// `GET /session/{id}` with its times and revert point.
+    pub async fn session_detail(&self, id: &str) -> Result<SessionDetail, OpenCodeError> {
+        let rb = self.request_for(Method::GET, &format!("/session/{id}"), None);
+        self.json("reading a session", Retry::Idempotent, Lane::Pooled, rb)
+            .await
+    }
+
+    /// `GET /session` with times (bounded like the start-up listing).
+    pub async fn session_details(&self) -> Result<Vec<SessionDetail>, OpenCodeError> {
+        let what = "listing sessions";
+        let rb = self.request_for(Method::GET, "/session", None);
+        let body = self
+            .call(
+                what,
+                Retry::Idempotent,
+                Lane::Pooled,
+                rb,
+                MAX_SESSION_LIST_BYTES,
+            )
+            .await
+            .map_err(Failure::into_error)?;
+        decode(what, &body)
+    }
+
+    /// `POST /session/{id}/revert`: hides `message_id` and everything after
+    /// it, and restores the files those messages changed.
+    pub async fn revert(&self, id: &str, message_id: &str) -> Result<SessionDetail, OpenCodeError> {
+        let rb = self
+            .request_for(Method::POST, &format!("/session/{id}/revert"), None)
+            .json(&json!({ "messageID": message_id }));
+        self.json("reverting a turn", Retry::Unsent, Lane::Pooled, rb)
+            .await
+    }
+
+    /// `POST /session/{id}/unrevert`: brings back what `revert` hid.
+    pub async fn unrevert(&self, id: &str) -> Result<SessionDetail, OpenCodeError> {
+        let rb = self.request_for(Method::POST, &format!("/session/{id}/unrevert"), None);
+        self.json("restoring a reverted turn", Retry::Unsent, Lane::Pooled, rb)
+            .await
+    }
+
+    /// `POST /session/{id}/fork`: a new session with the messages up to
+    /// (and without) `before` (`None`: all of them).
+    pub async fn fork(
+        &self,
+        id: &str,
+        before: Option<&str>,
+    ) -> Result<SessionDetail, OpenCodeError> {
+        let body = match before {
+            Some(m) => json!({ "messageID": m }),
+            None => json!({}),
+        };
+        let rb = self
+            .request_for(Method::POST, &format!("/session/{id}/fork"), None)
+            .json(&body);
+        self.json("forking a session", Retry::Unsent, Lane::Pooled, rb)
+            .await
+    }
+
+    /// `PATCH /session/{id}` with a new title.
+    pub async fn set_title(&self, id: &str, title: &str) -> Result<(), OpenCodeError> {
+        let rb = self
+            .request_for(Method::PATCH, &format!("/session/{id}"), None)
+            .json(&json!({ "title": title }));
+        self.send("renaming a session", Retry::Idempotent, Lane::Pooled, rb)
+            .await
+    }
+
+    /// `POST /session/{id}/summarize` with the model that summarizes;
+    /// waits (at most `timeout`) for the summary to be written.
+    pub async fn summarize(
+        &self,
+        id: &str,
+        provider: &str,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<(), OpenCodeError> {
+        let rb = self
+            .request_for(
+                Method::POST,
+                &format!("/session/{id}/summarize"),
+                Some(timeout),
+            )
+            .json(&json!({ "providerID": provider, "modelID": model }));
+        let _: Value = self
+            .json("compacting a session", Retry::Unsent, Lane::Pooled, rb)
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /session/{id}/diff` (of one message when given).
+    pub async fn diff(
+        &self,
+        id: &str,
+        message: Option<&str>,
+    ) -> Result<Vec<FileDiff>, OpenCodeError> {
+        let mut rb = self.request_for(Method::GET, &format!("/session/{id}/diff"), None);
+        if let Some(m) = message {
+            rb = rb.query(&[("messageID", m)]);
+        }
+        self.json("reading a diff", Retry::Idempotent, Lane::Pooled, rb)
+            .await
+    }
+}
