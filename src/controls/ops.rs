@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use super::{busy, opencode, Controls, Outcome};
 use crate::config::OnNew;
+use crate::opencode::controls::FileDiff;
 use crate::opencode::events::{MessageWithParts, Role};
 use crate::protocol::control::{AbortRequest, AbortTarget};
 use crate::protocol::controls::{cut_patches, ControlOp, ControlRequest};
@@ -62,20 +63,28 @@ pub(super) async fn info(c: &Controls, conversation: &str) -> Outcome {
 }
 
 /// The files the conversation changed, with their unified diffs, cut to
-/// `[controls] max_diff_bytes` (and the payload limit): `truncated`.
+/// `[controls] max_diff_bytes` (and the payload limit): `truncated`. One
+/// entry per file and turn (`message_id`), oldest first; `message` limits
+/// it to that turn. Turns `undo` hid are left out.
 pub(super) async fn diff(c: &Controls, conversation: &str, req: &ControlRequest) -> Outcome {
     let Some(session) = c.session_of(conversation).await else {
         return Ok(
             json!({"conversation": conversation, "session_id": null, "files": [], "truncated": false}),
         );
     };
-    let diffs = c
-        .ctx()
-        .client
-        .diff(&session, req.message.as_deref())
+    let client = &c.ctx().client;
+    let detail = client.session_detail(&session).await.map_err(opencode)?;
+    let hidden = detail.revert.as_ref().map(|r| r.message_id.clone());
+    let diffs: Vec<(String, FileDiff)> = client
+        .turn_diffs(&session)
         .await
-        .map_err(opencode)?;
-    let mut patches: Vec<String> = diffs.iter().map(|d| d.patch.clone()).collect();
+        .map_err(opencode)?
+        .into_iter()
+        .filter(|(id, _)| hidden.as_deref().is_none_or(|h| id.as_str() < h))
+        .filter(|(id, _)| req.message.as_deref().is_none_or(|m| m == id))
+        .flat_map(|(id, files)| files.into_iter().map(move |f| (id.clone(), f)))
+        .collect();
+    let mut patches: Vec<String> = diffs.iter().map(|(_, d)| d.patch.clone()).collect();
     let room = c
         .publisher
         .max_payload()
@@ -84,8 +93,8 @@ pub(super) async fn diff(c: &Controls, conversation: &str, req: &ControlRequest)
     let files: Vec<Value> = diffs
         .iter()
         .zip(patches)
-        .map(|(d, patch)| {
-            json!({"file": d.file, "status": d.status, "additions": d.additions as u64,
+        .map(|((id, d), patch)| {
+            json!({"file": d.file, "message_id": id, "status": d.status, "additions": d.additions as u64,
                    "deletions": d.deletions as u64, "patch": patch})
         })
         .collect();

@@ -1,5 +1,5 @@
 //! The OpenCode routes behind the conversation controls (`crate::controls`):
-//! revert and unrevert, fork, summarize, diff, a session's detail and the
+//! revert and unrevert, fork, summarize, the turns' diffs, a session's detail and the
 //! session list with times, titles. Each takes `?directory=` like the rest.
 
 use std::time::Duration;
@@ -58,6 +58,23 @@ pub struct FileDiff {
     pub deletions: f64,
     #[serde(default)]
     pub status: Option<String>,
+}
+
+/// A message as the diff reads it: a user message's `summary.diffs` are
+/// the files its turn changed (OpenCode 1.18 records them there; the
+/// session-wide diff stays empty).
+#[derive(Debug, Clone, Deserialize)]
+struct DiffMessage {
+    info: DiffInfo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct DiffInfo {
+    id: String,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    summary: Option<Value>,
 }
 
 impl OpenCodeClient {
@@ -151,17 +168,27 @@ impl OpenCodeClient {
         Ok(())
     }
 
-    /// `GET /session/{id}/diff` (of one message when given).
-    pub async fn diff(
+    /// The files each turn changed, by its user message id, oldest first
+    /// (`GET /session/{id}/message`, each user message's `summary.diffs`).
+    pub async fn turn_diffs(
         &self,
         id: &str,
-        message: Option<&str>,
-    ) -> Result<Vec<FileDiff>, OpenCodeError> {
-        let mut rb = self.request_for(Method::GET, &format!("/session/{id}/diff"), None);
-        if let Some(m) = message {
-            rb = rb.query(&[("messageID", m)]);
-        }
-        self.json("reading a diff", Retry::Idempotent, Lane::Pooled, rb)
-            .await
+    ) -> Result<Vec<(String, Vec<FileDiff>)>, OpenCodeError> {
+        let rb = self.request_for(Method::GET, &format!("/session/{id}/message"), None);
+        let messages: Vec<DiffMessage> = self
+            .json("reading messages", Retry::Idempotent, Lane::Pooled, rb)
+            .await?;
+        Ok(messages
+            .into_iter()
+            .filter(|m| m.info.role == "user")
+            .map(|m| {
+                let diffs = m
+                    .info
+                    .summary
+                    .and_then(|s| serde_json::from_value(s.get("diffs")?.clone()).ok())
+                    .unwrap_or_default();
+                (m.info.id, diffs)
+            })
+            .collect())
     }
 }
