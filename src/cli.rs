@@ -545,6 +545,7 @@ impl View {
                 error,
                 code,
                 retryable,
+                ..
             } => self.error_reply(out, err, code, retryable, &error),
             other @ (ReplyBody::Permission { .. } | ReplyBody::Question { .. }) => {
                 self.side(out, err, &format!("[{}]", other.kind()));

@@ -209,6 +209,7 @@ impl Encoder {
                 error,
                 code,
                 retryable,
+                ..
             } => vec![Chunk::Error {
                 code: status_code(*code),
                 description: first_line(error),

@@ -81,6 +81,37 @@ impl ControlOp {
     }
 }
 
+/// What a prompt does when its conversation is busy (`"when_busy"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WhenBusy {
+    /// Wait in the conversation's FIFO (the default).
+    #[default]
+    Queue,
+    /// Abort the running turn (it ends `aborted`, `reason: "superseded"`)
+    /// and run this one next, ahead of any queued.
+    Steer,
+    /// `session_busy` at once; nothing is queued.
+    Reject,
+}
+
+impl WhenBusy {
+    /// The `when_busy` field of a JSON prompt.
+    pub fn parse(v: Option<Value>) -> Result<WhenBusy, String> {
+        match v {
+            None | Some(Value::Null) => Ok(WhenBusy::Queue),
+            Some(Value::String(s)) => match s.as_str() {
+                "queue" => Ok(WhenBusy::Queue),
+                "steer" => Ok(WhenBusy::Steer),
+                "reject" => Ok(WhenBusy::Reject),
+                other => Err(format!(
+                    "`when_busy` must be \"queue\", \"steer\" or \"reject\", got {other:?}"
+                )),
+            },
+            Some(_) => Err("`when_busy` must be a string".into()),
+        }
+    }
+}
+
 /// A control message classified by its subject: who sent it and which op
 /// it asks for (`Err`: the op token, unknown).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,6 +356,17 @@ mod tests {
         // `list` needs nothing.
         assert!(parse_control(ControlOp::List, &tenant("a"), b"").is_ok());
         assert!(parse_control(ControlOp::List, &tenant("a"), b" ").is_ok());
+    }
+
+    #[test]
+    fn when_busy_is_one_of_three_words() {
+        assert_eq!(WhenBusy::parse(None), Ok(WhenBusy::Queue));
+        assert_eq!(WhenBusy::parse(Some(json!("steer"))), Ok(WhenBusy::Steer));
+        assert_eq!(WhenBusy::parse(Some(json!("reject"))), Ok(WhenBusy::Reject));
+        assert!(WhenBusy::parse(Some(json!("later")))
+            .unwrap_err()
+            .contains("later"));
+        assert!(WhenBusy::parse(Some(json!(1))).is_err());
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Prompt {
     pub moved_from: Option<String>,
     /// Set by the bridge for a durable job (never from the payload).
     pub job: Option<super::job::JobTurn>,
+    /// What to do when the conversation is busy (`"when_busy"`).
+    pub when_busy: super::controls::WhenBusy,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -202,6 +204,7 @@ struct JsonPrompt {
     progress: Option<Value>,
     stream: Option<Value>,
     attachments: Option<Value>,
+    when_busy: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -283,6 +286,7 @@ struct Fields {
     progress: bool,
     stream: Option<StreamMode>,
     attachments: Vec<Attachment>,
+    when_busy: super::controls::WhenBusy,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -392,6 +396,7 @@ impl Fields {
         };
         self.tools = tools_field(j.tools)?;
         self.attachments = parse_attachments(j.attachments, limits)?;
+        self.when_busy = super::controls::WhenBusy::parse(j.when_busy)?;
         Ok(())
     }
 
@@ -454,6 +459,7 @@ impl Fields {
             attachments: self.attachments,
             moved_from: None,
             job: None,
+            when_busy: self.when_busy,
         })
     }
 }
@@ -527,6 +533,7 @@ impl Salvage {
             progress: None,
             stream: None,
             attachments: None,
+            when_busy: None,
         });
     }
 

@@ -14,6 +14,7 @@ use super::context::TurnContext;
 use super::driver::run_turn;
 use super::sink::ReplySink;
 use crate::protocol::control::{AbortAnswer, AbortRequest, AbortTarget};
+use crate::protocol::controls::WhenBusy;
 use crate::protocol::tenant::Caller;
 use crate::protocol::turn_state::TurnState;
 use crate::protocol::{ErrorCode, Prompt, QueueKey, ReplyBody};
@@ -31,6 +32,8 @@ struct Running {
     key: Option<QueueKey>,
     caller: Caller,
     abort: CancellationToken,
+    /// Why it is aborted, when a newer prompt steers it away.
+    reason: super::sink::AbortReason,
 }
 
 /// Why a job was not accepted; the job comes back for its error reply.
@@ -43,6 +46,9 @@ pub enum Refused {
     /// The prompt's tenant has `[tenancy] max_turns_per_tenant` turns
     /// queued or running (`overloaded`): one tenant cannot take every slot.
     TenantBusy(Box<Job>),
+    /// The conversation is busy and the prompt said `"when_busy":
+    /// "reject"` (`session_busy`); nothing was queued.
+    Rejected(Box<Job>),
 }
 
 /// The turns queued or running: their trace ids (with their tenant), and
@@ -151,11 +157,21 @@ impl Dispatcher {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         match queues.get_mut(&key) {
             Some(q) => {
-                if q.len() >= self.capacity {
+                let when_busy = job.prompt.when_busy;
+                if when_busy == WhenBusy::Reject || q.len() >= self.capacity {
                     self.lock_live().release(&job.prompt.trace_id);
-                    return Err(Refused::Busy(Box::new(job)));
+                    let refuse = match when_busy {
+                        WhenBusy::Reject => Refused::Rejected,
+                        _ => Refused::Busy,
+                    };
+                    return Err(refuse(Box::new(job)));
                 }
-                q.push_back(job);
+                if when_busy == WhenBusy::Steer {
+                    self.supersede(&key);
+                    q.push_front(job);
+                } else {
+                    q.push_back(job);
+                }
             }
             None => {
                 // No worker for this conversation: start one with this job.
@@ -196,6 +212,7 @@ impl Dispatcher {
                 key: key.cloned(),
                 caller: prompt.caller.clone(),
                 abort: abort.clone(),
+                reason: sink.abort_reason(),
             },
         );
         sink.record_state(TurnState::Running);
@@ -203,6 +220,18 @@ impl Dispatcher {
         self.lock_running().remove(&trace_id);
         self.lock_live().release(&trace_id);
         drop(permit);
+    }
+
+    /// Aborts the turn running in `key` because a newer prompt steers:
+    /// its `aborted` reply says `superseded`.
+    fn supersede(&self, key: &QueueKey) {
+        let running = self.lock_running();
+        if let Some(r) = running.values().find(|r| r.key.as_ref() == Some(key)) {
+            let why =
+                "superseded: a newer prompt of the conversation said \"when_busy\": \"steer\"";
+            let _ = r.reason.set(("superseded", why.to_string()));
+            r.abort.cancel();
+        }
     }
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {

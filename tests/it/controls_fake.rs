@@ -324,3 +324,78 @@ async fn in_a_cluster_a_control_acts_at_the_conversations_home_and_is_answered_o
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// Starts a `[hang]` turn in `t1.s` (request style); its reply inbox.
+async fn hanging(r: &Rig, trace: &str) -> async_nats::Subscriber {
+    let c = &r.client;
+    let inbox = c.new_inbox();
+    let sub = subscribe_ready(c, inbox.clone()).await;
+    let n = r.fake.prompts().len();
+    let hang = json!({"text": "[hang]", "trace_id": trace}).to_string();
+    c.publish_with_reply("opencode.prompt.t1.s", inbox, hang.into())
+        .await
+        .unwrap();
+    r.fake
+        .wait_until("the hanging turn", Duration::from_secs(10), |f| {
+            f.prompts().len() == n + 1
+        })
+        .await;
+    sub
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steer_supersedes_the_running_turn_and_reject_queues_nothing() {
+    let r = rig(|_| {}).await;
+    let c = &r.client;
+    // reject: `session_busy` at once, and nothing waits behind the turn.
+    let mut first = hanging(&r, "hang-1").await;
+    let p = json!({"text": "not now", "when_busy": "reject"}).to_string();
+    let replies = request(c, "opencode.prompt.t1.s", &p, Duration::from_secs(5)).await;
+    let end = terminal(&replies);
+    assert_eq!(
+        (end["kind"].as_str(), end["code"].as_str()),
+        (Some("error"), Some("session_busy")),
+        "{end}"
+    );
+    let info = ok(c, "opencode.control.t1.info", r#"{"conversation":"t1.s"}"#).await;
+    assert_eq!(
+        (&info["busy"], &info["queued"]),
+        (&json!(true), &json!(0)),
+        "{info}"
+    );
+
+    // steer: the running turn ends `aborted` (superseded), the new one runs.
+    let started = Instant::now();
+    let p = json!({"text": "do this instead", "when_busy": "steer"}).to_string();
+    let steered = tokio::spawn({
+        let c = c.clone();
+        async move { request(&c, "opencode.prompt.t1.s", &p, Duration::from_secs(10)).await }
+    });
+    let old =
+        crate::support::nats::collect_until_terminal(&mut first, Duration::from_secs(10)).await;
+    let end = terminal(&old);
+    assert_eq!(
+        (end["kind"].as_str(), end["code"].as_str()),
+        (Some("error"), Some("aborted")),
+        "{end}"
+    );
+    assert_eq!(end["reason"], "superseded", "{end}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "superseded after {:?}",
+        started.elapsed()
+    );
+    let new = steered.await.unwrap();
+    let fin = terminal(&new);
+    assert_eq!(fin["kind"], "final", "{new:?}");
+    assert_eq!(fin["content"], echo_reply("do this instead").as_str());
+    // Both prompts that ran reached OpenCode; the rejected one never did.
+    let texts: Vec<String> = r
+        .fake
+        .prompts()
+        .iter()
+        .map(|q| String::from_utf8_lossy(&q.body).to_string())
+        .collect();
+    assert!(texts.iter().all(|t| !t.contains("not now")), "{texts:?}");
+    r.stop().await;
+}
