@@ -139,3 +139,95 @@ async fn undo_restores_the_edited_file_and_redo_brings_it_back() {
     assert_eq!(v["code"], "bad_request", "nothing left to redo: {v}");
     s.bridge.stop().await.unwrap();
 }
+
+/// The texts of the user messages the fake LLM was sent for the last chat
+/// request.
+fn last_request_user_texts(s: &RealStack) -> Vec<String> {
+    let reqs = s.llm.chat_requests();
+    let last = reqs.last().expect("a chat request");
+    last["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(crate::support::fake_llm::content_text)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_at_turn_3_of_5_sees_turns_1_to_3_only() {
+    let project = project();
+    let s = stack(project.path()).await;
+    let c = &s.client;
+    for i in 1..=5 {
+        turn(&s, &format!("fact {i}: the number is {}", i * 11)).await;
+    }
+    let conv = json!({"conversation": "t1.c1"}).to_string();
+    let h = ok(c, "opencode.control.t1.history", &conv).await;
+    let third = h["turns"][2]["message_id"].clone();
+    let q = json!({"conversation": "t1.c1", "to": "t1.side", "message": third}).to_string();
+    let f = ok(c, "opencode.control.t1.fork", &q).await;
+    assert_eq!(f["conversation"], "t1.side", "{f}");
+    let r = request(
+        &s.client,
+        "opencode.prompt.t1.side",
+        "what do you know?",
+        TURN,
+    )
+    .await;
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert_eq!(fin["session_id"], f["session_id"], "the fork's session");
+    let seen = last_request_user_texts(&s).join("\n");
+    for i in 1..=3 {
+        assert!(
+            seen.contains(&format!("fact {i}:")),
+            "turn {i} in the fork: {seen}"
+        );
+    }
+    for i in 4..=5 {
+        assert!(
+            !seen.contains(&format!("fact {i}:")),
+            "turn {i} not in the fork: {seen}"
+        );
+    }
+    assert_eq!(
+        turns(c, "opencode.control.t1.history", "t1.c1").await,
+        5,
+        "the original is unchanged"
+    );
+    assert_eq!(turns(c, "opencode.control.t1.history", "t1.side").await, 4);
+    s.bridge.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_answers_fewer_tokens_and_the_summary_keeps_turn_1() {
+    let project = project();
+    let s = stack(project.path()).await;
+    let c = &s.client;
+    turn(&s, "remember: the password is kumquat-42").await;
+    for i in 2..=6 {
+        turn(&s, &format!("turn {i} of small talk")).await;
+    }
+    let conv = json!({"conversation": "t1.c1"}).to_string();
+    let v = ok(c, "opencode.control.t1.compact", &conv).await;
+    let before = v["tokens_before"].as_u64().expect("tokens before");
+    let after = v["tokens_after"].as_u64().expect("tokens after");
+    assert!(after < before, "{v}");
+    assert_eq!(v["model"], "fake/m1", "{v}");
+    let fin = turn(&s, "what is the password?").await;
+    // The next turn sees the summary (which has turn 1), not the turns.
+    let users = last_request_user_texts(&s);
+    assert!(!users.iter().any(|u| u.contains("small talk")), "{users:?}");
+    let last = s.llm.chat_requests().last().unwrap()["messages"].to_string();
+    assert!(
+        last.contains("kumquat-42"),
+        "turn 1's fact in the summary: {last}"
+    );
+    let info = ok(c, "opencode.control.t1.info", &conv).await;
+    assert_eq!(
+        info["session_id"], fin["session_id"],
+        "the same session, compacted"
+    );
+    s.bridge.stop().await.unwrap();
+}
