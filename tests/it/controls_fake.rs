@@ -399,3 +399,52 @@ async fn steer_supersedes_the_running_turn_and_reject_queues_nothing() {
     assert!(texts.iter().all(|t| !t.contains("not now")), "{texts:?}");
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_each_control_and_exits_by_its_answer() {
+    use crate::support::ops::cli;
+    let r = rig(|_| {}).await;
+    let fin = turn(&r, "opencode.prompt.t1.cli", "hello cli").await;
+    let url = r.nats.url();
+    let limit = Duration::from_secs(30);
+    let base = [
+        "--server",
+        url.as_str(),
+        "--tenant",
+        "t1",
+        "--conversation",
+        "t1.cli",
+    ];
+    let info = cli(&[&["info"][..], &base[..]].concat(), limit).await;
+    assert_eq!(info.code, Some(0), "{info:?}");
+    let v: Value = serde_json::from_str(&info.stdout).expect("pretty JSON");
+    assert_eq!(v["session_id"], fin["session_id"], "{v}");
+    let h = cli(
+        &[&["history", "--json", "--limit", "1"][..], &base[..]].concat(),
+        limit,
+    )
+    .await;
+    assert_eq!(h.code, Some(0), "{h:?}");
+    let v: Value = serde_json::from_str(h.stdout.trim()).expect("one JSON line");
+    assert_eq!(v["turns"][0]["replies"][0]["text"], "hello cli", "{v}");
+    // Another tenant: refused, exit 2, the reason on stderr.
+    let other = [
+        "--server",
+        url.as_str(),
+        "--tenant",
+        "t2",
+        "--conversation",
+        "t1.cli",
+    ];
+    let undo = cli(&[&["undo"][..], &other[..]].concat(), limit).await;
+    assert_eq!(undo.code, Some(2), "{undo:?}");
+    assert!(undo.stderr.contains("forbidden"), "{undo:?}");
+    let list = cli(
+        &["list", "--server", url.as_str(), "--tenant", "t1", "--json"],
+        limit,
+    )
+    .await;
+    assert_eq!(list.code, Some(0), "{list:?}");
+    assert!(list.stdout.contains("\"t1.cli\""), "{list:?}");
+    r.stop().await;
+}
