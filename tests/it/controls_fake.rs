@@ -448,3 +448,44 @@ async fn the_cli_sends_each_control_and_exits_by_its_answer() {
     assert!(list.stdout.contains("\"t1.cli\""), "{list:?}");
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_nats_permissions_let_a_chat_user_control_only_its_own() {
+    use crate::ops_nats_permissions::{conf, password, user, violation};
+    let nats = NatsServer::start_with_config(&conf());
+    let url = nats.url();
+    let fake = FakeOpenCode::start().await;
+    let mut cfg = test_config(&url, &fake.url(), None);
+    cfg.nats.user = Some("bridge".into());
+    cfg.nats.password = Some(password("bridge"));
+    cfg.nats.inbox_prefix = "_INBOX.bridge".into();
+    let bridge = Bridge::start(cfg).await;
+    let (slack, mut errors) = user(&url, "slack").await;
+    let inbox = slack.new_inbox();
+    let mut sub = slack.subscribe(inbox.clone()).await.unwrap();
+    let p = r#"{"conversation":"slack.C1"}"#;
+    slack
+        .publish_with_reply("opencode.control.slack.info", inbox, p.into())
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    slack
+        .publish(
+            "opencode.control.discord.info",
+            r#"{"conversation":"discord.D1"}"#.into(),
+        )
+        .await
+        .unwrap();
+    violation(&mut errors, "opencode.control.discord.info").await;
+    slack
+        .publish("opencode.control.undo", p.into())
+        .await
+        .unwrap();
+    violation(&mut errors, "opencode.control.undo").await;
+    bridge.stop().await.unwrap();
+}
