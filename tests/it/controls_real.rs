@@ -231,3 +231,34 @@ async fn compact_answers_fewer_tokens_and_the_summary_keeps_turn_1() {
     );
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_outside_a_git_repository_says_no_file_was_restored() {
+    let plain = tempfile::Builder::new()
+        .prefix("controls-plain-")
+        .tempdir()
+        .unwrap();
+    let file = plain.path().join("notes.txt");
+    std::fs::write(&file, "old\n").unwrap();
+    let s = stack(plain.path()).await;
+    let c = &s.client;
+    let conv = json!({"conversation": "t1.c1"}).to_string();
+    let edit = format!("[tool:write {}|new content\n] write it", file.display());
+    turn(&s, &edit).await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "new content\n");
+    let undo = ok(c, "opencode.control.t1.undo", &conv).await;
+    // OpenCode snapshots files only in a git repository: the answer says
+    // nothing was restored, and indeed the file keeps the turn's content.
+    assert_eq!(undo["files_restored"], false, "{undo}");
+    assert_eq!(undo["files"], json!([]), "{undo}");
+    assert!(
+        undo["note"]
+            .as_str()
+            .unwrap()
+            .contains("not a git repository"),
+        "{undo}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "new content\n");
+    assert_eq!(turns(c, "opencode.control.t1.history", "t1.c1").await, 0);
+    s.bridge.stop().await.unwrap();
+}
