@@ -102,6 +102,8 @@ pub enum ControlCommand {
     },
     /// One conversation: model, usage, busy, queued turns.
     Info(Conv),
+    /// The OpenCode commands prompts may run (`"command"`).
+    Commands(Common),
 }
 
 impl ControlCommand {
@@ -124,6 +126,7 @@ impl ControlCommand {
             ControlCommand::Redo(c) => ("redo", &c.common, conv(c)),
             ControlCommand::Compact(c) => ("compact", &c.common, conv(c)),
             ControlCommand::Info(c) => ("info", &c.common, conv(c)),
+            ControlCommand::Commands(common) => ("commands", common, json!({})),
             ControlCommand::Diff { conv: c, message } => {
                 ("diff", &c.common, with(conv(c), "message", message))
             }

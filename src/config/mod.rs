@@ -160,6 +160,11 @@ pub struct PromptConfig {
     pub agents: Vec<String>,
     /// Models a prompt may choose (`"provider/model"`); empty: any.
     pub models: Vec<String>,
+    /// OpenCode commands a prompt may run (`"command": {"name": ...}`: the
+    /// built-ins such as `init` and the project's `.opencode/command/*.md`);
+    /// empty: none. A command runs as a turn with the tenant's permission
+    /// rules, like a prompt of its text.
+    pub commands: Vec<String>,
 }
 
 /// What the bridge answers when OpenCode asks for a permission
@@ -716,6 +721,7 @@ impl Config {
             allow_enable_tools: &self.prompt.allow_enable_tools,
             agents: &self.prompt.agents,
             models: &self.prompt.models,
+            commands: &self.prompt.commands,
         }
     }
 

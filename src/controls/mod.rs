@@ -10,7 +10,7 @@
 //! `session_busy` while a turn runs or waits (`new` with `"abort": true`
 //! aborts it first) and holds the conversation while it acts, so a prompt
 //! that arrives meanwhile queues behind it. Reading ops (`diff`, `history`,
-//! `list`, `info`) act at once.
+//! `list`, `info`, `commands`) act at once.
 
 mod history;
 mod ops;
@@ -122,7 +122,7 @@ impl Controls {
         let outcome = match op {
             Err(token) => Err((
                 ErrorCode::BadRequest,
-                format!("unknown control {token:?} (one of new, undo, redo, compact, diff, fork, history, list, info)"),
+                format!("unknown control {token:?} (one of new, undo, redo, compact, diff, fork, history, list, info, commands)"),
             )),
             Ok(op) => match parse_control(op, &caller, &msg.payload) {
                 Err(r) => Err((r.code, r.reason)),
@@ -154,6 +154,7 @@ impl Controls {
         let conversation = req.conversation.as_deref().unwrap_or_default();
         match req.op {
             ControlOp::List => history::list(self, caller, req).await,
+            ControlOp::Commands => ops::commands(self).await,
             ControlOp::History => history::history(self, conversation, req).await,
             ControlOp::Info => ops::info(self, conversation).await,
             ControlOp::Diff => ops::diff(self, conversation, req).await,

@@ -302,6 +302,22 @@ pub(super) async fn fork(
     )
 }
 
+/// The OpenCode commands prompts may run (`[prompt] commands`) that
+/// OpenCode knows, with their descriptions.
+pub(super) async fn commands(c: &Controls) -> Outcome {
+    let allowed = &c.config.prompt.commands;
+    if allowed.is_empty() {
+        return Ok(json!({"commands": []}));
+    }
+    let known = c.ctx().client.commands().await.map_err(opencode)?;
+    let list: Vec<Value> = known
+        .into_iter()
+        .filter(|k| allowed.contains(&k.name))
+        .map(|k| json!({"name": k.name, "description": k.description}))
+        .collect();
+    Ok(json!({"commands": list}))
+}
+
 /// The messages `undo` has not hidden.
 fn visible(
     messages: Vec<MessageWithParts>,

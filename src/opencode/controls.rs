@@ -192,3 +192,56 @@ impl OpenCodeClient {
             .collect())
     }
 }
+
+/// `POST /session/{id}/command`: an OpenCode command (`init`, the
+/// project's `.opencode/command/*.md`) run as a turn.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CommandBody {
+    /// The id of the user message OpenCode creates for it.
+    #[serde(rename = "messageID")]
+    pub message_id: String,
+    pub command: String,
+    pub arguments: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// `provider/model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// A command as `GET /command` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommandInfo {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl OpenCodeClient {
+    /// Runs a command; OpenCode answers when its turn has ended (bounded
+    /// by `timeout`). Sent once: a command that may have reached OpenCode
+    /// is never sent again.
+    pub async fn command(
+        &self,
+        id: &str,
+        body: &CommandBody,
+        timeout: Duration,
+    ) -> Result<(), OpenCodeError> {
+        let rb = self
+            .request_for(
+                Method::POST,
+                &format!("/session/{id}/command"),
+                Some(timeout),
+            )
+            .json(body);
+        self.send("running a command", Retry::Unsent, Lane::Control, rb)
+            .await
+    }
+
+    /// `GET /command`: the commands OpenCode knows in the directory.
+    pub async fn commands(&self) -> Result<Vec<CommandInfo>, OpenCodeError> {
+        let rb = self.request_for(Method::GET, "/command", None);
+        self.json("listing commands", Retry::Idempotent, Lane::Pooled, rb)
+            .await
+    }
+}

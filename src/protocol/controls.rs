@@ -1,5 +1,5 @@
 //! Conversation controls: what chat users ask besides prompts (`new`,
-//! `undo`, `redo`, `compact`, `diff`, `fork`, `history`, `list`, `info`), as typed commands parsed from the subject and the payload.
+//! `undo`, `redo`, `compact`, `diff`, `fork`, `history`, `list`, `info`, `commands`), as typed commands parsed from the subject and the payload.
 //!
 //! `<base>.<op>` is the operator's, `<base>.<tenant>.<op>` a tenant's; the
 //! payload is a JSON object naming the conversation as replies show it
@@ -27,11 +27,12 @@ pub enum ControlOp {
     History,
     List,
     Info,
+    Commands,
 }
 
 impl ControlOp {
     /// Every op, in the order the docs list them.
-    pub const ALL: [ControlOp; 9] = [
+    pub const ALL: [ControlOp; 10] = [
         ControlOp::New,
         ControlOp::Undo,
         ControlOp::Redo,
@@ -41,6 +42,7 @@ impl ControlOp {
         ControlOp::History,
         ControlOp::List,
         ControlOp::Info,
+        ControlOp::Commands,
     ];
 
     /// The op a subject token names.
@@ -59,6 +61,7 @@ impl ControlOp {
             ControlOp::History => "history",
             ControlOp::List => "list",
             ControlOp::Info => "info",
+            ControlOp::Commands => "commands",
         }
     }
 
@@ -77,7 +80,7 @@ impl ControlOp {
 
     /// Whether it names one conversation (and so runs at its home).
     pub fn needs_conversation(self) -> bool {
-        self != ControlOp::List
+        !matches!(self, ControlOp::List | ControlOp::Commands)
     }
 }
 
@@ -109,6 +112,48 @@ impl WhenBusy {
             },
             Some(_) => Err("`when_busy` must be a string".into()),
         }
+    }
+}
+
+/// An OpenCode command a prompt runs instead of text (`"command": {"name",
+/// "arguments"}`): `POST /session/{id}/command`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRef {
+    pub name: String,
+    pub arguments: String,
+}
+
+impl CommandRef {
+    /// The `command` field of a JSON prompt.
+    pub fn parse(v: Option<Value>) -> Result<Option<CommandRef>, String> {
+        let obj = match v {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(o)) => o,
+            Some(_) => return Err("`command` must be an object {\"name\", \"arguments\"}".into()),
+        };
+        let name = match obj.get("name") {
+            Some(Value::String(n)) => n.trim_start_matches('/').to_string(),
+            _ => return Err("`command.name` must be a string".into()),
+        };
+        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.');
+        if name.is_empty() || name.len() > 128 || !name.chars().all(ok) {
+            return Err(format!(
+                "`command.name` {name:?} must be 1-128 letters, digits, `-`, `_`, `:` or `.`"
+            ));
+        }
+        let arguments = match obj.get("arguments") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(a)) => a.clone(),
+            Some(_) => return Err("`command.arguments` must be a string".into()),
+        };
+        Ok(Some(CommandRef { name, arguments }))
+    }
+
+    /// The text the turn stands for (logs, the `text` of a command prompt).
+    pub fn text(&self) -> String {
+        format!("/{} {}", self.name, self.arguments)
+            .trim_end()
+            .to_string()
     }
 }
 
@@ -144,7 +189,7 @@ pub fn control_route(base: &str, subject: &str) -> Option<ControlRoute> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlRequest {
     pub op: ControlOp,
-    /// The conversation (required by every op but `list`).
+    /// The conversation (required by every op but `list` and `commands`).
     pub conversation: Option<String>,
     /// `new`: abort a running turn (and drop the queued ones) first.
     pub abort: bool,
@@ -356,6 +401,25 @@ mod tests {
         // `list` needs nothing.
         assert!(parse_control(ControlOp::List, &tenant("a"), b"").is_ok());
         assert!(parse_control(ControlOp::List, &tenant("a"), b" ").is_ok());
+    }
+
+    #[test]
+    fn a_command_names_one_command() {
+        let c = CommandRef::parse(Some(json!({"name": "/init", "arguments": "x y"})));
+        let c = c.unwrap().unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.text()),
+            ("init", "/init x y".to_string())
+        );
+        assert_eq!(CommandRef::parse(None), Ok(None));
+        for bad in [
+            json!("init"),
+            json!({"name": "a b"}),
+            json!({"name": ""}),
+            json!({"name": "x", "arguments": 1}),
+        ] {
+            assert!(CommandRef::parse(Some(bad.clone())).is_err(), "{bad}");
+        }
     }
 
     #[test]

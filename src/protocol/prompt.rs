@@ -50,6 +50,9 @@ pub struct Prompt {
     pub job: Option<super::job::JobTurn>,
     /// What to do when the conversation is busy (`"when_busy"`).
     pub when_busy: super::controls::WhenBusy,
+    /// An OpenCode command to run instead of the text (`"command"`); the
+    /// text is then `/<name> <arguments>`.
+    pub command: Option<super::controls::CommandRef>,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -205,6 +208,7 @@ struct JsonPrompt {
     stream: Option<Value>,
     attachments: Option<Value>,
     when_busy: Option<Value>,
+    command: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -287,6 +291,7 @@ struct Fields {
     stream: Option<StreamMode>,
     attachments: Vec<Attachment>,
     when_busy: super::controls::WhenBusy,
+    command: Option<super::controls::CommandRef>,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -343,10 +348,12 @@ fn json_type(v: &Value) -> &'static str {
 
 impl Fields {
     fn absorb(&mut self, j: JsonPrompt, limits: &PromptLimits) -> Result<(), String> {
-        let (name, text) = match (j.text, j.prompt) {
-            (Some(t), _) => ("text", Some(t)),
-            (None, Some(p)) => ("prompt", Some(p)),
-            (None, None) => ("text", None),
+        self.command = super::controls::CommandRef::parse(j.command)?;
+        let (name, text) = match (j.text, j.prompt, &self.command) {
+            (Some(t), _, _) => ("text", Some(t)),
+            (None, Some(p), _) => ("prompt", Some(p)),
+            (None, None, Some(c)) => ("text", Some(Value::String(c.text()))),
+            (None, None, None) => ("text", None),
         };
         self.text = match text {
             None | Some(Value::Null) => return Err("`text` is required".to_string()),
@@ -460,6 +467,7 @@ impl Fields {
             moved_from: None,
             job: None,
             when_busy: self.when_busy,
+            command: self.command,
         })
     }
 }
@@ -534,6 +542,7 @@ impl Salvage {
             stream: None,
             attachments: None,
             when_busy: None,
+            command: None,
         });
     }
 

@@ -144,6 +144,8 @@ pub struct PromptPolicy<'a> {
     pub agents: &'a [String],
     /// Models (`provider/model`) a prompt may choose; empty: any.
     pub models: &'a [String],
+    /// OpenCode commands a prompt may run; empty: none.
+    pub commands: &'a [String],
 }
 
 /// Checks what a prompt asks for against its caller and the policy; the
@@ -176,6 +178,14 @@ pub fn authorize(
             return Err(format!(
                 "agent {a:?} is not allowed here ([prompt] agents: {:?})",
                 policy.agents
+            ));
+        }
+    }
+    if let Some(c) = &prompt.command {
+        if !policy.commands.contains(&c.name) {
+            return Err(format!(
+                "command {:?} is not allowed here ([prompt] commands: {:?})",
+                c.name, policy.commands
             ));
         }
     }
@@ -416,6 +426,7 @@ pub(crate) mod tests {
             allow_enable_tools: &none,
             agents: &none,
             models: &none,
+            commands: &none,
         };
         let d = tenant("discord");
         assert!(authorize(
@@ -451,6 +462,7 @@ pub(crate) mod tests {
             allow_enable_tools: &bash,
             agents: &agents,
             models: &models,
+            commands: &none,
         };
         assert!(authorize(
             &d,

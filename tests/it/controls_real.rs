@@ -262,3 +262,67 @@ async fn undo_outside_a_git_repository_says_no_file_was_restored() {
     assert_eq!(turns(c, "opencode.control.t1.history", "t1.c1").await, 0);
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_command_streams_and_ends_final_another_is_forbidden() {
+    let project = project();
+    let dir = project.path().join(".opencode/command");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("hello.md"),
+        "---\ndescription: Greet someone\n---\nSay hello to $ARGUMENTS\n",
+    )
+    .unwrap();
+    let path = project.path().to_path_buf();
+    let s = RealStack::start(
+        |_| {},
+        move |c| {
+            c.opencode.directory = Some(path);
+            c.prompt.commands = vec!["hello".into()];
+        },
+    )
+    .await;
+    let c = &s.client;
+    let listed = ok(c, "opencode.control.t1.commands", "").await;
+    assert_eq!(
+        listed["commands"],
+        json!([{"name": "hello", "description": "Greet someone"}]),
+        "{listed}"
+    );
+    let started = std::time::Instant::now();
+    let p = json!({"command": {"name": "hello", "arguments": "world"}}).to_string();
+    let r = request(c, "opencode.prompt.t1.cmd", &p, TURN).await;
+    assert_well_formed(&r);
+    let fin = terminal(&r);
+    assert_eq!(fin["kind"], "final", "{r:#?}");
+    assert!(
+        fin["content"]
+            .as_str()
+            .unwrap()
+            .contains("Say hello to world"),
+        "{fin}"
+    );
+    assert!(
+        r.iter().filter(|(_, v)| v["kind"] == "delta").count() > 1,
+        "streamed"
+    );
+    assert!(started.elapsed() < TURN / 2, "{:?}", started.elapsed());
+    let h = ok(
+        c,
+        "opencode.control.t1.history",
+        r#"{"conversation":"t1.cmd"}"#,
+    )
+    .await;
+    assert_eq!(h["turns"].as_array().unwrap().len(), 1, "{h}");
+
+    let p = json!({"command": {"name": "init"}}).to_string();
+    let r = request(c, "opencode.prompt.t1.cmd", &p, TURN).await;
+    let end = terminal(&r);
+    assert_eq!(
+        (end["kind"].as_str(), end["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "{end}"
+    );
+    assert!(end["error"].as_str().unwrap().contains("init"), "{end}");
+    s.bridge.stop().await.unwrap();
+}
