@@ -326,3 +326,75 @@ async fn an_allowed_command_streams_and_ends_final_another_is_forbidden() {
     assert!(end["error"].as_str().unwrap().contains("init"), "{end}");
     s.bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steer_ends_the_running_turn_superseded_and_reject_queues_nothing() {
+    use crate::support::nats::{collect_until_terminal, subscribe_ready};
+    let project = project();
+    let s = stack(project.path()).await;
+    let c = &s.client;
+    let inbox = c.new_inbox();
+    let mut slow = subscribe_ready(c, inbox.clone()).await;
+    let p = json!({"text": "[slow] take your time", "trace_id": "slow-1"}).to_string();
+    c.publish_with_reply("opencode.prompt.t1.c1", inbox, p.into())
+        .await
+        .unwrap();
+    // Wait until the slow answer streams.
+    let first = tokio::time::timeout(TURN, futures::StreamExt::next(&mut slow))
+        .await
+        .expect("the slow turn streams")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(v["kind"], "delta", "{v}");
+
+    let p = json!({"text": "not now", "when_busy": "reject"}).to_string();
+    let r = request(c, "opencode.prompt.t1.c1", &p, TURN).await;
+    let end = terminal(&r);
+    assert_eq!(
+        (end["kind"].as_str(), end["code"].as_str()),
+        (Some("error"), Some("session_busy")),
+        "{end}"
+    );
+
+    let started = std::time::Instant::now();
+    let p = json!({"text": "do this instead", "when_busy": "steer"}).to_string();
+    let steered = tokio::spawn({
+        let c = c.clone();
+        async move { request(&c, "opencode.prompt.t1.c1", &p, TURN).await }
+    });
+    let old = collect_until_terminal(&mut slow, TURN).await;
+    let took = started.elapsed();
+    eprintln!("the steered turn ended after {took:?}");
+    let end = terminal(&old);
+    assert_eq!(
+        (end["kind"].as_str(), end["code"].as_str()),
+        (Some("error"), Some("aborted")),
+        "{end}"
+    );
+    assert_eq!(end["reason"], "superseded", "{end}");
+    // A second under no load; a margin for the shared test machine.
+    assert!(took < Duration::from_secs(2), "superseded after {took:?}");
+    let new = steered.await.unwrap();
+    let fin = terminal(&new);
+    assert_eq!(fin["kind"], "final", "{new:#?}");
+    assert_eq!(
+        fin["content"],
+        crate::support::fake_llm::text_reply("do this instead")
+    );
+    let users = turns(c, "opencode.control.t1.history", "t1.c1").await;
+    assert_eq!(
+        users, 2,
+        "the slow turn and the steering one; the rejected never reached OpenCode"
+    );
+    let sent: Vec<String> = s
+        .llm
+        .chat_requests()
+        .iter()
+        .map(|b| b["messages"].to_string())
+        .collect();
+    assert!(
+        sent.iter().all(|m| !m.contains("not now")),
+        "the rejected prompt reached the model"
+    );
+    s.bridge.stop().await.unwrap();
+}
