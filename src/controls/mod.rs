@@ -157,7 +157,7 @@ impl Controls {
             ControlOp::Commands => ops::commands(self).await,
             ControlOp::History => history::history(self, conversation, req).await,
             ControlOp::Info => ops::info(self, conversation).await,
-            ControlOp::Diff => ops::diff(self, conversation, req).await,
+            ControlOp::Diff => ops::diff(self, caller, conversation, req).await,
             ControlOp::New => ops::new(self, caller, conversation, req.abort).await,
             op => {
                 let Some(_hold) = self.dispatcher.hold(conversation) else {

@@ -63,10 +63,17 @@ pub(super) async fn info(c: &Controls, conversation: &str) -> Outcome {
 }
 
 /// The files the conversation changed, with their unified diffs, cut to
-/// `[controls] max_diff_bytes` (and the payload limit): `truncated`. One
-/// entry per file and turn (`message_id`), oldest first; `message` limits
-/// it to that turn. Turns `undo` hid are left out.
-pub(super) async fn diff(c: &Controls, conversation: &str, req: &ControlRequest) -> Outcome {
+/// `[controls] max_diff_bytes` (and the payload limit): `truncated`, and
+/// with JetStream the whole diff in the caller's object store bucket, as
+/// for a cut final (`diff_object`). One entry per file and turn
+/// (`message_id`), oldest first; `message` limits it to that turn. Turns
+/// `undo` hid are left out.
+pub(super) async fn diff(
+    c: &Controls,
+    caller: &Caller,
+    conversation: &str,
+    req: &ControlRequest,
+) -> Outcome {
     let Some(session) = c.session_of(conversation).await else {
         return Ok(
             json!({"conversation": conversation, "session_id": null, "files": [], "truncated": false}),
@@ -89,7 +96,21 @@ pub(super) async fn diff(c: &Controls, conversation: &str, req: &ControlRequest)
         .publisher
         .max_payload()
         .saturating_sub(4096 + 300 * diffs.len());
+    let whole = patches.concat();
     let truncated = cut_patches(&mut patches, c.config.controls.max_diff_bytes.min(room));
+    let object = match (&c.ctx().states, truncated) {
+        (Some(states), true) => {
+            let id = format!("diff-{}", uuid::Uuid::new_v4().simple());
+            match states.record(caller, &id).store_final(&whole).await {
+                Ok(o) => json!(o),
+                Err(e) => {
+                    warn!(%conversation, error = %e, "the whole diff could not be stored");
+                    Value::Null
+                }
+            }
+        }
+        _ => Value::Null,
+    };
     let files: Vec<Value> = diffs
         .iter()
         .zip(patches)
@@ -99,7 +120,8 @@ pub(super) async fn diff(c: &Controls, conversation: &str, req: &ControlRequest)
         })
         .collect();
     Ok(
-        json!({"conversation": conversation, "session_id": session, "files": files, "truncated": truncated}),
+        json!({"conversation": conversation, "session_id": session, "files": files,
+              "truncated": truncated, "diff_object": object}),
     )
 }
 

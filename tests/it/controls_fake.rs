@@ -489,3 +489,69 @@ async fn the_example_nats_permissions_let_a_chat_user_control_only_its_own() {
     violation(&mut errors, "opencode.control.undo").await;
     bridge.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diff_past_the_limit_is_cut_and_whole_in_the_object_store() {
+    use crate::support::fake_opencode::{ev, text_turn, Step};
+    // Each turn changed one file by a 30 KB patch (OpenCode records it in
+    // the user message's summary).
+    let patch = |i: usize| {
+        format!(
+            "--- f{i}.txt\n+++ f{i}.txt\n@@ -1 +1 @@\n{}\n",
+            "+x".repeat(15_000)
+        )
+    };
+    let r = Rig::start(
+        move |input: &crate::support::fake_opencode::TurnInput| {
+            let mut summary = ev::user_summary(&input.session_id, &input.user_id, 1, &input.model());
+            summary["properties"]["info"]["summary"]["diffs"] = json!([{"file": format!("f{}.txt", input.nth_in_session),
+                "patch": patch(input.nth_in_session), "additions": 1, "deletions": 1, "status": "modified"}]);
+            text_turn(input, &["done"])
+                .insert_before(|s| crate::support::fake_opencode::emits(s, "session.idle"), Step::Emit(summary))
+        },
+        |c| c.controls.max_diff_bytes = 40_000,
+    )
+    .await;
+    let c = &r.client;
+    turn(&r, "opencode.prompt.t1.d", "one").await;
+    turn(&r, "opencode.prompt.t1.d", "two").await;
+    let v = ok(c, "opencode.control.t1.diff", r#"{"conversation":"t1.d"}"#).await;
+    let files = v["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{}", v["files"][0]["file"]);
+    let kept: usize = files
+        .iter()
+        .map(|f| f["patch"].as_str().unwrap().len())
+        .sum();
+    assert!(kept <= 40_000, "{kept}");
+    assert_eq!(v["truncated"], true);
+    let o = &v["diff_object"];
+    assert!(
+        o["bucket"].as_str().unwrap().ends_with("-t1"),
+        "the tenant's own bucket: {o}"
+    );
+    let caller = opencode_nats_bridge::bus::Caller::connect(
+        &test_config(&r.nats.url(), "http://x", None).nats,
+    )
+    .await
+    .unwrap();
+    let whole = caller
+        .fetch_object(o["bucket"].as_str().unwrap(), o["name"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(whole).unwrap(),
+        format!("{}{}", patch(0), patch(1))
+    );
+    // One turn's diff alone.
+    let first = files[0]["message_id"].as_str().unwrap();
+    let q = json!({"conversation": "t1.d", "message": first}).to_string();
+    let one = ok(c, "opencode.control.t1.diff", &q).await;
+    assert_eq!(
+        one["files"].as_array().unwrap().len(),
+        1,
+        "{}",
+        one["files"][0]["file"]
+    );
+    assert_eq!(one["files"][0]["file"], "f0.txt");
+    r.stop().await;
+}
