@@ -152,6 +152,9 @@ pub(super) async fn new(c: &Controls, caller: &Caller, conversation: &str, abort
     };
     let old = c.session_of(conversation).await;
     c.ctx().sessions.remove(conversation).await;
+    if let Some(cl) = &c.cluster {
+        cl.forget_session(conversation).await;
+    }
     let client = &c.ctx().client;
     let on_new = c.config.controls.on_new;
     if let Some(s) = &old {

@@ -305,13 +305,26 @@ async fn in_a_cluster_a_control_acts_at_the_conversations_home_and_is_answered_o
         elsewhere.is_empty(),
         "nothing at the other OpenCode: {elsewhere:?}"
     );
-    // A change goes home too: `new` there, then the next prompt there.
+    // A change goes home too: `new` there (the home record forgets the
+    // session, so a daemon taking over would not bring it back), then the
+    // next prompt there.
+    let kv = async_nats::jetstream::new(c.clone())
+        .get_key_value("opencode_bridge_conversations")
+        .await
+        .unwrap();
+    let key = opencode_nats_bridge::cluster::home::key("t1.home");
+    let session_of_home = || async {
+        let v = kv.get(key.clone()).await.unwrap().expect("a home record");
+        serde_json::from_slice::<Value>(&v).unwrap()["session_id"].clone()
+    };
+    assert_eq!(session_of_home().await, sid.as_str());
     ok(
         &c,
         "opencode.control.t1.new",
         r#"{"conversation":"t1.home"}"#,
     )
     .await;
+    assert_eq!(session_of_home().await, Value::Null);
     let r = request(
         &c,
         "opencode.prompt.t1.home",
