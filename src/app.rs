@@ -24,6 +24,7 @@ use crate::bus::{
 use crate::bus::{Forwarded, InstanceSubscription, JetStream};
 use crate::cluster::{Cluster, ClusterSessions};
 use crate::config::{Config, Switch};
+use crate::controls::{self, Controls};
 use crate::intake::Intake;
 use crate::jobs::Jobs;
 use crate::metrics::Metrics;
@@ -217,7 +218,7 @@ struct Daemon {
     reader: JoinHandle<()>,
     /// Reads OpenCode's version again after every reconnect.
     version_watch: JoinHandle<()>,
-    control: JoinHandle<()>,
+    control: Control,
     supervisor: Option<JoinHandle<()>>,
     ops: Ops,
     opencode_url: String,
@@ -260,7 +261,8 @@ impl Daemon {
             metrics.clone(),
         );
         let intake = Arc::new(intake.in_cluster(cluster.clone()));
-        let control = spawn_control(&nats, &config, intake.clone(), stream_cancel.clone()).await?;
+        let cancel = stream_cancel.clone();
+        let control = spawn_control(&nats, &config, intake.clone(), &cluster, cancel).await?;
         let prompts = PromptSubscription::subscribe(&nats, &config.subjects).await?;
         let (agent, agent_prompts) = start_agent(&config, &publisher, &seen_version).await?;
         let sources = Sources {
@@ -330,6 +332,10 @@ impl Daemon {
                 }
                 m = self.prompts.next() => m.map(|m| (From::Prompts, m)),
                 m = next_forwarded(&mut self.forwarded) => match m {
+                    Some(Forwarded::Prompt(m)) if self.control.controls.is_control(&m.subject) => {
+                        self.control.controls.take_forwarded(m);
+                        continue;
+                    }
                     Some(Forwarded::Prompt(m)) => Some((From::Prompts, m)),
                     Some(Forwarded::Job(j)) => {
                         self.forwarded_job(*j).await;
@@ -492,6 +498,9 @@ impl Daemon {
             tokio::time::timeout(Duration::from_secs(2), next_forwarded(&mut self.forwarded)).await
         {
             match f {
+                Forwarded::Prompt(m) if self.control.controls.is_control(&m.subject) => {
+                    self.control.controls.take_forwarded(m)
+                }
                 Forwarded::Prompt(msg) => self.intake.prompt(msg, None).await,
                 // Stopping: back to the stream, for another daemon.
                 Forwarded::Job(j) => crate::jobs::give_back(&j, &self.metrics).await,
@@ -554,7 +563,8 @@ impl Daemon {
         self.stream_cancel.cancel();
         let _ = self.reader.await;
         let _ = self.version_watch.await;
-        let _ = self.control.await;
+        let _ = self.control.task.await;
+        let _ = self.control.controls_task.await;
         if let Some(s) = self.supervisor {
             let _ = s.await;
         }
@@ -683,14 +693,25 @@ fn spawn_reader(
     (hub, reader, version_watch)
 }
 
-/// Aborts and answers: every daemon listens (no queue group), until
-/// `cancel`.
+/// The control side: aborts and answers (every daemon listens), and the
+/// conversation controls (one daemon answers each); until `cancel`.
+struct Control {
+    task: JoinHandle<()>,
+    controls: Arc<Controls>,
+    controls_task: JoinHandle<()>,
+}
+
+/// Aborts and answers: every daemon listens (no queue group); the
+/// conversation controls in the queue group; until `cancel`.
 async fn spawn_control(
     nats: &bus::Connection,
-    config: &Config,
+    config: &Arc<Config>,
     intake: Arc<Intake>,
+    cluster: &Option<Arc<Cluster>>,
     cancel: CancellationToken,
-) -> Result<JoinHandle<()>, AppError> {
+) -> Result<Control, AppError> {
+    let controls = Controls::new(intake.dispatcher().clone(), config.clone(), cluster.clone());
+    let controls_task = controls::start(controls.clone(), nats, cancel.clone()).await?;
     let s = &config.subjects;
     let mut control = ControlSubscription::subscribe(
         nats,
@@ -704,7 +725,7 @@ async fn spawn_control(
         ],
     )
     .await?;
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let msg = tokio::select! {
                 biased;
@@ -714,7 +735,12 @@ async fn spawn_control(
             let Some(msg) = msg else { break };
             intake.control(msg).await;
         }
-    }))
+    });
+    Ok(Control {
+        task,
+        controls,
+        controls_task,
+    })
 }
 
 /// This daemon in the cluster, the subscription of its prompts forwarded

@@ -18,7 +18,9 @@ use opencode_nats_bridge::protocol::{
 };
 use serde_json::{json, Value};
 
+mod control;
 mod turn;
+pub use control::{control, ControlCommand};
 pub use turn::{turn, TurnArgs};
 
 /// The turn ended with an `error` reply.
@@ -545,6 +547,7 @@ impl View {
                 error,
                 code,
                 retryable,
+                ..
             } => self.error_reply(out, err, code, retryable, &error),
             other @ (ReplyBody::Permission { .. } | ReplyBody::Question { .. }) => {
                 self.side(out, err, &format!("[{}]", other.kind()));

@@ -447,6 +447,14 @@ impl Intake {
                 );
                 (ErrorCode::SessionBusy, reason, job)
             }
+            Err(Refused::Rejected(job)) => {
+                let p = &job.prompt;
+                let reason = format!(
+                    "conversation {} is busy and the prompt said \"when_busy\": \"reject\"; nothing was queued",
+                    p.conversation.as_deref().or(p.session_id.as_deref()).unwrap_or("?"),
+                );
+                (ErrorCode::SessionBusy, reason, job)
+            }
             Err(Refused::TenantBusy(job)) => {
                 let reason = format!(
                     "{} has {} turns queued or running ([tenancy] max_turns_per_tenant); send again when one has ended",

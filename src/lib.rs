@@ -36,6 +36,7 @@ pub mod app;
 pub mod bus;
 pub mod cluster;
 pub mod config;
+pub mod controls;
 pub mod intake;
 pub mod jobs;
 mod jsonscan;

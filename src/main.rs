@@ -73,6 +73,10 @@ enum Command {
     /// unreachable or the request refused by NATS permissions; 64 bad
     /// usage; 78 bad config.
     Turn(cli::TurnArgs),
+    /// Conversation controls: `new`, `undo`, `redo`, `compact`, `diff`,
+    /// `fork`, `history`, `list`, `info` (docs/PROTOCOL.md).
+    #[command(flatten)]
+    Control(cli::ControlCommand),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +103,10 @@ fn main() -> ExitCode {
         Command::Turn(args) => {
             init_client_tracing();
             cli::turn(args)
+        }
+        Command::Control(cmd) => {
+            init_client_tracing();
+            cli::control(cmd)
         }
         Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref()) {
             Ok((_, sources)) => {

@@ -294,6 +294,16 @@ impl Cluster {
         }
     }
 
+    /// The daemon `conversation` is at home on now (none when unclaimed or
+    /// released, or when the bucket cannot be read).
+    pub async fn home_of(&self, conversation: &str) -> Option<String> {
+        let e = self.homes.get(&key(conversation)).await.ok()??;
+        serde_json::from_slice::<Home>(&e.value)
+            .ok()
+            .filter(|h| !h.released)
+            .map(|h| h.instance)
+    }
+
     /// Hands a pulled job to the daemon `instance`, which settles it.
     pub async fn forward_job(&self, instance: &str, job: &bus::JobMessage) -> Result<(), BusError> {
         self.forwarder.forward_job(instance, job).await
@@ -307,10 +317,20 @@ impl Cluster {
     /// Records the session a conversation at home here now uses, so a
     /// daemon on the same OpenCode that takes it over continues it.
     pub async fn record_session(&self, conversation: &str, session_id: &str) {
+        self.write_session(conversation, Some(session_id)).await
+    }
+
+    /// Forgets the session of a conversation at home here (`new`): a
+    /// daemon that takes it over starts a new one too.
+    pub async fn forget_session(&self, conversation: &str) {
+        self.write_session(conversation, None).await
+    }
+
+    async fn write_session(&self, conversation: &str, session_id: Option<&str>) {
         let Some(rev) = lock(&self.owned).get(conversation).copied() else {
             return;
         };
-        let value = encode(&self.me.home(Some(session_id.to_string())));
+        let value = encode(&self.me.home(session_id.map(str::to_string)));
         let k = key(conversation);
         let update = self.homes.update(&k, value, rev);
         let Ok(updated) = tokio::time::timeout(KV_TIMEOUT, update).await else {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
+pub use controls::{ControlsConfig, OnNew};
 pub use shares::SharesConfig;
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
@@ -47,6 +48,8 @@ pub struct Config {
     pub jetstream: JetStreamConfig,
     /// `[shares]`: what one tenant may hold of what tenants share.
     pub shares: SharesConfig,
+    /// `[controls]`: the conversation control API (undo, diff, history...).
+    pub controls: ControlsConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -160,6 +163,11 @@ pub struct PromptConfig {
     pub agents: Vec<String>,
     /// Models a prompt may choose (`"provider/model"`); empty: any.
     pub models: Vec<String>,
+    /// OpenCode commands a prompt may run (`"command": {"name": ...}`: the
+    /// built-ins such as `init` and the project's `.opencode/command/*.md`);
+    /// empty: none. A command runs as a turn with the tenant's permission
+    /// rules, like a prompt of its text.
+    pub commands: Vec<String>,
 }
 
 /// What the bridge answers when OpenCode asks for a permission
@@ -710,6 +718,7 @@ impl Config {
             turn_status: &s.turn_status,
             jobs: &self.jetstream.jobs_subject,
             instances: &self.cluster.instance_prefix,
+            controls: &self.controls.subject,
         }
     }
 
@@ -728,6 +737,7 @@ impl Config {
             allow_enable_tools: &self.prompt.allow_enable_tools,
             agents: &self.prompt.agents,
             models: &self.prompt.models,
+            commands: &self.prompt.commands,
         }
     }
 
@@ -789,6 +799,7 @@ impl OpenCodeConfig {
 }
 
 mod cluster;
+mod controls;
 mod load;
 mod shares;
 #[cfg(test)]

@@ -22,6 +22,7 @@ impl Config {
                 key: "shares.job_tenants",
                 reason,
             })?;
+        self.controls.validate()?;
         self.validate_agent_protocol()
     }
 

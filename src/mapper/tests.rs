@@ -140,6 +140,7 @@ fn golden(name: &str, turns: &[Turn]) {
                     error: error.clone(),
                     code: *code,
                     retryable: *retryable,
+                    reason: None,
                 })
                 .unwrap(),
             };

@@ -193,7 +193,7 @@ impl From<&ModelRef> for ModelBody {
 
 /// Which calls wait for a connection of the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lane {
+pub(super) enum Lane {
     /// A turn's traffic (sessions, prompts, status, message lists):
     /// at most `[opencode] max_connections` at once.
     Pooled,
@@ -288,6 +288,20 @@ impl OpenCodeClient {
         &self.base
     }
 
+    /// A request on the pooled client (bounded by `request_timeout`), or,
+    /// with `timeout`, on the unbounded one with that bound instead.
+    pub(super) fn request_for(
+        &self,
+        method: Method,
+        path: &str,
+        timeout: Option<Duration>,
+    ) -> reqwest::RequestBuilder {
+        match timeout {
+            None => self.request(&self.http, method, path),
+            Some(t) => self.request(&self.stream_http, method, path).timeout(t),
+        }
+    }
+
     fn request(
         &self,
         client: &reqwest::Client,
@@ -333,7 +347,7 @@ impl OpenCodeClient {
     /// again). At least one retry; more while OpenCode has been
     /// unreachable for less than `unavailable_after`. A timeout is never
     /// retried: the call already waited its bound.
-    async fn call(
+    pub(super) async fn call(
         &self,
         what: &str,
         retry: Retry,
@@ -430,7 +444,7 @@ impl OpenCodeClient {
     }
 
     /// A call whose answer is not read.
-    async fn send(
+    pub(super) async fn send(
         &self,
         what: &str,
         retry: Retry,
@@ -443,7 +457,7 @@ impl OpenCodeClient {
             .map_err(Failure::into_error)
     }
 
-    async fn json<T: DeserializeOwned>(
+    pub(super) async fn json<T: DeserializeOwned>(
         &self,
         what: &str,
         retry: Retry,

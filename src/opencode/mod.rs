@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod compat;
+pub mod controls;
 pub mod embedded;
 pub mod events;
 pub mod ids;

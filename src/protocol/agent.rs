@@ -72,7 +72,8 @@ pub fn size_label(bytes: usize) -> String {
 }
 
 /// The checks of §5.3 the bridge's own prompt parser does not make: an
-/// empty payload, and a JSON envelope without a non-empty `prompt` string.
+/// empty payload, and a JSON envelope without a non-empty `prompt` string
+/// (or, our extension, a `command` object in its place).
 /// Everything else (`attachments`, size limits) the prompt parser checks.
 pub fn check_request(payload: &[u8]) -> Result<(), String> {
     if payload.is_empty() {
@@ -89,10 +90,11 @@ pub fn check_request(payload: &[u8]) -> Result<(), String> {
     }
     let v: Value = serde_json::from_slice(payload)
         .map_err(|e| format!("the request starts with {{ but is not valid JSON: {e}"))?;
-    match v.get("prompt") {
-        Some(Value::String(p)) if !p.is_empty() => Ok(()),
-        Some(Value::String(_)) => Err("`prompt` is empty".into()),
-        _ => Err("a JSON request needs a `prompt` string".into()),
+    match (v.get("prompt"), v.get("command")) {
+        (Some(Value::String(p)), _) if !p.is_empty() => Ok(()),
+        (Some(Value::String(_)), _) => Err("`prompt` is empty".into()),
+        (None, Some(Value::Object(_))) => Ok(()),
+        _ => Err("a JSON request needs a `prompt` string (or a `command` object)".into()),
     }
 }
 
@@ -209,6 +211,7 @@ impl Encoder {
                 error,
                 code,
                 retryable,
+                ..
             } => vec![Chunk::Error {
                 code: status_code(*code),
                 description: first_line(error),
@@ -337,6 +340,8 @@ mod tests {
     fn requests_are_checked_as_section_5_3_says() {
         assert!(check_request(b"").is_err());
         assert!(check_request(b"  \n").is_err());
+        assert!(check_request(br#"{"command":{"name":"init"}}"#).is_ok());
+        assert!(check_request(br#"{"command":"init"}"#).is_err());
         assert!(check_request(b"hello").is_ok());
         assert!(check_request(b" \n{\"prompt\":\"hi\",\"x\":1}").is_ok());
         assert!(check_request(b"{\"text\":\"hi\"}").is_err());

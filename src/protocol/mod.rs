@@ -7,6 +7,7 @@ pub mod agent;
 pub mod attachment;
 pub mod caller;
 pub mod control;
+pub mod controls;
 pub mod image;
 pub mod interactive;
 pub mod job;

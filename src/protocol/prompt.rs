@@ -48,6 +48,11 @@ pub struct Prompt {
     pub moved_from: Option<String>,
     /// Set by the bridge for a durable job (never from the payload).
     pub job: Option<super::job::JobTurn>,
+    /// What to do when the conversation is busy (`"when_busy"`).
+    pub when_busy: super::controls::WhenBusy,
+    /// An OpenCode command to run instead of the text (`"command"`); the
+    /// text is then `/<name> <arguments>`.
+    pub command: Option<super::controls::CommandRef>,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -214,6 +219,8 @@ struct JsonPrompt {
     progress: Option<Value>,
     stream: Option<Value>,
     attachments: Option<Value>,
+    when_busy: Option<Value>,
+    command: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -295,6 +302,8 @@ struct Fields {
     progress: bool,
     stream: Option<StreamMode>,
     attachments: Vec<Attachment>,
+    when_busy: super::controls::WhenBusy,
+    command: Option<super::controls::CommandRef>,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -351,10 +360,12 @@ fn json_type(v: &Value) -> &'static str {
 
 impl Fields {
     fn absorb(&mut self, j: JsonPrompt, limits: &PromptLimits) -> Result<(), String> {
-        let (name, text) = match (j.text, j.prompt) {
-            (Some(t), _) => ("text", Some(t)),
-            (None, Some(p)) => ("prompt", Some(p)),
-            (None, None) => ("text", None),
+        self.command = super::controls::CommandRef::parse(j.command)?;
+        let (name, text) = match (j.text, j.prompt, &self.command) {
+            (Some(t), _, _) => ("text", Some(t)),
+            (None, Some(p), _) => ("prompt", Some(p)),
+            (None, None, Some(c)) => ("text", Some(Value::String(c.text()))),
+            (None, None, None) => ("text", None),
         };
         self.text = match text {
             None | Some(Value::Null) => return Err("`text` is required".to_string()),
@@ -404,6 +415,7 @@ impl Fields {
         };
         self.tools = tools_field(j.tools)?;
         self.attachments = parse_attachments(j.attachments, limits)?;
+        self.when_busy = super::controls::WhenBusy::parse(j.when_busy)?;
         Ok(())
     }
 
@@ -462,6 +474,8 @@ impl Fields {
             attachments: self.attachments,
             moved_from: None,
             job: None,
+            when_busy: self.when_busy,
+            command: self.command,
         })
     }
 }
@@ -535,6 +549,8 @@ impl Salvage {
             progress: None,
             stream: None,
             attachments: None,
+            when_busy: None,
+            command: None,
         });
     }
 

@@ -81,6 +81,11 @@ pub enum ReplyBody {
         error: String,
         code: ErrorCode,
         retryable: bool,
+        /// Why, in one word, where the code alone does not say: an
+        /// `aborted` turn that a newer prompt with `"when_busy": "steer"`
+        /// replaced is `superseded`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
 }
 
@@ -109,6 +114,7 @@ impl ReplyBody {
             error: error.into(),
             code,
             retryable: code.retryable(),
+            reason: None,
         }
     }
 }
@@ -679,6 +685,13 @@ mod tests {
                 error: s("auth"),
                 code: ErrorCode::ProviderError,
                 retryable: false,
+                reason: None,
+            },
+            ReplyBody::Error {
+                error: s("aborted"),
+                code: ErrorCode::Aborted,
+                retryable: false,
+                reason: Some(s("superseded")),
             },
         ]
     }
@@ -867,6 +880,7 @@ mod tests {
                         error,
                         code: ErrorCode::ALL[i],
                         retryable,
+                        reason: None,
                     }
                 ),
             ]

@@ -41,6 +41,8 @@ pub struct Subjects<'a> {
     pub jobs: &'a str,
     /// Where daemons take forwarded prompts (`[cluster] instance_prefix`).
     pub instances: &'a str,
+    /// Conversation control requests (`[controls] subject`).
+    pub controls: &'a str,
 }
 
 /// Which kind of answer a control message carries.
@@ -142,6 +144,8 @@ pub struct PromptPolicy<'a> {
     pub agents: &'a [String],
     /// Models (`provider/model`) a prompt may choose; empty: any.
     pub models: &'a [String],
+    /// OpenCode commands a prompt may run; empty: none.
+    pub commands: &'a [String],
 }
 
 /// Checks what a prompt asks for against its caller and the policy; the
@@ -173,6 +177,14 @@ pub fn authorize(
         if !policy.agents.is_empty() && !policy.agents.iter().any(|x| x == a) {
             return Err(format!(
                 "agent {a:?} is not allowed here (it is not in the operator's [prompt] agents)"
+            ));
+        }
+    }
+    if let Some(c) = &prompt.command {
+        if !policy.commands.contains(&c.name) {
+            return Err(format!(
+                "command {:?} is not allowed here ([prompt] commands: {:?})",
+                c.name, policy.commands
             ));
         }
     }
@@ -225,6 +237,7 @@ impl ReplyRules<'_> {
             j.turn_status,
             j.jobs,
             j.instances,
+            j.controls,
         ]
         .iter()
         .any(|base| is_under(s, base))
@@ -298,6 +311,7 @@ pub(crate) mod tests {
         turn_status: "opencode.turn.status",
         jobs: "opencode.job",
         instances: "opencode.bridge.instance",
+        controls: "opencode.control",
     };
 
     fn tenant(t: &str) -> Caller {
@@ -410,6 +424,7 @@ pub(crate) mod tests {
             allow_enable_tools: &none,
             agents: &none,
             models: &none,
+            commands: &none,
         };
         let d = tenant("discord");
         assert!(authorize(
@@ -445,6 +460,7 @@ pub(crate) mod tests {
             allow_enable_tools: &bash,
             agents: &agents,
             models: &models,
+            commands: &none,
         };
         assert!(authorize(
             &d,

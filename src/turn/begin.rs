@@ -58,7 +58,11 @@ pub async fn begin(
     let epoch = stream.borrow().epoch;
     loop {
         sink.set_session(&session_id);
-        match ctx.client.prompt_async(&session_id, &body).await {
+        let sent = match &prompt.command {
+            Some(c) => super::command::send(ctx, &session_id, &body, c).await,
+            None => ctx.client.prompt_async(&session_id, &body).await,
+        };
+        match sent {
             Ok(()) => break,
             Err(OpenCodeError::NotFound { .. }) if prompt.session_id.is_none() && !recreated => {
                 // The session is gone (deleted, data reset). OpenCode never

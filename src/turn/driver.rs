@@ -115,6 +115,7 @@ async fn send_terminal(
                 error: e.message,
                 code: e.code,
                 retryable: e.retryable,
+                reason: None,
             })
             .await;
         }

@@ -2,6 +2,7 @@
 //! queue, and the conversation -> session map.
 
 pub mod begin;
+pub mod command;
 pub mod context;
 pub mod deadlines;
 pub mod driver;

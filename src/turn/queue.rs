@@ -14,6 +14,7 @@ use super::context::TurnContext;
 use super::driver::run_turn;
 use super::sink::ReplySink;
 use crate::protocol::control::{AbortAnswer, AbortRequest, AbortTarget};
+use crate::protocol::controls::WhenBusy;
 use crate::protocol::tenant::Caller;
 use crate::protocol::turn_state::TurnState;
 use crate::protocol::{ErrorCode, Prompt, QueueKey, ReplyBody};
@@ -31,6 +32,8 @@ struct Running {
     key: Option<QueueKey>,
     caller: Caller,
     abort: CancellationToken,
+    /// Why it is aborted, when a newer prompt steers it away.
+    reason: super::sink::AbortReason,
 }
 
 /// Why a job was not accepted; the job comes back for its error reply.
@@ -43,6 +46,9 @@ pub enum Refused {
     /// The prompt's tenant has `[tenancy] max_turns_per_tenant` turns
     /// queued or running (`overloaded`): one tenant cannot take every slot.
     TenantBusy(Box<Job>),
+    /// The conversation is busy and the prompt said `"when_busy":
+    /// "reject"` (`session_busy`); nothing was queued.
+    Rejected(Box<Job>),
 }
 
 /// The turns queued or running: their trace ids (with their tenant), and
@@ -151,11 +157,21 @@ impl Dispatcher {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         match queues.get_mut(&key) {
             Some(q) => {
-                if q.len() >= self.capacity {
+                let when_busy = job.prompt.when_busy;
+                if when_busy == WhenBusy::Reject || q.len() >= self.capacity {
                     self.lock_live().release(&job.prompt.trace_id);
-                    return Err(Refused::Busy(Box::new(job)));
+                    let refuse = match when_busy {
+                        WhenBusy::Reject => Refused::Rejected,
+                        _ => Refused::Busy,
+                    };
+                    return Err(refuse(Box::new(job)));
                 }
-                q.push_back(job);
+                if when_busy == WhenBusy::Steer {
+                    self.supersede(&key);
+                    q.push_front(job);
+                } else {
+                    q.push_back(job);
+                }
             }
             None => {
                 // No worker for this conversation: start one with this job.
@@ -196,6 +212,7 @@ impl Dispatcher {
                 key: key.cloned(),
                 caller: prompt.caller.clone(),
                 abort: abort.clone(),
+                reason: sink.abort_reason(),
             },
         );
         sink.record_state(TurnState::Running);
@@ -203,6 +220,18 @@ impl Dispatcher {
         self.lock_running().remove(&trace_id);
         self.lock_live().release(&trace_id);
         drop(permit);
+    }
+
+    /// Aborts the turn running in `key` because a newer prompt steers:
+    /// its `aborted` reply says `superseded`.
+    fn supersede(&self, key: &QueueKey) {
+        let running = self.lock_running();
+        if let Some(r) = running.values().find(|r| r.key.as_ref() == Some(key)) {
+            let why =
+                "superseded: a newer prompt of the conversation said \"when_busy\": \"steer\"";
+            let _ = r.reason.set(("superseded", why.to_string()));
+            r.abort.cancel();
+        }
     }
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
@@ -317,11 +346,60 @@ impl Dispatcher {
         self.queues.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Holds `conversation` for a control that changes it: `None` when a
+    /// turn runs or waits there. While held, its prompts queue (as behind a
+    /// running turn) and run once the hold is dropped.
+    pub fn hold(self: &Arc<Self>, conversation: &str) -> Option<ConversationHold> {
+        let key = QueueKey::Conversation(conversation.to_string());
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.contains_key(&key) {
+            return None;
+        }
+        queues.insert(key.clone(), VecDeque::new());
+        Some(ConversationHold {
+            dispatcher: self.clone(),
+            key: Some(key),
+        })
+    }
+
+    /// How many prompts of `conversation` wait behind its running turn.
+    pub fn queued(&self, conversation: &str) -> usize {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&QueueKey::Conversation(conversation.to_string()))
+            .map_or(0, VecDeque::len)
+    }
+
     /// Whether `conversation` has a turn running or queued here.
     pub fn is_active(&self, conversation: &str) -> bool {
         self.queues
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&QueueKey::Conversation(conversation.to_string()))
+    }
+}
+
+/// A conversation held by a control ([`Dispatcher::hold`]); dropping it
+/// starts the prompts that queued meanwhile.
+pub struct ConversationHold {
+    dispatcher: Arc<Dispatcher>,
+    key: Option<QueueKey>,
+}
+
+impl Drop for ConversationHold {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let d = &self.dispatcher;
+        let mut queues = d.queues.lock().unwrap_or_else(|p| p.into_inner());
+        match queues.get_mut(&key).and_then(VecDeque::pop_front) {
+            Some(job) => {
+                let me = d.clone();
+                d.tracker.spawn(async move { me.work(key, job).await });
+            }
+            None => {
+                queues.remove(&key);
+            }
+        }
     }
 }

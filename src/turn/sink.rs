@@ -62,7 +62,14 @@ pub struct ReplySink {
     /// The tenant's share this turn holds (`[shares]`), given back when
     /// the sink is dropped after the terminal reply.
     share: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Why the turn was aborted, when the aborter said (the dispatcher:
+    /// a newer prompt steered); the `aborted` reply carries it.
+    abort_reason: AbortReason,
 }
+
+/// Why a turn is being aborted: a word for the `aborted` reply's `reason`
+/// and a sentence for its message; set once by whoever aborts it.
+pub type AbortReason = std::sync::Arc<std::sync::OnceLock<(&'static str, String)>>;
 
 /// Text of one part held back for `coalesce_ms`.
 struct Held {
@@ -131,6 +138,7 @@ impl ReplySink {
             stream: StreamMode::Full,
             held: None,
             last_text: None,
+            abort_reason: AbortReason::default(),
             record: None,
             job: None,
             share: None,
@@ -272,7 +280,29 @@ impl ReplySink {
     }
 
     /// Publishes one reply (several, if its text must be split).
+    /// Where an aborter says why (see [`AbortReason`]).
+    pub fn abort_reason(&self) -> AbortReason {
+        self.abort_reason.clone()
+    }
+
     pub async fn send(&mut self, body: ReplyBody) {
+        let body = match (body, self.abort_reason.get()) {
+            (
+                ReplyBody::Error {
+                    error,
+                    code: ErrorCode::Aborted,
+                    retryable,
+                    reason: None,
+                },
+                Some((word, why)),
+            ) => ReplyBody::Error {
+                error: format!("{why} ({error})"),
+                code: ErrorCode::Aborted,
+                retryable,
+                reason: Some(word.to_string()),
+            },
+            (body, _) => body,
+        };
         if self.terminated {
             warn!(trace_id = %self.trace_id, kind = body.kind(), "reply after the terminal reply suppressed");
             return;
@@ -561,6 +591,7 @@ fn public(body: ReplyBody, trace_id: &str) -> ReplyBody {
             error,
             code,
             retryable,
+            reason,
         } => {
             let public = redact::public_error(&error);
             if public != error {
@@ -570,6 +601,7 @@ fn public(body: ReplyBody, trace_id: &str) -> ReplyBody {
                 error: public,
                 code,
                 retryable,
+                reason,
             }
         }
         other => other,

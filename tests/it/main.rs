@@ -6,6 +6,8 @@ mod agent_protocol;
 mod blips;
 mod bridge_fake;
 mod cluster;
+mod controls_fake;
+mod controls_real;
 mod daemon_binary;
 mod e2e_interactive;
 mod e2e_real_opencode;

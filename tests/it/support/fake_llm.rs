@@ -11,6 +11,7 @@
 //! | none | text [`text_reply`]`(prompt)`, streamed a word at a time |
 //! | `[reasoning]` | reasoning [`REASONING_TEXT`] (`delta.reasoning_content`), then text [`REASONING_ANSWER`] |
 //! | `[tool:bash <cmd>]` | a `bash` tool call, arguments `{"command": <cmd>, "description": TOOL_DESCRIPTION}` streamed in fragments, `finish_reason: "tool_calls"`; the follow-up request (its last message has `role: "tool"`) gets text [`tool_followup_reply`]`(tool output)` |
+//! | `[tool:write <path>\|<content>]` | a `write` tool call, arguments `{"filePath": <path>, "content": <content>}`; the follow-up as for bash |
 //! | `[error401]` | HTTP 401 with an OpenAI-style JSON error ([`ERROR_401_MESSAGE`]) |
 //! | `[error500]` | HTTP 500 with an OpenAI-style JSON error ([`ERROR_500_MESSAGE`]); OpenCode retries it |
 //! | `[slow]` | text [`slow_reply`]`()`: [`SLOW_CHUNKS`] chunks, [`SLOW_CHUNK_DELAY`] apart |
@@ -114,6 +115,8 @@ pub enum Scenario {
     ToolCall(String),
     /// The request after the tool ran: answer with its output.
     ToolFollowup,
+    /// `[tool:write <path>|<content>]`: OpenCode's `write` tool.
+    Write(String, String),
     Error401,
     Error500,
     Slow,
@@ -253,6 +256,12 @@ pub fn scenario_for(body: &Value) -> Scenario {
         let (tool, args) = inner.split_once(' ').unwrap_or((inner, "{}"));
         return Scenario::Call(tool.to_string(), args.trim().to_string());
     }
+    if let Some(start) = last_user.find("[tool:write ") {
+        let rest = &last_user[start + "[tool:write ".len()..];
+        let inner = rest.split_once(']').map_or(rest, |(c, _)| c);
+        let (path, content) = inner.split_once('|').unwrap_or((inner, ""));
+        return Scenario::Write(path.trim().to_string(), content.to_string());
+    }
     if let Some(start) = last_user.find("[tool:bash ") {
         let rest = &last_user[start + "[tool:bash ".len()..];
         let cmd = rest.split_once(']').map_or(rest, |(c, _)| c);
@@ -369,6 +378,12 @@ fn answer(req: Request, recorded: &Mutex<Vec<Recorded>>) -> Response {
             let call_id = format!("call_fake_{n}");
             steps.push(Step::ToolStart(call_id, "bash".into()));
             let args = json!({"command": cmd, "description": TOOL_DESCRIPTION}).to_string();
+            steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
+        }
+        Scenario::Write(path, content) => {
+            finish = "tool_calls";
+            steps.push(Step::ToolStart(format!("call_fake_{n}"), "write".into()));
+            let args = json!({"filePath": path, "content": content}).to_string();
             steps.extend(fragments(&args, 12).into_iter().map(Step::ToolArgs));
         }
         Scenario::Task(inner) => {

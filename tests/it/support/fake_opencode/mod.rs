@@ -15,6 +15,7 @@
 //! | `GET /config/providers` | `{"providers":[{id, models:{...}}], "default":{...}}` from [`FakeOptions::providers`] |
 //! | `GET /session/status` | `{"<sid>":{"type":"busy"}}` for busy sessions |
 //! | `DELETE /session/{id}` | 200 `true`, the session removed; unknown: 404 |
+//! | `PATCH /session/{id}` `{title}` | the session, renamed; unknown: 404 |
 //! | `GET /agent` | one agent, `build`, whose rules ask for every permission |
 //! | `POST /session/{id}/abort` | 200 `true`; cancels the running scripts of the session and, if it was busy, emits what OpenCode emits on abort ([`FakeOptions::abort_delay`] later) |
 //! | `POST /permission/{id}/reply`, `POST /session/{sid}/permissions/{id}` | 200 `true` for a permission asked on the stream, else 404 |
@@ -317,7 +318,7 @@ pub struct FakeSession {
 }
 
 impl FakeSession {
-    fn to_json(&self) -> Value {
+    pub(super) fn to_json(&self) -> Value {
         let mut v = json!({
             "id": self.id, "slug": "fake-session", "version": VERSION,
             "projectID": "global", "directory": "/tmp/fake-opencode",

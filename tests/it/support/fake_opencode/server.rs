@@ -397,6 +397,21 @@ pub(super) async fn route(shared: Arc<Shared>, req: Request) -> Response {
             Some(s) => Response::json(200, &s.to_json()),
             None => not_found(&format!("Session not found: {id}")),
         },
+        ("PATCH", ["session", id]) => {
+            let body: Value = req.json().unwrap_or(Value::Null);
+            let mut st = lock(&shared.state);
+            match (
+                st.sessions.iter_mut().find(|s| s.id == *id),
+                body["title"].as_str(),
+            ) {
+                (Some(s), Some(t)) => {
+                    s.title = t.to_string();
+                    Response::json(200, &s.to_json())
+                }
+                (Some(s), None) => Response::json(200, &s.to_json()),
+                (None, _) => not_found(&format!("Session not found: {id}")),
+            }
+        }
         ("GET", ["session", id, "message"]) => match lock(&shared.state).session(id) {
             Some(s) => Response::json(200, &Value::Array(s.messages.clone())),
             None => not_found(&format!("Session not found: {id}")),
