@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
+pub use isolation::{IsolationConfig, IsolationMode, WorkspacesConfig};
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
 pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
@@ -44,6 +45,10 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[jetstream]`: durable jobs and the optional replies stream.
     pub jetstream: JetStreamConfig,
+    /// `[workspaces]`: a directory per tenant and per named workspace.
+    pub workspaces: WorkspacesConfig,
+    /// `[isolation]`: one OpenCode for all tenants, or one per tenant.
+    pub isolation: IsolationConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -773,6 +778,7 @@ impl OpenCodeConfig {
 }
 
 mod cluster;
+mod isolation;
 mod load;
 #[cfg(test)]
 mod tests;

@@ -16,6 +16,7 @@ impl Config {
         self.validate_service()?;
         self.validate_cluster()?;
         self.validate_stream_defaults()?;
+        self.validate_isolation()?;
         self.validate_agent_protocol()
     }
 
