@@ -96,6 +96,18 @@ impl Isolation {
             }
             _ => (client.clone(), hub.clone(), None),
         };
+        // A server being restarted: the prompt waits for it (as in
+        // `turn::begin`) before asking it about the conversation.
+        if hub.state().borrow().restarting
+            && !hub
+                .wait_connected(self.config.opencode.startup_timeout)
+                .await
+        {
+            return Err(TurnError::new(
+                ErrorCode::OpencodeUnavailable,
+                "OpenCode exited and has not come back yet",
+            ));
+        }
         let kept = conversation_workspace(prompt, &client, sessions, &base).await?;
         let named = match (kept, &prompt.workspace) {
             (Some(kept), Some(asked)) if kept.as_deref() != Some(asked.as_str()) => {

@@ -63,6 +63,12 @@ impl TurnContext {
         prompt: &Prompt,
     ) -> Result<(Arc<TurnContext>, Option<crate::isolation::Placed>), TurnError> {
         let Some(isolation) = &self.isolation else {
+            if prompt.workspace.is_some() {
+                return Err(TurnError::new(
+                    ErrorCode::BadRequest,
+                    "this bridge has no workspaces ([workspaces] root is not set)",
+                ));
+            }
             return Ok((self.clone(), None));
         };
         let placed = isolation

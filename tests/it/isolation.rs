@@ -453,3 +453,84 @@ rules = [{{ tenant = "slack", permission = "bash", pattern = "pwd", action = "al
         .collect();
     assert_eq!(entries, vec![std::ffi::OsString::from("slack")]);
 }
+
+/// The figures of docs/BENCHMARKS.md, "Process isolation" (run by hand:
+/// `cargo test --release --test it isolation::process_mode_figures -- --ignored --nocapture`):
+/// cold start of a tenant's server (first prompt to first reply), RSS of an
+/// idle server, and turns per second with 1, 10 and 50 tenants, process
+/// mode beside shared. No assertion on speed: every prompt must end `final`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test: minutes of real OpenCode servers"]
+async fn process_mode_figures() {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    for (mode, toml) in [
+        ("shared", "[workspaces]\nroot = \"{root}\"\n".to_string()),
+        ("process", process_mode(10, "10m")),
+    ] {
+        let d = start_daemon(&nats.url(), &llm.base_url(), &toml).await;
+        let c = client(&nats.url()).await;
+        // Cold start: the first prompt of a new tenant to its first reply.
+        let inbox = c.new_inbox();
+        let mut sub = subscribe_ready(&c, inbox.clone()).await;
+        let t0 = Instant::now();
+        c.publish_with_reply("opencode.prompt.cold.C", inbox, "hi".into())
+            .await
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(120), futures::StreamExt::next(&mut sub))
+            .await
+            .expect("a first reply");
+        let cold = t0.elapsed();
+        let _ = collect_until_terminal(&mut sub, Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss: u64 = processes_in(&d.root.join("cold"))
+            .iter()
+            .map(|p| rss_kib(*p))
+            .sum();
+        eprintln!("{mode}: cold start (first prompt -> first reply) {cold:?}; idle tenant server RSS {} MiB", rss / 1024);
+        for (tenants, per_tenant) in [(1usize, 20usize), (10, 4), (50, 2)] {
+            let t0 = Instant::now();
+            let work = (0..tenants).map(|i| {
+                let c = c.clone();
+                async move {
+                    for n in 0..per_tenant {
+                        let text = format!("t{i} n{n}");
+                        let r = request(
+                            &c,
+                            &format!("opencode.prompt.b{tenants}x{i}.C"),
+                            &text,
+                            Duration::from_secs(600),
+                        )
+                        .await;
+                        assert_eq!(
+                            terminal(&r)["content"],
+                            fake_llm::text_reply(&text),
+                            "{r:#?}"
+                        );
+                    }
+                }
+            });
+            futures::future::join_all(work).await;
+            let took = t0.elapsed();
+            let turns = tenants * per_tenant;
+            eprintln!(
+                "{mode}: {tenants} tenants x {per_tenant} turns = {turns} turns in {took:?}: {:.2} turns/s",
+                turns as f64 / took.as_secs_f64()
+            );
+        }
+        drop(d);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
