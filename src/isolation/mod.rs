@@ -13,7 +13,7 @@ pub mod env;
 pub mod route;
 pub mod workspaces;
 
-pub use route::{Isolation, Placed};
+pub use route::{Isolation, IsolationStatus, Placed};
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -24,6 +24,26 @@ pub struct Isolation {
     dirs: Arc<DirectoryStreams>,
 }
 
+/// Workspaces and tenants' servers, in the daemon's `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct IsolationStatus {
+    /// `shared` or `process`.
+    pub mode: String,
+    /// `[workspaces] root`.
+    pub workspaces_root: String,
+    /// Workspaces with an event stream open (turns in them lately).
+    pub workspaces_open: usize,
+    /// `process`: tenants' servers running or starting, and `max_servers`.
+    pub tenant_servers: usize,
+    pub max_servers: usize,
+    /// `process`: servers started, stopped (idle or for another tenant)
+    /// and restarted after a crash since the daemon started.
+    pub server_starts: u64,
+    pub server_stops: u64,
+    pub server_restarts: u64,
+}
+
 /// What a turn holds while it runs: its tenant's server and its
 /// workspace's stream.
 pub struct Placed {
@@ -55,6 +75,28 @@ impl Isolation {
             tenants,
             dirs: DirectoryStreams::start(config.clone(), cancel.child_token()),
         }))
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> IsolationStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = self.tenants.as_deref();
+        IsolationStatus {
+            mode: format!("{:?}", self.config.isolation.mode).to_lowercase(),
+            workspaces_root: self
+                .config
+                .workspaces
+                .root
+                .as_ref()
+                .map(|r| r.display().to_string())
+                .unwrap_or_default(),
+            workspaces_open: self.dirs.open(),
+            tenant_servers: t.map_or(0, TenantServers::running),
+            max_servers: self.config.isolation.max_servers,
+            server_starts: t.map_or(0, |t| t.starts.load(Relaxed)),
+            server_stops: t.map_or(0, |t| t.stops.load(Relaxed)),
+            server_restarts: t.map_or(0, |t| t.restarts.load(Relaxed)),
+        }
     }
 
     pub async fn stop(&self) {

@@ -127,6 +127,11 @@ impl DirectoryStreams {
         }
     }
 
+    /// Workspaces with a stream open.
+    pub fn open(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Stops every stream (the daemon stops).
     pub async fn stop(&self) {
         self.cancel.cancel();

@@ -458,16 +458,19 @@ rules = [{{ tenant = "slack", permission = "bash", pattern = "pwd", action = "al
 /// `cargo test --release --test it isolation::process_mode_figures -- --ignored --nocapture`):
 /// cold start of a tenant's server (first prompt to first reply), RSS of an
 /// idle server, and turns per second with 1, 10 and 50 tenants, process
-/// mode beside shared. No assertion on speed: every prompt must end `final`.
+/// mode beside shared. No assertion on speed; the turns that did not end
+/// `final` with their text are counted and printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test: minutes of real OpenCode servers"]
 async fn process_mode_figures() {
     let nats = NatsServer::start();
     let llm = FakeLlm::start().await;
-    for (mode, toml) in [
-        ("shared", "[workspaces]\nroot = \"{root}\"\n".to_string()),
-        ("process", process_mode(10, "10m")),
-    ] {
+    let modes = std::env::var("FIGURES_MODES").unwrap_or("process,shared".into());
+    for mode in modes.split(',') {
+        let toml = match mode {
+            "process" => process_mode(10, "10m"),
+            _ => "[workspaces]\nroot = \"{root}\"\n".to_string(),
+        };
         let d = start_daemon(&nats.url(), &llm.base_url(), &toml).await;
         let c = client(&nats.url()).await;
         // Cold start: the first prompt of a new tenant to its first reply.
@@ -493,30 +496,29 @@ async fn process_mode_figures() {
             let work = (0..tenants).map(|i| {
                 let c = c.clone();
                 async move {
+                    let mut failed = Vec::new();
                     for n in 0..per_tenant {
                         let text = format!("t{i} n{n}");
-                        let r = request(
-                            &c,
-                            &format!("opencode.prompt.b{tenants}x{i}.C"),
-                            &text,
-                            Duration::from_secs(600),
-                        )
-                        .await;
-                        assert_eq!(
-                            terminal(&r)["content"],
-                            fake_llm::text_reply(&text),
-                            "{r:#?}"
-                        );
+                        let subject = format!("opencode.prompt.b{tenants}x{i}.C");
+                        let r = request(&c, &subject, &text, Duration::from_secs(600)).await;
+                        if terminal(&r)["content"] != fake_llm::text_reply(&text) {
+                            failed.push(terminal(&r).clone());
+                        }
                     }
+                    failed
                 }
             });
-            futures::future::join_all(work).await;
+            let failed: Vec<_> = futures::future::join_all(work).await.concat();
             let took = t0.elapsed();
             let turns = tenants * per_tenant;
             eprintln!(
-                "{mode}: {tenants} tenants x {per_tenant} turns = {turns} turns in {took:?}: {:.2} turns/s",
-                turns as f64 / took.as_secs_f64()
+                "{mode}: {tenants} tenants x {per_tenant} turns = {turns} turns in {took:?}: {:.2} turns/s; not final: {}",
+                turns as f64 / took.as_secs_f64(),
+                failed.len()
             );
+            for f in failed {
+                eprintln!("{mode}:   {} {}", f["code"], f["error"]);
+            }
         }
         drop(d);
         tokio::time::sleep(Duration::from_secs(5)).await;
