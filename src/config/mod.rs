@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
 pub use controls::{ControlsConfig, OnNew};
+pub use isolation::{IsolationConfig, IsolationMode, WorkspacesConfig};
 pub use shares::SharesConfig;
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
@@ -50,6 +51,10 @@ pub struct Config {
     pub shares: SharesConfig,
     /// `[controls]`: the conversation control API (undo, diff, history...).
     pub controls: ControlsConfig,
+    /// `[workspaces]`: a directory per tenant and per named workspace.
+    pub workspaces: WorkspacesConfig,
+    /// `[isolation]`: one OpenCode for all tenants, or one per tenant.
+    pub isolation: IsolationConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -800,6 +805,7 @@ impl OpenCodeConfig {
 
 mod cluster;
 mod controls;
+mod isolation;
 mod load;
 mod shares;
 #[cfg(test)]

@@ -23,6 +23,7 @@ impl Config {
                 reason,
             })?;
         self.controls.validate()?;
+        self.validate_isolation()?;
         self.validate_agent_protocol()
     }
 

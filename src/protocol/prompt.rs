@@ -53,6 +53,9 @@ pub struct Prompt {
     /// An OpenCode command to run instead of the text (`"command"`); the
     /// text is then `/<name> <arguments>`.
     pub command: Option<super::controls::CommandRef>,
+    /// `"workspace"`: a named workspace, `<root>/<tenant>/<name>` (one
+    /// path segment, checked here; `[workspaces] allow_named`).
+    pub workspace: Option<String>,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -221,6 +224,7 @@ struct JsonPrompt {
     attachments: Option<Value>,
     when_busy: Option<Value>,
     command: Option<Value>,
+    workspace: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -304,6 +308,7 @@ struct Fields {
     attachments: Vec<Attachment>,
     when_busy: super::controls::WhenBusy,
     command: Option<super::controls::CommandRef>,
+    workspace: Option<String>,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -416,6 +421,10 @@ impl Fields {
         self.tools = tools_field(j.tools)?;
         self.attachments = parse_attachments(j.attachments, limits)?;
         self.when_busy = super::controls::WhenBusy::parse(j.when_busy)?;
+        self.workspace = string_field("workspace", j.workspace)?;
+        if let Some(w) = &self.workspace {
+            super::workspace::check_segment(w).map_err(|e| format!("`workspace` {w:?} {e}"))?;
+        }
         Ok(())
     }
 
@@ -476,6 +485,7 @@ impl Fields {
             job: None,
             when_busy: self.when_busy,
             command: self.command,
+            workspace: self.workspace,
         })
     }
 }
@@ -551,6 +561,7 @@ impl Salvage {
             attachments: None,
             when_busy: None,
             command: None,
+            workspace: None,
         });
     }
 

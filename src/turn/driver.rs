@@ -62,7 +62,12 @@ pub async fn run_turn(
                 prompt.interactive,
                 prompt.caller.clone(),
             );
-            let r = drive(ctx, &prompt, &mut sink, &cancel, &abort, &mut inter).await;
+            let r = drive(ctx, &prompt, &mut sink, &cancel, &abort, &mut inter)
+                .await
+                .map(|mut fin| {
+                    fin.workspace = prompt.workspace.clone();
+                    fin
+                });
             // Nothing may stay pending at OpenCode once the turn is over.
             inter.reject_all().await;
             match r {
@@ -91,6 +96,12 @@ pub async fn run_turn(
             warn!(session_id = %id, error = %e, "deleting a one-off session failed");
         }
     }
+}
+
+/// The one terminal reply of a turn that could not start (its tenant's
+/// server could not be had).
+pub async fn fail_before_start(mut sink: ReplySink, e: TurnError) {
+    send_terminal(&mut sink, Err(e), Instant::now()).await;
 }
 
 /// The one terminal reply.
@@ -153,7 +164,9 @@ const RESYNC_PAUSE: Duration = Duration::from_millis(50);
 /// other inputs (abort, shutdown, deadlines, answers) again.
 const DRAIN_BUDGET: usize = 32;
 
-/// What a handler leaves the turn to do next.
+/// What a handler leaves the turn to do next. (Moved once per input,
+/// never stored: the size of its `Done` does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Step {
     /// Wait for the next input.
     Wait,
@@ -186,6 +199,8 @@ struct Turn<'a> {
     rechecks: u32,
     stream: Option<watch::Receiver<StreamState>>,
     epoch: u64,
+    /// The embedded server's exits when the prompt was sent.
+    exits: u64,
     recreated: bool,
     /// The host the conversation moved from (`Prompt::moved_from`).
     moved_from: Option<String>,
@@ -213,6 +228,7 @@ impl<'a> Turn<'a> {
             recreated,
             stream,
             epoch,
+            exits,
             resumed,
         } = accepted;
         Turn {
@@ -229,6 +245,7 @@ impl<'a> Turn<'a> {
             rechecks: 0,
             stream: Some(stream),
             epoch,
+            exits,
             recreated,
             moved_from: prompt.moved_from.clone(),
             resumed,
@@ -393,6 +410,15 @@ impl<'a> Turn<'a> {
     /// is gone only when the reader says it stayed unreachable for
     /// `[opencode] unavailable_after` while its connects kept failing.
     async fn on_stream(&mut self, s: StreamState) -> Result<Step, TurnError> {
+        if s.exits != self.exits {
+            // Its supervisor saw the server die: nothing of this turn is
+            // left to wait for (issue 24: no 30 s wait on the stream).
+            warn!("the embedded OpenCode exited during the turn");
+            return Err(TurnError::new(
+                ErrorCode::OpencodeUnavailable,
+                "OpenCode exited during the turn; it is being restarted (retry)",
+            ));
+        }
         if !s.connected {
             if s.unreachable {
                 let after = self.ctx.config.opencode.unavailable_after;

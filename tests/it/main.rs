@@ -15,6 +15,7 @@ mod examples;
 mod faults_load;
 mod first_hour;
 mod hostile;
+mod isolation;
 mod jobs;
 mod nats_harness;
 mod opencode_versions;
