@@ -279,8 +279,7 @@ impl Daemon {
             permission_bypasses,
             opencode_version: seen_version,
         };
-        // The micro service, heartbeat, metrics listener; READY=1 to systemd.
-        let ops = Ops::start(&config, Health::new(&config, sources), publisher.clone()).await?;
+        let ops = Ops::start(&config, Health::new(&config, sources), publisher.clone()).await?; // $SRV, heartbeat, metrics, READY=1
         Ok(Daemon {
             in_flight: Arc::new(Semaphore::new(config.turn.max_in_flight)),
             waiting: std::collections::VecDeque::new(),
