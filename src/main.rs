@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use cli::EXIT_CONFIG;
 use opencode_nats_bridge::config::{Config, LogFormat};
+use opencode_nats_bridge::sandbox;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: the daemon allocates many short-lived
@@ -76,6 +77,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(failed) = sandbox_helper() {
+        return failed;
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -149,6 +153,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The hidden `sandbox-exec` subcommand (src/sandbox/): confine this
+/// process, then become the command. Checked first, while the process has
+/// a single thread (a user namespace needs that). Returns only on failure.
+fn sandbox_helper() -> Option<ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_none_or(|a| a != sandbox::SUBCOMMAND) {
+        return None;
+    }
+    let error = sandbox::sandbox_exec(&args[2..]);
+    eprintln!("{error}");
+    Some(ExitCode::from(sandbox::EXIT_SANDBOX))
 }
 
 fn init_tracing(cfg: &Config) {

@@ -30,6 +30,7 @@ const PURE: &[&str] = &[
     "src/opencode/ids.rs",
     "src/opencode/version.rs",
     "src/cluster/home.rs",
+    "src/sandbox/policy.rs",
 ];
 
 fn root() -> PathBuf {

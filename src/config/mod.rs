@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
+pub use isolation::{IsolationConfig, IsolationMode, NetworkMode, SandboxLimits};
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
 pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
@@ -44,6 +45,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[jetstream]`: durable jobs and the optional replies stream.
     pub jetstream: JetStreamConfig,
+    /// `[isolation]`: shared, per-tenant or sandboxed OpenCode servers.
+    pub isolation: IsolationConfig,
 }
 
 /// The daemon as a Synadia Agent Protocol v0.3 agent (docs/PROTOCOL.md,
@@ -773,6 +776,7 @@ impl OpenCodeConfig {
 }
 
 mod cluster;
+mod isolation;
 mod load;
 #[cfg(test)]
 mod tests;

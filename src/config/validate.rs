@@ -16,7 +16,8 @@ impl Config {
         self.validate_service()?;
         self.validate_cluster()?;
         self.validate_stream_defaults()?;
-        self.validate_agent_protocol()
+        self.validate_agent_protocol()?;
+        super::isolation::validate(self)
     }
 
     fn validate_stream_defaults(&self) -> Result<(), ConfigError> {

@@ -1,0 +1,204 @@
+//! `[isolation]`: how far one tenant's agent is kept from another's, from
+//! the daemon and from the host (README "Security").
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `[isolation]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IsolationConfig {
+    /// `shared` (one OpenCode for everyone, the default), `process` (one
+    /// `opencode serve` per tenant) or `sandbox` (`process`, with each
+    /// tenant's server and every tool it runs confined by the kernel:
+    /// README "Security").
+    pub mode: IsolationMode,
+    /// `sandbox` mode: TCP from a tenant's server and its tools.
+    /// `provider`: connect only to `provider_ports` (on any host: the
+    /// kernel's rules are per port), bind only the server's own listening
+    /// port; `on`: unrestricted. UDP is never restricted.
+    pub network: NetworkMode,
+    /// `sandbox` mode with `network = "provider"`: the TCP ports the model
+    /// provider listens on (443 for an HTTPS API; 11434 for a local
+    /// Ollama). Must not be NATS's port or the metrics port: a tenant's
+    /// tools could reach whatever listens on an allowed port, on any host.
+    pub provider_ports: Vec<u16>,
+    /// `sandbox` mode: more hierarchies a tenant's server may read and
+    /// execute from, beside the system's (`/usr`, `/bin`, `/lib*`, `/etc`,
+    /// `/proc`, `/sys`), the OpenCode binary's directory and its own root
+    /// (e.g. a toolchain under `/opt`).
+    pub read: Vec<PathBuf>,
+    /// `sandbox` mode: paths under the readable ones that stay unreadable
+    /// (secrets in `/etc`). The daemon's config file is always added.
+    pub hide: Vec<PathBuf>,
+    /// `[isolation.limits]`: resource bounds per sandboxed server.
+    pub limits: SandboxLimits,
+    /// The daemon's own config file (not a key: set when it is loaded),
+    /// hidden from sandboxed tenants as `hide` is.
+    #[serde(skip)]
+    pub daemon_config: Option<PathBuf>,
+}
+
+/// See [`IsolationConfig::mode`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationMode {
+    #[default]
+    Shared,
+    Process,
+    Sandbox,
+}
+
+/// See [`IsolationConfig::network`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    Provider,
+    On,
+}
+
+/// `[isolation.limits]`: `setrlimit` bounds on a sandboxed server and every
+/// process it starts (each process has its own, except `max_processes`).
+/// `0`: no bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxLimits {
+    /// Processes and threads of one tenant's sandbox together
+    /// (`RLIMIT_NPROC`, counted in the sandbox's own user namespace, so
+    /// per tenant, not per host user). OpenCode itself runs about 40
+    /// threads; a fork bomb stops here.
+    pub max_processes: u64,
+    /// Open file descriptors per process (`RLIMIT_NOFILE`).
+    pub max_open_files: u64,
+    /// The largest file a process may write, in bytes (`RLIMIT_FSIZE`; a
+    /// write beyond it fails with `EFBIG` or ends the process by SIGXFSZ).
+    pub max_file_bytes: u64,
+    /// Address space per process, in bytes (`RLIMIT_AS`). Off by default:
+    /// OpenCode's runtime (Bun) reserves tens of GB of address space it
+    /// never uses, so this is no memory bound; bound memory with a cgroup
+    /// (`MemoryMax=` in the systemd unit).
+    pub max_address_space_bytes: u64,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        IsolationConfig {
+            mode: IsolationMode::Shared,
+            network: NetworkMode::Provider,
+            provider_ports: vec![443],
+            read: Vec::new(),
+            hide: [
+                "/etc/shadow",
+                "/etc/gshadow",
+                "/etc/shadow-",
+                "/etc/gshadow-",
+                "/etc/sudoers",
+                "/etc/sudoers.d",
+                "/etc/ssh",
+                "/etc/ssl/private",
+                "/etc/opencode-nats-bridge",
+                "/etc/credstore",
+                "/etc/credstore.encrypted",
+            ]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+            limits: SandboxLimits::default(),
+            daemon_config: None,
+        }
+    }
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            max_processes: 512,
+            max_open_files: 4096,
+            max_file_bytes: 1 << 30,
+            max_address_space_bytes: 0,
+        }
+    }
+}
+
+impl SandboxLimits {
+    /// As the sandbox helper takes them (`0` = none).
+    pub fn to_policy(&self) -> crate::sandbox::Limits {
+        let some = |v: u64| (v > 0).then_some(v);
+        crate::sandbox::Limits {
+            processes: some(self.max_processes),
+            open_files: some(self.max_open_files),
+            file_size: some(self.max_file_bytes),
+            address_space: some(self.max_address_space_bytes),
+        }
+    }
+}
+
+impl NetworkMode {
+    /// As the sandbox helper takes it.
+    pub fn to_policy(self) -> crate::sandbox::Network {
+        match self {
+            NetworkMode::Provider => crate::sandbox::Network::Provider,
+            NetworkMode::On => crate::sandbox::Network::On,
+        }
+    }
+}
+
+/// `[isolation]` against the rest of the config: the provider ports must
+/// keep NATS and the metrics listener out of a sandboxed tenant's reach.
+pub(super) fn validate(cfg: &super::Config) -> Result<(), super::ConfigError> {
+    let iso = &cfg.isolation;
+    if iso.mode != IsolationMode::Sandbox || iso.network != NetworkMode::Provider {
+        return Ok(());
+    }
+    let invalid = |reason: String| super::ConfigError::Invalid {
+        key: "isolation.provider_ports",
+        reason,
+    };
+    if iso.provider_ports.contains(&0) {
+        return Err(invalid("0 is not a port".into()));
+    }
+    for url in cfg.nats.urls() {
+        if let Some(port) = url_port(&url) {
+            if iso.provider_ports.contains(&port) {
+                return Err(invalid(format!("{port} is NATS's port ({url}): a sandboxed tenant's tools could reach NATS on it; move NATS or the provider to another port")));
+            }
+        }
+    }
+    if let Some(listen) = cfg.metrics.listen {
+        if iso.provider_ports.contains(&listen.port()) {
+            return Err(invalid(format!(
+                "{} is the metrics port ([metrics] listen): a sandboxed tenant's tools could reach it",
+                listen.port()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The port of a NATS URL (`nats://h:4222`, `tls://h`, `h:4222`, `h`):
+/// 4222 when it names none.
+fn url_port(url: &str) -> Option<u16> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host_port = rest.split('/').next()?;
+    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
+    match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => port.parse().ok(),
+        _ => Some(4222),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_ports_are_read_from_every_url_form() {
+        assert_eq!(url_port("nats://127.0.0.1:4222"), Some(4222));
+        assert_eq!(url_port("tls://a:b@nats.example:7422"), Some(7422));
+        assert_eq!(url_port("nats.example"), Some(4222));
+        assert_eq!(url_port("nats://[::1]:443"), Some(443));
+        assert_eq!(url_port("nats://[::1]"), Some(4222));
+    }
+}
