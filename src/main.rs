@@ -104,8 +104,19 @@ fn main() -> ExitCode {
             init_client_tracing();
             cli::turn(args)
         }
-        Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref()) {
-            Ok((_, sources)) => {
+        Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref())
+            .and_then(|(cfg, sources)| {
+                // The kernel check of `run`, so ExecStartPre catches it.
+                sandbox::check_at_start(&cfg.isolation)
+                    .map(|()| sources)
+                    .map_err(
+                        |reason| opencode_nats_bridge::config::ConfigError::Invalid {
+                            key: "isolation.mode",
+                            reason,
+                        },
+                    )
+            }) {
+            Ok(sources) => {
                 println!("config OK; read: {sources}");
                 for note in &sources.renamed {
                     println!("warning: {note}");

@@ -22,5 +22,6 @@ mod ops_systemd;
 mod real_opencode_smoke;
 mod record_fixtures;
 mod sandbox_exec;
+mod sandbox_mode;
 mod trust;
 mod turn_status;
