@@ -258,6 +258,23 @@ fn tcp_reaches_the_provider_port_and_nothing_else() {
 }
 
 #[test]
+fn abstract_unix_sockets_outside_are_unreachable() {
+    use std::os::linux::net::SocketAddrExt;
+    let lab = Lab::new();
+    let name = format!("ocnb-sandbox-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let connect = format!("python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); s.connect('\\0{name}'); print('CONNECTED')\"");
+    let out = lab.sh(true, &connect);
+    assert!(!out_has(&out, "CONNECTED"), "{}", text(&out));
+    assert!(text(&out).contains("PermissionError"), "{}", text(&out));
+    assert!(listener.accept().is_err(), "the socket saw a connection");
+    let open = lab.sh(false, &connect);
+    assert!(out_has(&open, "CONNECTED"), "{}", text(&open));
+}
+
+#[test]
 fn a_fork_bomb_stops_at_max_processes() {
     let lab = Lab::new();
     let bomb = "python3 -c \"
