@@ -23,5 +23,6 @@ mod real_opencode_smoke;
 mod record_fixtures;
 mod sandbox_exec;
 mod sandbox_mode;
+mod sandbox_opencode;
 mod trust;
 mod turn_status;
