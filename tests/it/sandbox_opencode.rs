@@ -101,8 +101,10 @@ async fn start_sandboxed(llm: &FakeLlm, nats_port: u16) -> Sandboxed {
     }
     let port = free_port();
     let llm_port: u16 = llm.url().rsplit(':').next().unwrap().parse().unwrap();
-    let mut iso = IsolationConfig::default();
-    iso.provider_ports = vec![llm_port];
+    let mut iso = IsolationConfig {
+        provider_ports: vec![llm_port],
+        ..IsolationConfig::default()
+    };
     iso.limits.max_processes = MAX_PROCESSES;
     assert_ne!(llm_port, nats_port);
     let binary = opencode_bin().canonicalize().unwrap();
