@@ -25,6 +25,7 @@ use crate::bus::{Forwarded, InstanceSubscription, JetStream};
 use crate::cluster::{Cluster, ClusterSessions};
 use crate::config::{Config, Switch};
 use crate::intake::Intake;
+use crate::isolation::TenantServers;
 use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::opencode::compat::{self, SeenVersion};
@@ -250,15 +251,16 @@ impl Daemon {
         let publisher =
             Publisher::new(nats.clone()).with_reply_headers(config.subjects.reply_headers);
         let stream_cancel = CancellationToken::new();
-        let (supervisor, embedded_restarts) = spawn_supervisor(embedded, &stream_cancel);
         let (hub, reader, version_watch) =
             spawn_reader(&config, &client, &seen_version, &stream_cancel);
+        let (supervisor, embedded_restarts) = spawn_supervisor(embedded, &hub, &stream_cancel);
         let (cluster, forwarded, renewal) =
             join_cluster(&config, &nats, jetstream.as_ref(), &client, &stream_cancel).await?;
         let sessions = sessions(&client, &config, &cluster).await;
         let (c, h, p) = (client.clone(), hub.clone(), publisher.clone());
         let s = turn::states::Running::start(jetstream.as_ref(), &config, &nats, &p).await;
-        let ctx = Arc::new(TurnContext::new(c, h, p, sessions, config.clone()).with_states(&s));
+        let ctx = TurnContext::new(c, h, p, sessions, config.clone()).with_states(&s);
+        let ctx = Arc::new(with_tenant_servers(ctx, &stream_cancel));
         let (tracker, turn_cancel) = (TaskTracker::new(), CancellationToken::new());
         let dispatcher = Dispatcher::new(ctx.clone(), tracker.clone(), turn_cancel.clone());
         let intake = Intake::new(
@@ -566,6 +568,10 @@ impl Daemon {
         if let Some(s) = self.supervisor {
             let _ = s.await;
         }
+        // The tenants' own servers (`[isolation] mode = "process"`).
+        if let Some(s) = &self.intake.dispatcher().context().servers {
+            s.stop().await;
+        }
         self.ops.stop().await;
         if let Err(e) = self.nats.drain().await {
             warn!(error = %e, "NATS drain failed");
@@ -657,15 +663,32 @@ async fn start_agent(
 }
 
 /// Restarts the embedded `opencode serve` when it dies (counted), until
-/// `cancel`.
+/// `cancel`; its turns in flight hear of an exit through `hub`.
 fn spawn_supervisor(
     embedded: Option<EmbeddedServer>,
+    hub: &Arc<EventHub>,
     cancel: &CancellationToken,
 ) -> (Option<JoinHandle<()>>, Arc<std::sync::atomic::AtomicU64>) {
     let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let task =
-        embedded.map(|server| tokio::spawn(server.supervise(cancel.clone(), restarts.clone())));
+    let task = embedded.map(|server| {
+        tokio::spawn(server.supervise(cancel.clone(), restarts.clone(), hub.clone()))
+    });
     (task, restarts)
+}
+
+/// In `[isolation] mode = "process"`, tenants' turns run on servers of
+/// their own (until `cancel`).
+fn with_tenant_servers(ctx: TurnContext, cancel: &CancellationToken) -> TurnContext {
+    let config = &ctx.config;
+    if !config.isolation.mode.per_tenant() {
+        return ctx;
+    }
+    info!(
+        max_servers = config.isolation.max_servers,
+        "isolation: one OpenCode server per tenant"
+    );
+    let servers = TenantServers::start(config.clone(), ctx.sessions.clone(), cancel.child_token());
+    ctx.with_servers(&Some(servers))
 }
 
 /// The one reader of OpenCode's event stream, and the task that reads

@@ -19,6 +19,8 @@
 //! - [`jobs`]: durable jobs from the JetStream work queue: pulled one at a
 //!   time while a slot is free, settled (ack, nak, term) by how their turn
 //!   ended.
+//! - [`isolation`]: `[isolation] mode = "process"`: one `opencode serve`
+//!   per tenant, started on demand, stopped when idle, supervised.
 //! - [`turn`]: one turn from prompt to `final`/`error`; the per-conversation
 //!   FIFO; the conversation -> session map.
 //! - [`opencode`]: the HTTP client, the single event-stream reader and its
@@ -40,6 +42,7 @@ pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod intake;
+pub mod isolation;
 pub mod jobs;
 mod jsonscan;
 pub mod mapper;

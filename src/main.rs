@@ -104,30 +104,7 @@ fn main() -> ExitCode {
             init_client_tracing();
             cli::turn(args)
         }
-        Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref())
-            .and_then(|(cfg, sources)| {
-                // The kernel check of `run`, so ExecStartPre catches it.
-                sandbox::check_at_start(&cfg.isolation)
-                    .map(|()| sources)
-                    .map_err(
-                        |reason| opencode_nats_bridge::config::ConfigError::Invalid {
-                            key: "isolation.mode",
-                            reason,
-                        },
-                    )
-            }) {
-            Ok(sources) => {
-                println!("config OK; read: {sources}");
-                for note in &sources.renamed {
-                    println!("warning: {note}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Run { config } => {
             let (cfg, sources) = match Config::load_with_sources(config.as_deref()) {
                 Ok(c) => c,
@@ -177,6 +154,34 @@ fn sandbox_helper() -> Option<ExitCode> {
     let error = sandbox::sandbox_exec(&args[2..]);
     eprintln!("{error}");
     Some(ExitCode::from(sandbox::EXIT_SANDBOX))
+}
+
+/// `check-config`: the config, then (with `[isolation] mode =
+/// "sandbox"`) the kernel check of `run`, so ExecStartPre catches both.
+fn check_config(path: Option<&std::path::Path>) -> ExitCode {
+    let checked = Config::load_with_sources(path).and_then(|(cfg, sources)| {
+        sandbox::check_at_start(&cfg.isolation)
+            .map(|()| sources)
+            .map_err(
+                |reason| opencode_nats_bridge::config::ConfigError::Invalid {
+                    key: "isolation.mode",
+                    reason,
+                },
+            )
+    });
+    match checked {
+        Ok(sources) => {
+            println!("config OK; read: {sources}");
+            for note in &sources.renamed {
+                println!("warning: {note}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 fn init_tracing(cfg: &Config) {

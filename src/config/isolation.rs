@@ -1,19 +1,94 @@
-//! `[isolation]`: how far one tenant's agent is kept from another's, from
-//! the daemon and from the host (README "Security").
+//! `[workspaces]` and `[isolation]`: where each tenant's agent works, and
+//! whether tenants share one OpenCode server or each gets its own
+//! (README "Security", docs/PROTOCOL.md "Workspaces").
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-/// `[isolation]`.
+use super::sandbox::{NetworkMode, SandboxLimits};
+use super::{Config, ConfigError};
+
+/// `[workspaces]`: a directory per tenant (and per named workspace).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkspacesConfig {
+    /// Unset (the default): every prompt works in `[opencode] directory`,
+    /// as before. Set (an absolute path): a tenant's prompts work in
+    /// `<root>/<tenant>` (created on demand, mode 0700); operator prompts
+    /// work in the root itself. `[isolation] mode = "process"` needs it.
+    pub root: Option<PathBuf>,
+    /// Whether a prompt may name `"workspace": "<name>"`, resolved to
+    /// `<root>/<tenant>/<name>` (created on demand). Off: such a prompt is
+    /// answered `bad_request`.
+    pub allow_named: bool,
+    /// A directory copied into every workspace when it is created (a
+    /// checkout, a project skeleton). Unset: new workspaces start empty.
+    pub template: Option<PathBuf>,
+}
+
+/// How tenants share OpenCode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationMode {
+    /// One OpenCode server for every tenant (the default).
+    #[default]
+    Shared,
+    /// One embedded `opencode serve` per tenant, with its own storage,
+    /// password, environment and supervision.
+    Process,
+    /// `Process`, with each tenant's server and every tool it runs
+    /// confined by the kernel (`crate::sandbox`, README "Security").
+    Sandbox,
+}
+
+impl IsolationMode {
+    /// Whether each tenant gets a server of its own (`process`, `sandbox`).
+    pub fn per_tenant(self) -> bool {
+        self != IsolationMode::Shared
+    }
+}
+
+/// `[isolation]`: one OpenCode per tenant, or one for all.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IsolationConfig {
-    /// `shared` (one OpenCode for everyone, the default), `process` (one
-    /// `opencode serve` per tenant) or `sandbox` (`process`, with each
-    /// tenant's server and every tool it runs confined by the kernel:
-    /// README "Security").
+    /// `shared` (default): one OpenCode for everyone. `process`: a tenant's
+    /// prompts run on an `opencode serve` of its own, started on its first
+    /// prompt in `<root>/<tenant>`, with its storage under
+    /// `<root>/<tenant>/.opencode/` (operator prompts keep the shared one).
+    /// `sandbox`: `process`, with each tenant's server and every tool it
+    /// runs confined by the kernel to its own `<root>/<tenant>` (README
+    /// "Security"); the daemon refuses to start (exit 78) where the kernel
+    /// cannot enforce it.
     pub mode: IsolationMode,
+    /// `process`: a tenant's server with no turn for this long is stopped
+    /// (its next prompt starts it again, sessions kept).
+    #[serde(with = "humantime_serde")]
+    pub idle_stop: Duration,
+    /// `process`: at most this many tenant servers run at once. A tenant
+    /// beyond it waits (`server_wait`) for an idle server to be stopped,
+    /// then is answered `overloaded`.
+    pub max_servers: usize,
+    /// `process`: how long a turn waits for its tenant's server (a free
+    /// place under `max_servers`, then the start or restart) before it
+    /// fails (`overloaded` or `opencode_unavailable`).
+    #[serde(with = "humantime_serde")]
+    pub server_wait: Duration,
+    /// `process`: the daemon's environment variables a tenant's server
+    /// (and every tool it runs) sees, by name; a trailing `*` matches a
+    /// prefix (`"OPENCODE_DISABLE_*"`). Nothing else passes but `PATH`,
+    /// `LANG`, `LC_*`, `TZ` and `TMPDIR`: put the provider keys the
+    /// servers need here (`"ANTHROPIC_API_KEY"`). Never the NATS
+    /// credentials or `OPENCODE_SERVER_PASSWORD`.
+    pub pass_env: Vec<String>,
+    /// `process`: the OpenCode config file (providers, models) every
+    /// tenant's server reads, as `OPENCODE_CONFIG`. Unset: the daemon
+    /// user's own, `$XDG_CONFIG_HOME/opencode/opencode.json[c]` (or under
+    /// `~/.config`), when it exists. `OPENCODE_CONFIG_CONTENT` is passed as
+    /// for the shared server, with `permission` set to ask.
+    pub opencode_config: Option<PathBuf>,
     /// `sandbox` mode: TCP from a tenant's server and its tools.
     /// `provider`: connect only to `provider_ports` (on any host: the
     /// kernel's rules are per port), bind only the server's own listening
@@ -40,165 +115,68 @@ pub struct IsolationConfig {
     pub daemon_config: Option<PathBuf>,
 }
 
-/// See [`IsolationConfig::mode`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IsolationMode {
-    #[default]
-    Shared,
-    Process,
-    Sandbox,
-}
-
-/// See [`IsolationConfig::network`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    #[default]
-    Provider,
-    On,
-}
-
-/// `[isolation.limits]`: `setrlimit` bounds on a sandboxed server and every
-/// process it starts (each process has its own, except `max_processes`).
-/// `0`: no bound.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SandboxLimits {
-    /// Processes and threads of one tenant's sandbox together
-    /// (`RLIMIT_NPROC`, counted in the sandbox's own user namespace, so
-    /// per tenant, not per host user). An idle OpenCode 1.18 runs 8
-    /// threads, each tool command a few processes; a fork bomb stops here.
-    pub max_processes: u64,
-    /// Open file descriptors per process (`RLIMIT_NOFILE`).
-    pub max_open_files: u64,
-    /// The largest file a process may write, in bytes (`RLIMIT_FSIZE`; a
-    /// write beyond it fails with `EFBIG` or ends the process by SIGXFSZ).
-    pub max_file_bytes: u64,
-    /// Address space per process, in bytes (`RLIMIT_AS`). Off by default:
-    /// OpenCode's runtime (Bun) reserves tens of GB of address space it
-    /// never uses, so this is no memory bound; bound memory with a cgroup
-    /// (`MemoryMax=` in the systemd unit).
-    pub max_address_space_bytes: u64,
-}
-
 impl Default for IsolationConfig {
     fn default() -> Self {
         IsolationConfig {
             mode: IsolationMode::Shared,
+            idle_stop: Duration::from_secs(600),
+            max_servers: 16,
+            server_wait: Duration::from_secs(120),
+            pass_env: Vec::new(),
+            opencode_config: None,
             network: NetworkMode::Provider,
             provider_ports: vec![443],
             read: Vec::new(),
-            hide: [
-                "/etc/shadow",
-                "/etc/gshadow",
-                "/etc/shadow-",
-                "/etc/gshadow-",
-                "/etc/sudoers",
-                "/etc/sudoers.d",
-                "/etc/ssh",
-                "/etc/ssl/private",
-                "/etc/opencode-nats-bridge",
-                "/etc/credstore",
-                "/etc/credstore.encrypted",
-            ]
-            .into_iter()
-            .map(PathBuf::from)
-            .collect(),
+            hide: super::sandbox::default_hide(),
             limits: SandboxLimits::default(),
             daemon_config: None,
         }
     }
 }
 
-impl Default for SandboxLimits {
-    fn default() -> Self {
-        SandboxLimits {
-            max_processes: 512,
-            max_open_files: 4096,
-            max_file_bytes: 1 << 30,
-            max_address_space_bytes: 0,
+impl Config {
+    /// `[workspaces]` and `[isolation]` hold together.
+    pub(super) fn validate_isolation(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        let w = &self.workspaces;
+        if w.root.as_ref().is_some_and(|r| !r.is_absolute()) {
+            return invalid("workspaces.root", "must be an absolute path");
         }
-    }
-}
-
-impl SandboxLimits {
-    /// As the sandbox helper takes them (`0` = none).
-    pub fn to_policy(&self) -> crate::sandbox::Limits {
-        let some = |v: u64| (v > 0).then_some(v);
-        crate::sandbox::Limits {
-            processes: some(self.max_processes),
-            open_files: some(self.max_open_files),
-            file_size: some(self.max_file_bytes),
-            address_space: some(self.max_address_space_bytes),
+        if w.template.is_some() && w.root.is_none() {
+            return invalid("workspaces.template", "needs [workspaces] root");
         }
-    }
-}
-
-impl NetworkMode {
-    /// As the sandbox helper takes it.
-    pub fn to_policy(self) -> crate::sandbox::Network {
-        match self {
-            NetworkMode::Provider => crate::sandbox::Network::Provider,
-            NetworkMode::On => crate::sandbox::Network::On,
+        if w.allow_named && w.root.is_none() {
+            return invalid("workspaces.allow_named", "needs [workspaces] root");
         }
-    }
-}
-
-/// `[isolation]` against the rest of the config: the provider ports must
-/// keep NATS and the metrics listener out of a sandboxed tenant's reach.
-pub(super) fn validate(cfg: &super::Config) -> Result<(), super::ConfigError> {
-    let iso = &cfg.isolation;
-    if iso.mode != IsolationMode::Sandbox || iso.network != NetworkMode::Provider {
-        return Ok(());
-    }
-    let invalid = |reason: String| super::ConfigError::Invalid {
-        key: "isolation.provider_ports",
-        reason,
-    };
-    if iso.provider_ports.contains(&0) {
-        return Err(invalid("0 is not a port".into()));
-    }
-    for url in cfg.nats.urls() {
-        if let Some(port) = url_port(&url) {
-            if iso.provider_ports.contains(&port) {
-                return Err(invalid(format!("{port} is NATS's port ({url}): a sandboxed tenant's tools could reach NATS on it; move NATS or the provider to another port")));
+        let i = &self.isolation;
+        if i.mode.per_tenant() {
+            if w.root.is_none() {
+                return invalid(
+                    "isolation.mode",
+                    "\"process\" and \"sandbox\" need [workspaces] root (each tenant's server works and keeps its storage under <root>/<tenant>)",
+                );
+            }
+            if i.max_servers == 0 {
+                return invalid("isolation.max_servers", "must be at least 1");
+            }
+            if i.idle_stop.is_zero() {
+                return invalid("isolation.idle_stop", "must be more than 0");
             }
         }
-    }
-    if let Some(listen) = cfg.metrics.listen {
-        if iso.provider_ports.contains(&listen.port()) {
-            return Err(invalid(format!(
-                "{} is the metrics port ([metrics] listen): a sandboxed tenant's tools could reach it",
-                listen.port()
-            )));
+        for p in &i.pass_env {
+            let name = p.strip_suffix('*').unwrap_or(p);
+            if name.is_empty() || name.contains(['=', '*', '\0']) {
+                return invalid(
+                    "isolation.pass_env",
+                    "each entry is a variable name, or a prefix ending in `*`",
+                );
+            }
         }
-    }
-    Ok(())
-}
-
-/// The port of a NATS URL (`nats://h:4222`, `tls://h`, `h:4222`, `h`):
-/// 4222 when it names none.
-fn url_port(url: &str) -> Option<u16> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host_port = rest.split('/').next()?;
-    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
-    match host_port.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => port.parse().ok(),
-        _ => Some(4222),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nats_ports_are_read_from_every_url_form() {
-        assert_eq!(url_port("nats://127.0.0.1:4222"), Some(4222));
-        assert_eq!(url_port("tls://a:b@nats.example:7422"), Some(7422));
-        assert_eq!(url_port("nats.example"), Some(4222));
-        assert_eq!(url_port("nats://[::1]:443"), Some(443));
-        assert_eq!(url_port("nats://[::1]"), Some(4222));
+        Ok(())
     }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
-pub use isolation::{IsolationConfig, IsolationMode, NetworkMode, SandboxLimits};
+pub use isolation::{IsolationConfig, IsolationMode, WorkspacesConfig};
+pub use sandbox::{NetworkMode, SandboxLimits};
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
 pub const ENV_PREFIX: &str = "OPENCODE_BRIDGE";
@@ -45,7 +46,10 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[jetstream]`: durable jobs and the optional replies stream.
     pub jetstream: JetStreamConfig,
-    /// `[isolation]`: shared, per-tenant or sandboxed OpenCode servers.
+    /// `[workspaces]`: a directory per tenant and per named workspace.
+    pub workspaces: WorkspacesConfig,
+    /// `[isolation]`: one OpenCode for all tenants, one per tenant, or one
+    /// per tenant confined by the kernel.
     pub isolation: IsolationConfig,
 }
 
@@ -778,6 +782,7 @@ impl OpenCodeConfig {
 mod cluster;
 mod isolation;
 mod load;
+mod sandbox;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -16,8 +16,9 @@ impl Config {
         self.validate_service()?;
         self.validate_cluster()?;
         self.validate_stream_defaults()?;
+        self.validate_isolation()?;
         self.validate_agent_protocol()?;
-        super::isolation::validate(self)
+        super::sandbox::validate(self)
     }
 
     fn validate_stream_defaults(&self) -> Result<(), ConfigError> {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::client::{OpenCodeClient, OpenCodeError};
+use super::stream::EventHub;
 use crate::config::OpenCodeConfig;
 
 /// Why the embedded server could not be started.
@@ -53,56 +54,83 @@ impl Drop for Group {
 /// A running `opencode serve` child.
 pub struct EmbeddedServer {
     child: Group,
-    port: u16,
+    spec: ServerSpec,
     pub base_url: String,
-    password: String,
-    pub directory: PathBuf,
     cfg: OpenCodeConfig,
     client: OpenCodeClient,
 }
 
-/// Spawns `opencode serve` on `port` and waits until it is healthy.
-async fn spawn_healthy(
-    cfg: &OpenCodeConfig,
-    port: u16,
-    password: &str,
-    directory: &Path,
-    client: &OpenCodeClient,
-) -> Result<Group, EmbeddedError> {
-    let binary = find_binary(&cfg.binary).map_err(|source| EmbeddedError::Spawn {
-        binary: cfg.binary.clone(),
-        source,
-    })?;
+/// Everything one `opencode serve` process is made of. [`server_command`]
+/// is the one place that turns it into a command, so a confinement (a
+/// sandbox helper in front of the binary) wraps it there; restarts reuse
+/// the spec (same port and password, so every client stays valid).
+#[derive(Clone)]
+pub struct ServerSpec {
+    /// The `opencode` binary, resolved.
+    pub binary: PathBuf,
+    pub port: u16,
+    /// The server's working directory (its default project).
+    pub directory: PathBuf,
+    /// `None`: the daemon's environment is inherited (the shared server).
+    /// `Some`: the server gets these variables and nothing else (a
+    /// tenant's server, `[isolation] mode = "process"`).
+    pub env: Option<Vec<(std::ffi::OsString, std::ffi::OsString)>>,
+    pub username: String,
+    pub password: String,
+    /// `OPENCODE_CONFIG_CONTENT`: the operator's, with `permission` set to
+    /// ask ([`asking_config`]).
+    pub config_content: String,
+    /// What runs the binary confined (`[isolation] mode = "sandbox"`:
+    /// `opencode-nats-bridge sandbox-exec <policy> --`); empty: nothing.
+    pub wrapper: Vec<std::ffi::OsString>,
+}
+
+/// The command that runs `spec`: the reaper (`setpriv --pdeathsig TERM --
+/// sh -c REAPER`) in front of `<binary> serve --hostname 127.0.0.1 --port
+/// <port>`, in `spec.directory`, in a process group of its own.
+pub fn server_command(spec: &ServerSpec) -> Command {
     let mut cmd = reaper_command();
-    cmd.arg(&binary)
+    cmd.args(&spec.wrapper)
+        .arg(&spec.binary)
         .arg("serve")
         .arg("--hostname")
         .arg("127.0.0.1")
         .arg("--port")
-        .arg(port.to_string())
-        .current_dir(directory)
-        .env("OPENCODE_SERVER_PASSWORD", password)
-        .env("OPENCODE_SERVER_USERNAME", &cfg.username)
+        .arg(spec.port.to_string())
+        .current_dir(&spec.directory);
+    if let Some(env) = &spec.env {
+        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    }
+    cmd.env("OPENCODE_SERVER_PASSWORD", &spec.password)
+        .env("OPENCODE_SERVER_USERNAME", &spec.username)
         // OpenCode's own default allows nearly every tool without asking;
         // asking for everything puts every tool use before the bridge's
         // policy (docs/PROTOCOL.md, "Tenants and trust").
-        .env(
-            "OPENCODE_CONFIG_CONTENT",
-            asking_config(std::env::var("OPENCODE_CONFIG_CONTENT").ok().as_deref()),
-        )
+        .env("OPENCODE_CONFIG_CONTENT", &spec.config_content)
         // Its own process group, so stopping it (or losing the daemon)
         // ends the tool processes it started as well.
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = cmd.spawn().map_err(|source| EmbeddedError::Spawn {
-        binary: cfg.binary.clone(),
-        source,
-    })?;
+    cmd
+}
+
+/// Spawns `spec` and waits until it is healthy.
+async fn spawn_healthy(
+    cfg: &OpenCodeConfig,
+    spec: &ServerSpec,
+    client: &OpenCodeClient,
+) -> Result<Group, EmbeddedError> {
+    let child = server_command(spec)
+        .spawn()
+        .map_err(|source| EmbeddedError::Spawn {
+            binary: cfg.binary.clone(),
+            source,
+        })?;
     let mut child = Group(child);
     forward_output(&mut child.0);
-    info!(binary = %cfg.binary.display(), base_url = client.base_url(), directory = %directory.display(), "started embedded `opencode serve`");
+    info!(binary = %cfg.binary.display(), base_url = client.base_url(), directory = %spec.directory.display(), "started embedded `opencode serve`");
     let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
     let mut last;
     loop {
@@ -128,7 +156,9 @@ async fn spawn_healthy(
 }
 
 impl EmbeddedServer {
-    /// Spawns the server and waits until `GET /global/health` answers.
+    /// Spawns the shared server (the daemon's environment, `[opencode]
+    /// directory` or the current one) and waits until `GET /global/health`
+    /// answers.
     pub async fn start(
         cfg: &OpenCodeConfig,
     ) -> Result<(EmbeddedServer, OpenCodeClient), EmbeddedError> {
@@ -139,23 +169,49 @@ impl EmbeddedServer {
                 source,
             })?,
         };
-        let port = free_port().map_err(EmbeddedError::Port)?;
-        let password = uuid::Uuid::new_v4().simple().to_string();
-        let base_url = format!("http://127.0.0.1:{port}");
+        let content = asking_config(std::env::var("OPENCODE_CONFIG_CONTENT").ok().as_deref());
+        Self::start_in(cfg, directory, None, content, None).await
+    }
+
+    /// Spawns a server in `directory` with exactly `env` (`None`: the
+    /// daemon's), a free loopback port and a new random password, confined
+    /// by `sandbox` when given, and waits until it is healthy.
+    pub async fn start_in(
+        cfg: &OpenCodeConfig,
+        directory: PathBuf,
+        env: Option<Vec<(std::ffi::OsString, std::ffi::OsString)>>,
+        config_content: String,
+        sandbox: Option<&crate::sandbox::TenantSandbox>,
+    ) -> Result<(EmbeddedServer, OpenCodeClient), EmbeddedError> {
+        let binary = find_binary(&cfg.binary).map_err(|source| EmbeddedError::Spawn {
+            binary: cfg.binary.clone(),
+            source,
+        })?;
+        let port = free_port_where(|p| sandbox.is_none_or(|s| s.may_listen_on(p)))?;
+        let wrapper = sandbox.map_or_else(Vec::new, |s| s.prefix(&binary, port));
+        let spec = ServerSpec {
+            binary,
+            port,
+            directory,
+            env,
+            username: cfg.username.clone(),
+            password: uuid::Uuid::new_v4().simple().to_string(),
+            config_content,
+            wrapper,
+        };
+        let base_url = format!("http://127.0.0.1:{}", spec.port);
         let client = OpenCodeClient::new(
             &base_url,
-            Some(password.clone()),
-            Some(directory.display().to_string()),
+            Some(spec.password.clone()),
+            Some(spec.directory.display().to_string()),
             cfg,
         )?;
-        let child = spawn_healthy(cfg, port, &password, &directory, &client).await?;
+        let child = spawn_healthy(cfg, &spec, &client).await?;
         Ok((
             EmbeddedServer {
                 child,
-                port,
+                spec,
                 base_url,
-                password,
-                directory,
                 cfg: cfg.clone(),
                 client: client.clone(),
             },
@@ -164,15 +220,26 @@ impl EmbeddedServer {
     }
 
     pub fn directory(&self) -> &Path {
-        &self.directory
+        &self.spec.directory
+    }
+
+    /// The process id of the server's reaper (the leader of its process
+    /// group), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.0.id()
     }
 
     /// Keeps the server running until `cancel`, then stops it. When it
-    /// exits or crashes it is started again on the same port with the same
-    /// password (so every client stays valid), with capped, jittered
-    /// backoff. Turns in flight see the event stream drop and end with
-    /// `opencode_unavailable`.
-    pub async fn supervise(mut self, cancel: CancellationToken, restarts: Arc<AtomicU64>) {
+    /// exits or crashes, `hub` hears it at once (turns in flight on it end
+    /// with `opencode_unavailable`, new ones wait), and it is started again
+    /// from the same spec, with capped, jittered backoff; `hub` reconnects
+    /// as soon as it is healthy.
+    pub async fn supervise(
+        mut self,
+        cancel: CancellationToken,
+        restarts: Arc<AtomicU64>,
+        hub: Arc<EventHub>,
+    ) {
         let mut delay = Duration::from_millis(500);
         loop {
             let status = tokio::select! {
@@ -181,6 +248,7 @@ impl EmbeddedServer {
                 s = self.child.0.wait() => s,
             };
             error!(status = ?status, "embedded `opencode serve` exited; restarting it");
+            hub.server_exited();
             loop {
                 let pause = delay.mul_f64(rand::random_range(0.5..1.0));
                 tokio::select! {
@@ -188,24 +256,18 @@ impl EmbeddedServer {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
-                match spawn_healthy(
-                    &self.cfg,
-                    self.port,
-                    &self.password,
-                    &self.directory,
-                    &self.client,
-                )
-                .await
-                {
+                match spawn_healthy(&self.cfg, &self.spec, &self.client).await {
                     Ok(child) => {
                         self.child = child;
                         restarts.fetch_add(1, Ordering::Relaxed);
                         info!(base_url = %self.base_url, "embedded OpenCode restarted");
+                        hub.server_restarted();
                         delay = Duration::from_millis(500);
                         break;
                     }
                     Err(e) => {
                         warn!(error = %e, retry_in = ?delay, "restarting embedded OpenCode failed");
+                        hub.server_gone();
                         delay = (delay * 2).min(Duration::from_secs(30));
                     }
                 }
@@ -323,6 +385,20 @@ fn find_binary(binary: &Path) -> std::io::Result<PathBuf> {
                 format!("{} is not on PATH", binary.display()),
             )
         })
+}
+
+/// A free loopback port that `ok` accepts (a sandboxed tenant's server
+/// never gets a provider port, which other tenants may connect to).
+fn free_port_where(ok: impl Fn(u16) -> bool) -> Result<u16, EmbeddedError> {
+    for _ in 0..64 {
+        let port = free_port().map_err(EmbeddedError::Port)?;
+        if ok(port) {
+            return Ok(port);
+        }
+    }
+    Err(EmbeddedError::Port(std::io::Error::other(
+        "every free port tried is a provider port",
+    )))
 }
 
 fn free_port() -> std::io::Result<u16> {

@@ -35,6 +35,12 @@ pub struct StreamState {
     /// unavailable_after` while the reader's connects kept failing: it is
     /// gone, not blipping.
     pub unreachable: bool,
+    /// Counts the exits of the embedded server behind the stream: a turn
+    /// that sees it change lost its server and ends at once.
+    pub exits: u64,
+    /// The embedded server exited and is being started again: a new turn
+    /// waits for it (`[opencode] startup_timeout`) instead of failing.
+    pub restarting: bool,
 }
 
 /// Counters, for logs and metrics.
@@ -84,6 +90,9 @@ impl Gap {
 pub struct EventHub {
     routes: Mutex<HashMap<String, Route>>,
     state: watch::Sender<StreamState>,
+    /// Wakes the reader from its reconnect backoff (the embedded server is
+    /// back).
+    kick: tokio::sync::Notify,
     buffer: usize,
     pub stats: StreamStats,
 }
@@ -99,10 +108,13 @@ impl EventHub {
             connected: false,
             epoch: 0,
             unreachable: false,
+            exits: 0,
+            restarting: false,
         });
         Arc::new(EventHub {
             routes: Mutex::new(HashMap::new()),
             state,
+            kick: tokio::sync::Notify::new(),
             buffer: buffer.max(1),
             stats: StreamStats::default(),
         })
@@ -174,8 +186,33 @@ impl EventHub {
             s.connected = connected;
             if connected {
                 s.unreachable = false;
+                s.restarting = false;
             }
         });
+    }
+
+    /// The embedded server behind this stream exited (its supervisor knows
+    /// at once): every turn on it ends now with `opencode_unavailable`,
+    /// and new turns wait for the restart.
+    pub fn server_exited(&self) {
+        self.state.send_modify(|s| {
+            s.exits += 1;
+            s.connected = false;
+            s.restarting = true;
+        });
+        self.flag_all_lagged();
+    }
+
+    /// The embedded server is healthy again: reconnect now, not after the
+    /// backoff the failed connects built up.
+    pub fn server_restarted(&self) {
+        self.kick.notify_one();
+    }
+
+    /// The embedded server could not be started again: new turns stop
+    /// waiting for it.
+    pub fn server_gone(&self) {
+        self.state.send_modify(|s| s.restarting = false);
     }
 
     /// After a failed connect: says when OpenCode has been unreachable for
@@ -250,6 +287,7 @@ impl EventHub {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                _ = self.kick.notified() => delay = opts.reconnect_min,
                 _ = tokio::time::sleep(sleep) => {}
             }
             delay = (delay * 2).min(opts.reconnect_max);

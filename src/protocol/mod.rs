@@ -15,6 +15,7 @@ pub mod subject;
 pub mod tenant;
 pub mod traceparent;
 pub mod turn_state;
+pub mod workspace;
 
 pub use attachment::Attachment;
 pub use prompt::{

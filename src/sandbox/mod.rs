@@ -77,12 +77,83 @@ pub fn tenant_policy(cfg: &IsolationConfig, tenant: &Tenant<'_>) -> Policy {
         write: vec![tenant.root.to_path_buf()],
         devices: DEVICES.iter().map(PathBuf::from).collect(),
         tmp: Some(tenant.tmp.to_path_buf()),
-        home: Some(tenant.root.to_path_buf()),
+        home: None,
         network: cfg.network.to_policy(),
         connect: cfg.provider_ports.clone(),
         bind: vec![tenant.port],
         limits: cfg.limits.to_policy(),
         user_namespace: true,
+    }
+}
+
+/// How one tenant's server is started confined (`opencode::embedded`
+/// asks it for the command prefix once its port is chosen).
+#[derive(Debug, Clone)]
+pub struct TenantSandbox {
+    /// `[isolation]`.
+    pub cfg: IsolationConfig,
+    /// This binary, the helper.
+    pub helper: PathBuf,
+    /// `<root>/<tenant>`.
+    pub root: PathBuf,
+    /// Its `TMPDIR`, inside `root`.
+    pub tmp: PathBuf,
+    /// Files outside `root` its server reads (the operator's OpenCode
+    /// config).
+    pub extra_read: Vec<PathBuf>,
+}
+
+impl TenantSandbox {
+    /// With `[isolation] mode = "sandbox"`, the sandbox of the tenant whose
+    /// root is `root` (its server's state in `state`, its environment
+    /// `vars`): creates its private `<state>/tmp`. `None` in other modes.
+    pub fn for_tenant(
+        cfg: &IsolationConfig,
+        root: &Path,
+        state: &Path,
+        vars: &[(std::ffi::OsString, std::ffi::OsString)],
+    ) -> std::io::Result<Option<TenantSandbox>> {
+        use std::os::unix::fs::DirBuilderExt;
+        if cfg.mode != crate::config::IsolationMode::Sandbox {
+            return Ok(None);
+        }
+        let tmp = state.join("tmp");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp)?;
+        // The operator's OpenCode config (providers, models), read-only.
+        let extra_read = vars
+            .iter()
+            .filter(|(k, _)| k == "OPENCODE_CONFIG")
+            .map(|(_, v)| PathBuf::from(v))
+            .collect();
+        Ok(Some(TenantSandbox {
+            cfg: cfg.clone(),
+            helper: std::env::current_exe()?,
+            root: root.to_path_buf(),
+            tmp,
+            extra_read,
+        }))
+    }
+
+    /// Whether the server may listen on `port`: never one of the provider
+    /// ports, which every other tenant's tools may connect to.
+    pub fn may_listen_on(&self, port: u16) -> bool {
+        self.cfg.network == crate::config::NetworkMode::On
+            || !self.cfg.provider_ports.contains(&port)
+    }
+
+    /// What goes before `<binary> serve ... --port <port>`.
+    pub fn prefix(&self, binary: &Path, port: u16) -> Vec<std::ffi::OsString> {
+        let tenant = Tenant {
+            root: &self.root,
+            tmp: &self.tmp,
+            binary,
+            port,
+            extra_read: &self.extra_read,
+        };
+        prefix(&self.helper, &tenant_policy(&self.cfg, &tenant))
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Accepted {
     pub stream: watch::Receiver<StreamState>,
     /// The stream connection the prompt was sent on.
     pub epoch: u64,
+    /// The embedded server's exits so far (`StreamState::exits`).
+    pub exits: u64,
     /// A redelivered job whose prompt an earlier delivery had sent: not
     /// prompted again, followed from where OpenCode is.
     pub resumed: bool,
@@ -40,6 +42,7 @@ pub async fn begin(
 ) -> Result<Accepted, TurnError> {
     // The model first: a prompt refused for it must not cost a session (nor
     // a slot of the conversation map).
+    wait_restarted(ctx).await?;
     if let Some(m) = &prompt.model {
         check_model(ctx, m).await?;
     }
@@ -55,7 +58,7 @@ pub async fn begin(
     // Watch the stream from before the prompt: a reconnect while OpenCode
     // answers the POST must not go unnoticed.
     let stream = ctx.hub.state();
-    let epoch = stream.borrow().epoch;
+    let (epoch, exits) = (stream.borrow().epoch, stream.borrow().exits);
     loop {
         sink.set_session(&session_id);
         match ctx.client.prompt_async(&session_id, &body).await {
@@ -89,6 +92,7 @@ pub async fn begin(
         recreated,
         stream,
         epoch,
+        exits,
         resumed: false,
     })
 }
@@ -109,6 +113,26 @@ pub async fn wait_connected(ctx: &TurnContext) -> Result<(), TurnError> {
     Err(TurnError::new(
         ErrorCode::OpencodeUnavailable,
         "OpenCode's event stream is not connected",
+    ))
+}
+
+/// The embedded server behind the stream is being restarted: waits for it
+/// (`[opencode] startup_timeout`) rather than failing the prompt.
+async fn wait_restarted(ctx: &TurnContext) -> Result<(), TurnError> {
+    if !ctx.hub.state().borrow().restarting {
+        return Ok(());
+    }
+    info!("OpenCode is being restarted; the prompt waits for it");
+    if ctx
+        .hub
+        .wait_connected(ctx.config.opencode.startup_timeout)
+        .await
+    {
+        return Ok(());
+    }
+    Err(TurnError::new(
+        ErrorCode::OpencodeUnavailable,
+        "OpenCode exited and has not come back yet",
     ))
 }
 

@@ -23,6 +23,9 @@ pub struct TurnContext {
     pub answers: Arc<AnswerRegistry>,
     /// Turn states and large finals, with JetStream (`turn::states`).
     pub states: Option<Arc<super::states::TurnStates>>,
+    /// `[isolation] mode = "process"`: the tenants' own servers (a
+    /// tenant's turn drives its server instead of `client` and `hub`).
+    pub servers: Option<Arc<crate::isolation::TenantServers>>,
 }
 
 impl TurnContext {
@@ -41,7 +44,38 @@ impl TurnContext {
             config,
             answers: Arc::new(AnswerRegistry::default()),
             states: None,
+            servers: None,
         }
+    }
+
+    /// Runs tenants' turns on their own servers (`crate::isolation`).
+    pub fn with_servers(mut self, servers: &Option<Arc<crate::isolation::TenantServers>>) -> Self {
+        self.servers = servers.clone();
+        self
+    }
+
+    /// The context a turn of `prompt` runs in: this one, or, in process
+    /// mode, one driving the tenant's server (held by the lease while the
+    /// turn runs).
+    pub async fn for_prompt(
+        self: &Arc<Self>,
+        prompt: &Prompt,
+    ) -> Result<(Arc<TurnContext>, Option<crate::isolation::Lease>), TurnError> {
+        let (Some(servers), Some(tenant)) = (&self.servers, prompt.caller.tenant()) else {
+            return Ok((self.clone(), None));
+        };
+        let lease = servers.lease(tenant).await?;
+        let ctx = TurnContext {
+            client: lease.server.client.clone(),
+            hub: lease.server.hub.clone(),
+            publisher: self.publisher.clone(),
+            sessions: self.sessions.clone(),
+            config: self.config.clone(),
+            answers: self.answers.clone(),
+            states: self.states.clone(),
+            servers: None,
+        };
+        Ok((Arc::new(ctx), Some(lease)))
     }
 
     /// Keeps every accepted turn's state (and large finals) with `states`.

@@ -93,6 +93,12 @@ pub async fn run_turn(
     }
 }
 
+/// The one terminal reply of a turn that could not start (its tenant's
+/// server could not be had).
+pub async fn fail_before_start(mut sink: ReplySink, e: TurnError) {
+    send_terminal(&mut sink, Err(e), Instant::now()).await;
+}
+
 /// The one terminal reply.
 async fn send_terminal(
     sink: &mut ReplySink,
@@ -185,6 +191,8 @@ struct Turn<'a> {
     rechecks: u32,
     stream: Option<watch::Receiver<StreamState>>,
     epoch: u64,
+    /// The embedded server's exits when the prompt was sent.
+    exits: u64,
     recreated: bool,
     /// The host the conversation moved from (`Prompt::moved_from`).
     moved_from: Option<String>,
@@ -212,6 +220,7 @@ impl<'a> Turn<'a> {
             recreated,
             stream,
             epoch,
+            exits,
             resumed,
         } = accepted;
         Turn {
@@ -228,6 +237,7 @@ impl<'a> Turn<'a> {
             rechecks: 0,
             stream: Some(stream),
             epoch,
+            exits,
             recreated,
             moved_from: prompt.moved_from.clone(),
             resumed,
@@ -392,6 +402,15 @@ impl<'a> Turn<'a> {
     /// is gone only when the reader says it stayed unreachable for
     /// `[opencode] unavailable_after` while its connects kept failing.
     async fn on_stream(&mut self, s: StreamState) -> Result<Step, TurnError> {
+        if s.exits != self.exits {
+            // Its supervisor saw the server die: nothing of this turn is
+            // left to wait for (issue 24: no 30 s wait on the stream).
+            warn!("the embedded OpenCode exited during the turn");
+            return Err(TurnError::new(
+                ErrorCode::OpencodeUnavailable,
+                "OpenCode exited during the turn; it is being restarted (retry)",
+            ));
+        }
         if !s.connected {
             if s.unreachable {
                 let after = self.ctx.config.opencode.unavailable_after;

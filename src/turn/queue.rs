@@ -199,7 +199,13 @@ impl Dispatcher {
             },
         );
         sink.record_state(TurnState::Running);
-        run_turn(&self.ctx, prompt, sink, self.cancel.child_token(), abort).await;
+        // Process mode: the tenant's own server, started if need be.
+        match self.ctx.for_prompt(&prompt).await {
+            Ok((ctx, _lease)) => {
+                run_turn(&ctx, prompt, sink, self.cancel.child_token(), abort).await
+            }
+            Err(e) => super::driver::fail_before_start(sink, e).await,
+        }
         self.lock_running().remove(&trace_id);
         self.lock_live().release(&trace_id);
         drop(permit);

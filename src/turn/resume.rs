@@ -42,7 +42,7 @@ pub async fn accepted_before(
         let sub = subscribe(ctx, &session_id)?;
         wait_connected(ctx).await?;
         let stream = ctx.hub.state();
-        let epoch = stream.borrow().epoch;
+        let (epoch, exits) = (stream.borrow().epoch, stream.borrow().exits);
         return Ok(Some(Accepted {
             message_id: user.info.id.clone(),
             session_id,
@@ -50,6 +50,7 @@ pub async fn accepted_before(
             recreated: false,
             stream,
             epoch,
+            exits,
             resumed: true,
         }));
     }

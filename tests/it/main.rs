@@ -12,6 +12,7 @@ mod e2e_real_opencode;
 mod examples;
 mod faults_load;
 mod first_hour;
+mod isolation;
 mod jobs;
 mod nats_harness;
 mod opencode_versions;

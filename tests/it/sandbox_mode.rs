@@ -30,7 +30,7 @@ fn stderr(out: &Output) -> String {
 #[test]
 fn sandbox_mode_starts_only_where_the_kernel_enforces_it() {
     // No process bound: the check is the kernel's alone (root included).
-    let toml = "[isolation]\nmode = \"sandbox\"\n[isolation.limits]\nmax_processes = 0\n";
+    let toml = "[workspaces]\nroot = \"/tmp/ocnb-sandbox-check\"\n[isolation]\nmode = \"sandbox\"\n[isolation.limits]\nmax_processes = 0\n";
     let out = with_config(&["check-config"], toml);
     let abi = probe::kernel_abi();
     if abi >= 6 {
@@ -45,7 +45,8 @@ fn sandbox_mode_starts_only_where_the_kernel_enforces_it() {
 
 #[test]
 fn a_root_daemon_refuses_a_process_bound_it_cannot_hold() {
-    let toml = "[isolation]\nmode = \"sandbox\"\n";
+    let toml =
+        "[workspaces]\nroot = \"/tmp/ocnb-sandbox-check\"\n[isolation]\nmode = \"sandbox\"\n";
     if !nix::unistd::geteuid().is_root() {
         // Not root: the same config starts (or is refused for the kernel).
         eprintln!("not root: the root refusal is covered by sandbox::probe's unit test");
@@ -75,7 +76,7 @@ fn a_root_daemon_refuses_a_process_bound_it_cannot_hold() {
 
 #[test]
 fn provider_ports_may_not_reach_nats_or_the_metrics_listener() {
-    let toml = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n[isolation]\nmode = \"sandbox\"\nprovider_ports = [443, 4222]\n[isolation.limits]\nmax_processes = 0\n";
+    let toml = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n[workspaces]\nroot = \"/tmp/ocnb-sandbox-check\"\n[isolation]\nmode = \"sandbox\"\nprovider_ports = [443, 4222]\n[isolation.limits]\nmax_processes = 0\n";
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bridge.toml");
     std::fs::write(&path, toml).unwrap();
