@@ -25,5 +25,6 @@ mod record_fixtures;
 mod sandbox_exec;
 mod sandbox_mode;
 mod sandbox_opencode;
+mod sandbox_tenants;
 mod trust;
 mod turn_status;

@@ -17,9 +17,7 @@ use opencode_nats_bridge::config::IsolationConfig;
 use opencode_nats_bridge::sandbox::{self, Tenant};
 
 use crate::support::daemon::BIN;
-
-/// Whom the commands run as when the tests run as root.
-const NOBODY: u32 = 65534;
+use crate::support::tenant_user;
 
 /// A workspaces root with two tenants, a daemon config beside them, and a
 /// victim process outside the sandbox.
@@ -30,10 +28,6 @@ struct Lab {
     bob: PathBuf,
     config: PathBuf,
     cfg: IsolationConfig,
-}
-
-fn root() -> bool {
-    nix::unistd::geteuid().is_root()
 }
 
 impl Lab {
@@ -54,11 +48,7 @@ impl Lab {
         for d in [&base, &base.join("ws"), &bob, &etc] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        if root() {
-            for d in [&alice, &alice.join(".tmp")] {
-                std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
-            }
-        }
+        tenant_user::give(&alice);
         let mut cfg = IsolationConfig::default();
         cfg.read.push(etc.clone());
         cfg.daemon_config = Some(config.clone());
@@ -75,21 +65,11 @@ impl Lab {
 
     /// A command as the tenant's user (nobody when the tests run as root).
     fn command(&self, program: &str) -> Command {
-        let mut cmd = if root() {
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                "--",
-            ]);
-            c.arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
+        let prefix = tenant_user::prefix();
+        let mut cmd = Command::new(prefix.first().copied().unwrap_or(program));
+        if !prefix.is_empty() {
+            cmd.args(&prefix[1..]).arg(program);
+        }
         cmd.env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .current_dir(&self.alice)
@@ -217,7 +197,7 @@ fn another_process_environment_is_unreadable_and_it_cannot_be_signalled() {
 fn writes_outside_the_root_fail_and_leave_nothing() {
     let lab = Lab::new();
     for target in [lab.base.join("outside.txt"), lab.bob.join("planted.txt")] {
-        if root() {
+        if tenant_user::is_root() {
             // Writable by nobody, so that only the sandbox refuses.
             let dir = target.parent().unwrap();
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();

@@ -17,7 +17,7 @@ use opencode_nats_bridge::config::IsolationConfig;
 use opencode_nats_bridge::protocol::interactive::{Action, Rule};
 use opencode_nats_bridge::sandbox::{self, Tenant};
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
 use crate::support::daemon::BIN;
@@ -25,14 +25,10 @@ use crate::support::fake_llm::FakeLlm;
 use crate::support::nats::{client, NatsServer, Reply};
 use crate::support::ops::free_port;
 use crate::support::real_opencode::{default_config, isolated_env, opencode_bin, IsolatedEnv};
+use crate::support::tenant_user;
 
-const NOBODY: u32 = 65534;
 /// `[isolation.limits] max_processes` of the sandboxed server.
 const MAX_PROCESSES: u64 = 96;
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
 
 /// The hostile tenant's sandboxed `opencode serve`, its root, and what
 /// lies outside it: another tenant's file, a victim process.
@@ -53,34 +49,6 @@ impl Drop for Sandboxed {
     }
 }
 
-fn chown_tree(path: &Path) {
-    std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
-    if path.is_dir() && !path.is_symlink() {
-        for e in std::fs::read_dir(path).unwrap().flatten() {
-            chown_tree(&e.path());
-        }
-    }
-}
-
-/// `setpriv` to nobody when the tests run as root.
-fn as_tenant(program: &Path) -> Command {
-    if is_root() {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "--",
-        ]);
-        c.arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
 async fn start_sandboxed(llm: &FakeLlm, nats_port: u16) -> Sandboxed {
     let mut config = default_config(&llm.base_url());
     // Every tool use asks the bridge, as the daemon's own servers do.
@@ -96,9 +64,7 @@ async fn start_sandboxed(llm: &FakeLlm, nats_port: u16) -> Sandboxed {
         // Open to everyone: only the sandbox may refuse.
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
-    if is_root() {
-        chown_tree(&root);
-    }
+    tenant_user::give(&root);
     let port = free_port();
     let llm_port: u16 = llm.url().rsplit(':').next().unwrap().parse().unwrap();
     let mut iso = IsolationConfig {
@@ -117,7 +83,7 @@ async fn start_sandboxed(llm: &FakeLlm, nats_port: u16) -> Sandboxed {
     };
     let policy = sandbox::tenant_policy(&iso, &tenant);
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-    let mut cmd = as_tenant(Path::new(BIN));
+    let mut cmd = tenant_user::command(Path::new(BIN));
     cmd.arg(sandbox::SUBCOMMAND)
         .args(policy.to_args())
         .arg("--")
@@ -234,7 +200,7 @@ async fn the_real_opencode_and_its_tools_stay_in_the_sandbox() {
     refused(&out, "ALICE-SECRET", "Permission denied", "another root");
 
     // A process outside: its environment, a signal.
-    let mut victim = as_tenant(Path::new("/bin/sleep"));
+    let mut victim = tenant_user::command(Path::new("/bin/sleep"));
     victim
         .arg("300")
         .env("VICTIM_SECRET", "ENV-SECRET")
