@@ -25,7 +25,7 @@ use crate::bus::{Forwarded, InstanceSubscription, JetStream};
 use crate::cluster::{Cluster, ClusterSessions};
 use crate::config::{Config, Switch};
 use crate::intake::Intake;
-use crate::isolation::TenantServers;
+use crate::isolation::Isolation;
 use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 use crate::opencode::compat::{self, SeenVersion};
@@ -569,7 +569,7 @@ impl Daemon {
             let _ = s.await;
         }
         // The tenants' own servers (`[isolation] mode = "process"`).
-        if let Some(s) = &self.intake.dispatcher().context().servers {
+        if let Some(s) = &self.intake.dispatcher().context().isolation {
             s.stop().await;
         }
         self.ops.stop().await;
@@ -676,19 +676,12 @@ fn spawn_supervisor(
     (task, restarts)
 }
 
-/// In `[isolation] mode = "process"`, tenants' turns run on servers of
-/// their own (until `cancel`).
+/// With `[workspaces] root`, turns run in their workspaces and, in
+/// `[isolation] mode = "process"`, tenants' turns on servers of their own
+/// (until `cancel`).
 fn with_tenant_servers(ctx: TurnContext, cancel: &CancellationToken) -> TurnContext {
-    let config = &ctx.config;
-    if !config.isolation.mode.per_tenant() {
-        return ctx;
-    }
-    info!(
-        max_servers = config.isolation.max_servers,
-        "isolation: one OpenCode server per tenant"
-    );
-    let servers = TenantServers::start(config.clone(), ctx.sessions.clone(), cancel.child_token());
-    ctx.with_servers(&Some(servers))
+    let isolation = Isolation::start(&ctx.config, &ctx.sessions, cancel);
+    ctx.with_isolation(isolation)
 }
 
 /// The one reader of OpenCode's event stream, and the task that reads

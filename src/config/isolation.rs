@@ -180,3 +180,46 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_key(c: &Config) -> Option<&'static str> {
+        match c.validate_isolation() {
+            Err(ConfigError::Invalid { key, .. }) => Some(key),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn process_mode_needs_a_root_and_sane_bounds() {
+        let mut c = Config::default();
+        assert_eq!(invalid_key(&c), None, "the defaults are today's behaviour");
+        c.isolation.mode = IsolationMode::Process;
+        assert_eq!(invalid_key(&c), Some("isolation.mode"));
+        c.workspaces.root = Some("relative/dir".into());
+        assert_eq!(invalid_key(&c), Some("workspaces.root"));
+        c.workspaces.root = Some("/srv/ws".into());
+        assert_eq!(invalid_key(&c), None);
+        c.isolation.max_servers = 0;
+        assert_eq!(invalid_key(&c), Some("isolation.max_servers"));
+        c.isolation.max_servers = 2;
+        c.isolation.pass_env = vec!["*".into()];
+        assert_eq!(invalid_key(&c), Some("isolation.pass_env"));
+        c.isolation.pass_env = vec!["A=B".into()];
+        assert_eq!(invalid_key(&c), Some("isolation.pass_env"));
+        c.isolation.pass_env = vec!["OPENCODE_DISABLE_*".into(), "ANTHROPIC_API_KEY".into()];
+        assert_eq!(invalid_key(&c), None);
+    }
+
+    #[test]
+    fn named_workspaces_and_templates_need_a_root() {
+        let mut c = Config::default();
+        c.workspaces.allow_named = true;
+        assert_eq!(invalid_key(&c), Some("workspaces.allow_named"));
+        c.workspaces.allow_named = false;
+        c.workspaces.template = Some("/srv/template".into());
+        assert_eq!(invalid_key(&c), Some("workspaces.template"));
+    }
+}

@@ -10,6 +10,10 @@
 //! whatever client and stream the lease holds.
 
 pub mod env;
+pub mod route;
+pub mod workspaces;
+
+pub use route::{Isolation, IsolationStatus, Placed};
 
 use std::collections::HashMap;
 use std::path::PathBuf;

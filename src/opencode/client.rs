@@ -106,6 +106,9 @@ pub struct SessionInfo {
     pub title: String,
     #[serde(default, rename = "parentID")]
     pub parent_id: Option<String>,
+    /// The project directory the session works in.
+    #[serde(default)]
+    pub directory: Option<String>,
 }
 
 /// An agent as `GET /agent` lists it (only what the bridge reads).
@@ -286,6 +289,21 @@ impl OpenCodeClient {
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// This client for the project at `directory` (OpenCode's `directory`
+    /// query parameter, honoured per request): the same server, the same
+    /// connection pool and reach.
+    pub fn in_directory(&self, directory: &str) -> OpenCodeClient {
+        OpenCodeClient {
+            directory: Some(directory.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// The directory every call names, if any.
+    pub fn directory(&self) -> Option<&str> {
+        self.directory.as_deref()
     }
 
     fn request(

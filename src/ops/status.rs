@@ -56,6 +56,10 @@ pub struct Status {
     /// it runs single-host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// Workspaces and tenants' servers (`[workspaces]`, `[isolation]`);
+    /// absent without a workspaces root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::isolation::IsolationStatus>,
     /// Conversations with a turn running or queued.
     pub conversations: usize,
     /// Conversations the bridge has a session for (its conversation map,
@@ -196,6 +200,12 @@ impl Health {
             nats_dropped_messages: s.metrics.dropped_messages(),
             jobs: s.metrics.jobs(),
             cluster: s.cluster.clone(),
+            isolation: s
+                .dispatcher
+                .context()
+                .isolation
+                .as_ref()
+                .map(|i| i.status()),
             conversations: s.dispatcher.active_conversations(),
             conversations_known: s.dispatcher.context().sessions.known(),
             uptime_s: self.started.elapsed().as_secs(),

@@ -312,6 +312,7 @@ mod tests {
             session_recreated: false,
             content_truncated: false,
             content_object: None,
+            workspace: None,
         }))
     }
 

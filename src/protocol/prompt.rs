@@ -48,6 +48,9 @@ pub struct Prompt {
     pub moved_from: Option<String>,
     /// Set by the bridge for a durable job (never from the payload).
     pub job: Option<super::job::JobTurn>,
+    /// `"workspace"`: a named workspace, `<root>/<tenant>/<name>` (one
+    /// path segment, checked here; `[workspaces] allow_named`).
+    pub workspace: Option<String>,
 }
 
 /// At what pace a caller wants a turn's replies (`"stream"` in the prompt).
@@ -202,6 +205,7 @@ struct JsonPrompt {
     progress: Option<Value>,
     stream: Option<Value>,
     attachments: Option<Value>,
+    workspace: Option<Value>,
 }
 
 /// Parses a prompt message.
@@ -283,6 +287,7 @@ struct Fields {
     progress: bool,
     stream: Option<StreamMode>,
     attachments: Vec<Attachment>,
+    workspace: Option<String>,
 }
 
 fn string_field(name: &str, v: Option<Value>) -> Result<Option<String>, String> {
@@ -392,6 +397,10 @@ impl Fields {
         };
         self.tools = tools_field(j.tools)?;
         self.attachments = parse_attachments(j.attachments, limits)?;
+        self.workspace = string_field("workspace", j.workspace)?;
+        if let Some(w) = &self.workspace {
+            super::workspace::check_segment(w).map_err(|e| format!("`workspace` {w:?} {e}"))?;
+        }
         Ok(())
     }
 
@@ -454,6 +463,7 @@ impl Fields {
             attachments: self.attachments,
             moved_from: None,
             job: None,
+            workspace: self.workspace,
         })
     }
 }
@@ -527,6 +537,7 @@ impl Salvage {
             progress: None,
             stream: None,
             attachments: None,
+            workspace: None,
         });
     }
 

@@ -154,6 +154,10 @@ pub struct FinalReply {
     /// object store object that holds the whole `content` (UTF-8 text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_object: Option<Box<ContentObject>>,
+    /// The named workspace the turn worked in (`[workspaces]`; absent for
+    /// the tenant's own directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
 }
 
 /// Where the whole text of a cut `final` is: an object in a NATS object
@@ -672,6 +676,7 @@ mod tests {
                     bucket: s("opencode_bridge_finals"),
                     name: s("t1"),
                 })),
+                workspace: Some(s("repo")),
             })),
             ReplyBody::Final(Box::default()),
             ReplyBody::error(ErrorCode::Timeout, "late"),
@@ -793,6 +798,7 @@ mod tests {
                                     name: "t".into(),
                                 })
                             }),
+                            workspace: None,
                         }
                     },
                 )

@@ -266,6 +266,7 @@ mod tests {
             id: "ses_1".into(),
             title: title.into(),
             parent_id: parent.map(str::to_string),
+            directory: None,
         };
         assert!(session_belongs(
             &s("nats:slack.C1", None),

@@ -23,9 +23,10 @@ pub struct TurnContext {
     pub answers: Arc<AnswerRegistry>,
     /// Turn states and large finals, with JetStream (`turn::states`).
     pub states: Option<Arc<super::states::TurnStates>>,
-    /// `[isolation] mode = "process"`: the tenants' own servers (a
-    /// tenant's turn drives its server instead of `client` and `hub`).
-    pub servers: Option<Arc<crate::isolation::TenantServers>>,
+    /// With `[workspaces] root`: each turn drives its workspace (and, in
+    /// `[isolation] mode = "process"`, its tenant's own server) instead
+    /// of `client` and `hub` as they are.
+    pub isolation: Option<Arc<crate::isolation::Isolation>>,
 }
 
 impl TurnContext {
@@ -44,38 +45,46 @@ impl TurnContext {
             config,
             answers: Arc::new(AnswerRegistry::default()),
             states: None,
-            servers: None,
+            isolation: None,
         }
     }
 
-    /// Runs tenants' turns on their own servers (`crate::isolation`).
-    pub fn with_servers(mut self, servers: &Option<Arc<crate::isolation::TenantServers>>) -> Self {
-        self.servers = servers.clone();
+    /// Runs turns in workspaces and tenants' servers (`crate::isolation`).
+    pub fn with_isolation(mut self, isolation: Option<Arc<crate::isolation::Isolation>>) -> Self {
+        self.isolation = isolation;
         self
     }
 
-    /// The context a turn of `prompt` runs in: this one, or, in process
-    /// mode, one driving the tenant's server (held by the lease while the
-    /// turn runs).
+    /// The context a turn of `prompt` runs in: this one, or, with
+    /// workspaces, one driving the prompt's workspace on its server (held
+    /// by the returned value while the turn runs).
     pub async fn for_prompt(
         self: &Arc<Self>,
         prompt: &Prompt,
-    ) -> Result<(Arc<TurnContext>, Option<crate::isolation::Lease>), TurnError> {
-        let (Some(servers), Some(tenant)) = (&self.servers, prompt.caller.tenant()) else {
+    ) -> Result<(Arc<TurnContext>, Option<crate::isolation::Placed>), TurnError> {
+        let Some(isolation) = &self.isolation else {
+            if prompt.workspace.is_some() {
+                return Err(TurnError::new(
+                    ErrorCode::BadRequest,
+                    "this bridge has no workspaces ([workspaces] root is not set)",
+                ));
+            }
             return Ok((self.clone(), None));
         };
-        let lease = servers.lease(tenant).await?;
+        let placed = isolation
+            .place(prompt, &self.client, &self.hub, self.sessions.as_ref())
+            .await?;
         let ctx = TurnContext {
-            client: lease.server.client.clone(),
-            hub: lease.server.hub.clone(),
+            client: placed.client.clone(),
+            hub: placed.hub.clone(),
             publisher: self.publisher.clone(),
             sessions: self.sessions.clone(),
             config: self.config.clone(),
             answers: self.answers.clone(),
             states: self.states.clone(),
-            servers: None,
+            isolation: None,
         };
-        Ok((Arc::new(ctx), Some(lease)))
+        Ok((Arc::new(ctx), Some(placed)))
     }
 
     /// Keeps every accepted turn's state (and large finals) with `states`.

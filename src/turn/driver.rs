@@ -62,7 +62,12 @@ pub async fn run_turn(
                 prompt.interactive,
                 prompt.caller.clone(),
             );
-            let r = drive(ctx, &prompt, &mut sink, &cancel, &abort, &mut inter).await;
+            let r = drive(ctx, &prompt, &mut sink, &cancel, &abort, &mut inter)
+                .await
+                .map(|mut fin| {
+                    fin.workspace = prompt.workspace.clone();
+                    fin
+                });
             // Nothing may stay pending at OpenCode once the turn is over.
             inter.reject_all().await;
             match r {
@@ -158,7 +163,9 @@ const RESYNC_PAUSE: Duration = Duration::from_millis(50);
 /// other inputs (abort, shutdown, deadlines, answers) again.
 const DRAIN_BUDGET: usize = 32;
 
-/// What a handler leaves the turn to do next.
+/// What a handler leaves the turn to do next. (Moved once per input,
+/// never stored: the size of its `Done` does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Step {
     /// Wait for the next input.
     Wait,

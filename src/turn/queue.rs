@@ -184,7 +184,7 @@ impl Dispatcher {
 
     async fn run_job(&self, key: Option<&QueueKey>, job: Job) {
         let Job {
-            prompt,
+            mut prompt,
             sink,
             permit,
         } = job;
@@ -201,7 +201,11 @@ impl Dispatcher {
         sink.record_state(TurnState::Running);
         // Process mode: the tenant's own server, started if need be.
         match self.ctx.for_prompt(&prompt).await {
-            Ok((ctx, _lease)) => {
+            Ok((ctx, placed)) => {
+                // The workspace the conversation keeps, for the final.
+                if let Some(p) = &placed {
+                    prompt.workspace = p.workspace.clone();
+                }
                 run_turn(&ctx, prompt, sink, self.cancel.child_token(), abort).await
             }
             Err(e) => super::driver::fail_before_start(sink, e).await,

@@ -198,6 +198,7 @@ mod tests {
             id: id.into(),
             title: title.into(),
             parent_id: None,
+            directory: None,
         };
         // OpenCode's ids descend: ses_1 is newer than ses_2.
         let sessions = vec![

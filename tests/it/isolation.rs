@@ -28,11 +28,13 @@ struct Daemon {
 }
 
 /// The daemon binary on the embedded default, with `toml` as its config
-/// file (`[isolation]` ...), and secrets of its own in its environment.
+/// file (`[isolation]` ...; `{root}` stands for a fresh workspaces root),
+/// and secrets of its own in its environment.
 async fn start_daemon(nats_url: &str, llm_url: &str, toml: &str) -> Daemon {
     let env = isolated_env(&default_config(llm_url));
     let root = env.tmp.path().join("workspaces");
     let file = env.tmp.path().join("bridge.toml");
+    let toml = toml.replace("{root}", &root.display().to_string());
     std::fs::write(&file, toml).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
@@ -46,7 +48,6 @@ async fn start_daemon(nats_url: &str, llm_url: &str, toml: &str) -> Daemon {
         .env("OPENCODE_BRIDGE__SHUTDOWN__GRACE", "5s")
         .env("OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT", "30s")
         .env("OPENCODE_BRIDGE__OPENCODE__STREAM_STALL_TIMEOUT", "15s")
-        .env("OPENCODE_BRIDGE__WORKSPACES__ROOT", &root)
         .env("OPENCODE_SERVER_PASSWORD", DAEMON_SECRET)
         .env("NATS_CREDS_SECRET", DAEMON_SECRET)
         .env("RUST_LOG", "info");
@@ -62,7 +63,10 @@ async fn start_daemon(nats_url: &str, llm_url: &str, toml: &str) -> Daemon {
 /// Process mode, the hermetic switches passed on to the tenants' servers.
 fn process_mode(max_servers: usize, idle_stop: &str) -> String {
     format!(
-        r#"[isolation]
+        r#"[workspaces]
+root = "{{root}}"
+
+[isolation]
 mode = "process"
 max_servers = {max_servers}
 idle_stop = "{idle_stop}"
@@ -356,4 +360,179 @@ async fn process_mode_max_servers_holds_with_3x_the_tenants() {
 fn is_opencode(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|c| String::from_utf8_lossy(&c).contains("serve") && !c.starts_with(b"sh"))
+}
+
+/// Workspaces on the shared server (real OpenCode): a tenant's named
+/// workspace is `<root>/<tenant>/<name>` (0700, filled from the template),
+/// OpenCode's tools run there (the bash tool's `pwd`), the `final` names
+/// it, the conversation keeps it, naming another is `bad_request`, and
+/// path tricks never reach another tenant's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspaces_put_each_conversation_in_its_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let template = tempfile::tempdir().unwrap();
+    std::fs::write(template.path().join("README.md"), "from the template").unwrap();
+    let toml = format!(
+        r#"[workspaces]
+root = "{{root}}"
+allow_named = true
+template = "{}"
+
+[permissions]
+rules = [{{ tenant = "slack", permission = "bash", pattern = "pwd", action = "allow" }}]
+"#,
+        template.path().display()
+    );
+    let d = start_daemon(&nats.url(), &llm.base_url(), &toml).await;
+    let c = client(&nats.url()).await;
+    let subject = "opencode.prompt.slack.W1";
+    let r = request(
+        &c,
+        subject,
+        r#"{"text": "[tool:bash pwd]", "workspace": "repo"}"#,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_well_formed(&r);
+    let dir = d.root.join("slack").join("repo");
+    let t = terminal(&r);
+    assert_eq!(t["kind"], "final", "{r:#?}");
+    assert_eq!(t["workspace"], "repo");
+    assert_eq!(
+        t["content"],
+        fake_llm::tool_followup_reply(&dir.display().to_string())
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&d.root.join("slack")), 0o700);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("README.md")).unwrap(),
+        "from the template"
+    );
+
+    // The conversation keeps its workspace.
+    let kept = request(&c, subject, "[tool:bash pwd]", Duration::from_secs(90)).await;
+    assert_eq!(terminal(&kept)["workspace"], "repo", "{kept:#?}");
+    let other = request(
+        &c,
+        subject,
+        r#"{"text": "hi", "workspace": "other"}"#,
+        Duration::from_secs(30),
+    )
+    .await;
+    let t = terminal(&other);
+    assert_eq!(t["code"], "bad_request", "{other:#?}");
+    assert!(
+        t["error"].as_str().unwrap().contains("keeps the workspace"),
+        "{t}"
+    );
+    assert!(!d.root.join("slack/other").exists());
+
+    // Path tricks: refused before anything is created.
+    for trick in ["../discord", "..", "/tmp", "a/b", "."] {
+        let payload = serde_json::json!({"text": "hi", "workspace": trick}).to_string();
+        let r = request(
+            &c,
+            "opencode.prompt.slack.W2",
+            &payload,
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(terminal(&r)["code"], "bad_request", "{trick}: {r:#?}");
+    }
+    assert!(
+        !d.root.join("discord").exists(),
+        "slack reached discord's directory"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&d.root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("slack")]);
+}
+
+/// The figures of docs/BENCHMARKS.md, "Process isolation" (run by hand:
+/// `cargo test --release --test it isolation::process_mode_figures -- --ignored --nocapture`):
+/// cold start of a tenant's server (first prompt to first reply), RSS of an
+/// idle server, and turns per second with 1, 10 and 50 tenants, process
+/// mode beside shared. No assertion on speed; the turns that did not end
+/// `final` with their text are counted and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test: minutes of real OpenCode servers"]
+async fn process_mode_figures() {
+    let nats = NatsServer::start();
+    let llm = FakeLlm::start().await;
+    let modes = std::env::var("FIGURES_MODES").unwrap_or("process,shared".into());
+    for mode in modes.split(',') {
+        let toml = match mode {
+            "process" => process_mode(10, "10m"),
+            _ => "[workspaces]\nroot = \"{root}\"\n".to_string(),
+        };
+        let d = start_daemon(&nats.url(), &llm.base_url(), &toml).await;
+        let c = client(&nats.url()).await;
+        // Cold start: the first prompt of a new tenant to its first reply.
+        let inbox = c.new_inbox();
+        let mut sub = subscribe_ready(&c, inbox.clone()).await;
+        let t0 = Instant::now();
+        c.publish_with_reply("opencode.prompt.cold.C", inbox, "hi".into())
+            .await
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(120), futures::StreamExt::next(&mut sub))
+            .await
+            .expect("a first reply");
+        let cold = t0.elapsed();
+        let _ = collect_until_terminal(&mut sub, Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss: u64 = processes_in(&d.root.join("cold"))
+            .iter()
+            .map(|p| rss_kib(*p))
+            .sum();
+        eprintln!("{mode}: cold start (first prompt -> first reply) {cold:?}; idle tenant server RSS {} MiB", rss / 1024);
+        for (tenants, per_tenant) in [(1usize, 20usize), (10, 4), (50, 2)] {
+            let t0 = Instant::now();
+            let work = (0..tenants).map(|i| {
+                let c = c.clone();
+                async move {
+                    let mut failed = Vec::new();
+                    for n in 0..per_tenant {
+                        let text = format!("t{i} n{n}");
+                        let subject = format!("opencode.prompt.b{tenants}x{i}.C");
+                        let r = request(&c, &subject, &text, Duration::from_secs(600)).await;
+                        if terminal(&r)["content"] != fake_llm::text_reply(&text) {
+                            failed.push(terminal(&r).clone());
+                        }
+                    }
+                    failed
+                }
+            });
+            let failed: Vec<_> = futures::future::join_all(work).await.concat();
+            let took = t0.elapsed();
+            let turns = tenants * per_tenant;
+            eprintln!(
+                "{mode}: {tenants} tenants x {per_tenant} turns = {turns} turns in {took:?}: {:.2} turns/s; not final: {}",
+                turns as f64 / took.as_secs_f64(),
+                failed.len()
+            );
+            for f in failed {
+                eprintln!("{mode}:   {} {}", f["code"], f["error"]);
+            }
+        }
+        drop(d);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
