@@ -52,3 +52,18 @@ pub fn give(path: &Path) {
         }
     }
 }
+
+/// Why this machine cannot run a sandbox (the daemon's own start-up check,
+/// with the helper `helper`), or `None` when it can. Tests of the sandbox
+/// print it and skip; `sandbox_mode` asserts the refusal instead.
+pub fn sandbox_unavailable(helper: &Path) -> Option<String> {
+    let mut cfg = opencode_nats_bridge::config::IsolationConfig {
+        mode: opencode_nats_bridge::config::IsolationMode::Sandbox,
+        ..Default::default()
+    };
+    // The process bound is the tests' to check (as `nobody`), not the probe's.
+    cfg.limits.max_processes = 0;
+    let reason = opencode_nats_bridge::sandbox::probe::check(&cfg, helper).err()?;
+    eprintln!("SKIPPED: this machine cannot run the sandbox: {reason}");
+    Some(reason)
+}
