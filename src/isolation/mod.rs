@@ -217,12 +217,14 @@ impl TenantServers {
         Some((start, evicted))
     }
 
-    /// A start failed: the next prompt of the tenant tries a new one.
+    /// A start failed: the next prompt of the tenant tries a new one. (A
+    /// turn of the tenant still waiting on the same start tries again in
+    /// the same place, so the place stays while it does.)
     fn forget_failed(&self, tenant: &str, start: &Start) {
         let mut slots = self.lock();
         if slots
             .get(tenant)
-            .is_some_and(|s| Arc::ptr_eq(&s.server, start) && !start.initialized())
+            .is_some_and(|s| Arc::ptr_eq(&s.server, start) && !start.initialized() && s.busy <= 1)
         {
             slots.remove(tenant);
         }

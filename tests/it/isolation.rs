@@ -297,6 +297,11 @@ async fn process_mode_an_idle_server_stops() {
     })
     .await;
     assert!(stopped.is_ok(), "the idle server still runs");
+    let status = isolation_status(&c).await;
+    assert_eq!(status["mode"], "process", "{status}");
+    assert_eq!(status["tenant_servers"], 0, "{status}");
+    assert_eq!(status["server_starts"], 1, "{status}");
+    assert_eq!(status["server_stops"], 1, "{status}");
     let again = request(
         &c,
         "opencode.prompt.idle.I1",
@@ -305,6 +310,19 @@ async fn process_mode_an_idle_server_stops() {
     )
     .await;
     assert_eq!(terminal(&again)["content"], fake_llm::text_reply("again"));
+}
+
+/// The `isolation` object of the daemon's status document.
+async fn isolation_status(c: &async_nats::Client) -> serde_json::Value {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.request("opencode.bridge.status", "".into()),
+    )
+    .await
+    .expect("a status answer in time")
+    .expect("a status answer");
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    v["isolation"].clone()
 }
 
 /// Process mode: 6 tenants at once on `max_servers = 2`: every prompt is
