@@ -48,6 +48,7 @@ impl Config {
         })?;
         // A sandboxed tenant must not read the daemon's config.
         cfg.isolation.daemon_config = path.and_then(|p| p.canonicalize().ok());
+        super::sandbox::config_outside_workspaces(&cfg)?;
         Ok((cfg, sources))
     }
 }

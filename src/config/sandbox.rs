@@ -126,6 +126,25 @@ pub(super) fn validate(cfg: &super::Config) -> Result<(), super::ConfigError> {
     Ok(())
 }
 
+/// In `sandbox` mode the daemon's config file must lie outside
+/// `[workspaces] root`: a tenant may read and write all of its own root.
+pub(super) fn config_outside_workspaces(cfg: &super::Config) -> Result<(), super::ConfigError> {
+    let (Some(file), Some(root)) = (&cfg.isolation.daemon_config, &cfg.workspaces.root) else {
+        return Ok(());
+    };
+    let root = root.canonicalize().unwrap_or_else(|_| root.clone());
+    if cfg.isolation.mode == IsolationMode::Sandbox && file.starts_with(&root) {
+        return Err(super::ConfigError::Invalid {
+            key: "workspaces.root",
+            reason: format!(
+                "the daemon's config file {} lies inside it, where a sandboxed tenant may read it; move one of them",
+                file.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The port of a NATS URL (`nats://h:4222`, `tls://h`, `h:4222`, `h`):
 /// 4222 when it names none.
 fn url_port(url: &str) -> Option<u16> {

@@ -115,3 +115,43 @@ fn provider_ports_may_not_reach_nats_or_the_metrics_listener() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn the_config_file_may_not_lie_in_a_tenants_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let file = root.join("acme").join("bridge.toml");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let toml = format!(
+        "[workspaces]\nroot = \"{}\"\n[isolation]\nmode = \"sandbox\"\n[isolation.limits]\nmax_processes = 0\n",
+        root.display()
+    );
+    std::fs::write(&file, &toml).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .env_remove("OPENCODE_BRIDGE__NATS__URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("workspaces.root"), "{}", stderr(&out));
+    // Beside the root, not in it: accepted (where the kernel allows).
+    let beside = dir.path().join("bridge.toml");
+    std::fs::write(
+        &beside,
+        toml.replace(
+            &root.display().to_string(),
+            &root.join("ws").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&beside)
+        .env_remove("OPENCODE_BRIDGE__NATS__URL")
+        .output()
+        .unwrap();
+    if probe::kernel_abi() >= 6 {
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
