@@ -245,6 +245,23 @@ async fn process_mode_a_crash_fails_only_its_tenant() {
     );
     let mut seen = Vec::new();
     assert!(wait_for_line(&mut d.log, &mut seen, "restarted", Duration::from_secs(1)).await);
+
+    // Discord names slack's session: its own server has no such session,
+    // and the answer reads like one that does not exist.
+    let slack_session = terminal(&recall)["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let payload = serde_json::json!({"text": "[recall] steal", "session_id": slack_session});
+    let stolen = request(
+        &c,
+        "opencode.prompt.discord.D9",
+        &payload.to_string(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(terminal(&stolen)["code"], "forbidden", "{stolen:#?}");
+    assert!(!format!("{stolen:?}").contains("quince-iso"));
 }
 
 /// What a tenant's server sees of the environment: its own `HOME` and
