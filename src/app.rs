@@ -59,6 +59,10 @@ pub enum AppError {
     /// `[opencode] require_ask` and OpenCode would run tools without asking.
     #[error("OpenCode allows without asking what the bridge's policy would deny or ask ([opencode] require_ask): {0}")]
     PolicyBypassed(String),
+    /// `[isolation] mode = "sandbox"` on a kernel that cannot enforce it
+    /// (`sandbox::probe`).
+    #[error("{0}")]
+    SandboxUnsupported(String),
 }
 
 impl AppError {
@@ -66,7 +70,10 @@ impl AppError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            AppError::PolicyBypassed(_) | AppError::UnsupportedOpenCode(_) | AppError::NoJetStream
+            AppError::PolicyBypassed(_)
+                | AppError::UnsupportedOpenCode(_)
+                | AppError::NoJetStream
+                | AppError::SandboxUnsupported(_)
         )
     }
 }
@@ -84,6 +91,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: Option<oneshot::Sender<Ready>>,
 ) -> Result<(), AppError> {
+    crate::sandbox::check_at_start(&config.isolation).map_err(AppError::SandboxUnsupported)?;
     let config = Arc::new(config);
     // A signal during start-up (waiting for NATS, OpenCode starting) stops
     // the daemon at once: nothing is serving yet, so nothing is drained.

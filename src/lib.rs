@@ -31,6 +31,9 @@
 //! - `jsonscan` *(pure)*: the JSON string scan the event parser and the
 //!   reply writer share.
 //! - [`app`]: wiring and shutdown.
+//! - [`sandbox`]: the `sandbox` isolation mode: the `sandbox-exec` helper
+//!   that confines a tenant's server by the kernel, the start-up check;
+//!   *(pure)* the policy.
 //! - [`ops`]: operating it: metrics, status and heartbeat, the NATS micro
 //!   service, systemd notifications, W3C trace context.
 
@@ -48,4 +51,5 @@ pub mod metrics;
 pub mod opencode;
 pub mod ops;
 pub mod protocol;
+pub mod sandbox;
 pub mod turn;

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use cli::EXIT_CONFIG;
 use opencode_nats_bridge::config::{Config, LogFormat};
+use opencode_nats_bridge::sandbox;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: the daemon allocates many short-lived
@@ -80,6 +81,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Some(failed) = sandbox_helper() {
+        return failed;
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -108,19 +112,7 @@ fn main() -> ExitCode {
             init_client_tracing();
             cli::control(cmd)
         }
-        Command::CheckConfig { config } => match Config::load_with_sources(config.as_deref()) {
-            Ok((_, sources)) => {
-                println!("config OK; read: {sources}");
-                for note in &sources.renamed {
-                    println!("warning: {note}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Run { config } => {
             let (cfg, sources) = match Config::load_with_sources(config.as_deref()) {
                 Ok(c) => c,
@@ -155,6 +147,47 @@ fn main() -> ExitCode {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The hidden `sandbox-exec` subcommand (src/sandbox/): confine this
+/// process, then become the command. Checked first, while the process has
+/// a single thread (a user namespace needs that). Returns only on failure.
+fn sandbox_helper() -> Option<ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_none_or(|a| a != sandbox::SUBCOMMAND) {
+        return None;
+    }
+    let error = sandbox::sandbox_exec(&args[2..]);
+    eprintln!("{error}");
+    Some(ExitCode::from(sandbox::EXIT_SANDBOX))
+}
+
+/// `check-config`: the config, then (with `[isolation] mode =
+/// "sandbox"`) the kernel check of `run`, so ExecStartPre catches both.
+fn check_config(path: Option<&std::path::Path>) -> ExitCode {
+    let checked = Config::load_with_sources(path).and_then(|(cfg, sources)| {
+        sandbox::check_at_start(&cfg.isolation)
+            .map(|()| sources)
+            .map_err(
+                |reason| opencode_nats_bridge::config::ConfigError::Invalid {
+                    key: "isolation.mode",
+                    reason,
+                },
+            )
+    });
+    match checked {
+        Ok(sources) => {
+            println!("config OK; read: {sources}");
+            for note in &sources.renamed {
+                println!("warning: {note}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - No source file under `src/` is longer than [`MAX_FILE_LINES`], and no
 //!   function outside a test module is longer than [`MAX_FN_LINES`].
 //! - README's code map names every module of `src/`.
+//! - Only the hidden `sandbox-exec` subcommand confines a process; the
+//!   daemon never confines itself.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +32,7 @@ const PURE: &[&str] = &[
     "src/opencode/ids.rs",
     "src/opencode/version.rs",
     "src/cluster/home.rs",
+    "src/sandbox/policy.rs",
 ];
 
 fn root() -> PathBuf {
@@ -279,4 +282,25 @@ fn the_code_map_names_every_module() {
         missing.is_empty(),
         "README's code map does not name: {missing:?}"
     );
+}
+
+/// The daemon never confines itself: only the hidden `sandbox-exec`
+/// subcommand (dispatched first in `main`, before any runtime or thread)
+/// applies a sandbox, and only `src/sandbox/apply.rs` builds a Landlock
+/// ruleset that restricts.
+#[test]
+fn only_the_sandbox_helper_confines_a_process() {
+    let mut bad = Vec::new();
+    for (path, text) in sources() {
+        let code = code(&text).replace("fn sandbox_exec(", "fn _(");
+        if path != "src/main.rs" && code.contains("sandbox_exec(") {
+            bad.push(format!("{path} calls sandbox_exec"));
+        }
+        if path != "src/sandbox/apply.rs"
+            && (code.contains("restrict_self") || code.contains("confine("))
+        {
+            bad.push(format!("{path} confines the process it runs in"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::sandbox::{NetworkMode, SandboxLimits};
 use super::{Config, ConfigError};
 
 /// `[workspaces]`: a directory per tenant (and per named workspace).
@@ -37,6 +38,16 @@ pub enum IsolationMode {
     /// One embedded `opencode serve` per tenant, with its own storage,
     /// password, environment and supervision.
     Process,
+    /// `Process`, with each tenant's server and every tool it runs
+    /// confined by the kernel (`crate::sandbox`, README "Security").
+    Sandbox,
+}
+
+impl IsolationMode {
+    /// Whether each tenant gets a server of its own (`process`, `sandbox`).
+    pub fn per_tenant(self) -> bool {
+        self != IsolationMode::Shared
+    }
 }
 
 /// `[isolation]`: one OpenCode per tenant, or one for all.
@@ -47,6 +58,10 @@ pub struct IsolationConfig {
     /// prompts run on an `opencode serve` of its own, started on its first
     /// prompt in `<root>/<tenant>`, with its storage under
     /// `<root>/<tenant>/.opencode/` (operator prompts keep the shared one).
+    /// `sandbox`: `process`, with each tenant's server and every tool it
+    /// runs confined by the kernel to its own `<root>/<tenant>` (README
+    /// "Security"); the daemon refuses to start (exit 78) where the kernel
+    /// cannot enforce it.
     pub mode: IsolationMode,
     /// `process`: a tenant's server with no turn for this long is stopped
     /// (its next prompt starts it again, sessions kept).
@@ -74,6 +89,30 @@ pub struct IsolationConfig {
     /// `~/.config`), when it exists. `OPENCODE_CONFIG_CONTENT` is passed as
     /// for the shared server, with `permission` set to ask.
     pub opencode_config: Option<PathBuf>,
+    /// `sandbox` mode: TCP from a tenant's server and its tools.
+    /// `provider`: connect only to `provider_ports` (on any host: the
+    /// kernel's rules are per port), bind only the server's own listening
+    /// port; `on`: unrestricted. UDP is never restricted.
+    pub network: NetworkMode,
+    /// `sandbox` mode with `network = "provider"`: the TCP ports the model
+    /// provider listens on (443 for an HTTPS API; 11434 for a local
+    /// Ollama). Must not be NATS's port or the metrics port: a tenant's
+    /// tools could reach whatever listens on an allowed port, on any host.
+    pub provider_ports: Vec<u16>,
+    /// `sandbox` mode: more hierarchies a tenant's server may read and
+    /// execute from, beside the system's (`/usr`, `/bin`, `/lib*`, `/etc`,
+    /// `/proc`, `/sys`), the OpenCode binary's directory and its own root
+    /// (e.g. a toolchain under `/opt`).
+    pub read: Vec<PathBuf>,
+    /// `sandbox` mode: paths under the readable ones that stay unreadable
+    /// (secrets in `/etc`). The daemon's config file is always added.
+    pub hide: Vec<PathBuf>,
+    /// `[isolation.limits]`: resource bounds per sandboxed server.
+    pub limits: SandboxLimits,
+    /// The daemon's own config file (not a key: set when it is loaded),
+    /// hidden from sandboxed tenants as `hide` is.
+    #[serde(skip)]
+    pub daemon_config: Option<PathBuf>,
 }
 
 impl Default for IsolationConfig {
@@ -85,6 +124,12 @@ impl Default for IsolationConfig {
             server_wait: Duration::from_secs(120),
             pass_env: Vec::new(),
             opencode_config: None,
+            network: NetworkMode::Provider,
+            provider_ports: vec![443],
+            read: Vec::new(),
+            hide: super::sandbox::default_hide(),
+            limits: SandboxLimits::default(),
+            daemon_config: None,
         }
     }
 }
@@ -109,11 +154,11 @@ impl Config {
             return invalid("workspaces.allow_named", "needs [workspaces] root");
         }
         let i = &self.isolation;
-        if i.mode == IsolationMode::Process {
+        if i.mode.per_tenant() {
             if w.root.is_none() {
                 return invalid(
                     "isolation.mode",
-                    "\"process\" needs [workspaces] root (each tenant's server works and keeps its storage under <root>/<tenant>)",
+                    "\"process\" and \"sandbox\" need [workspaces] root (each tenant's server works and keeps its storage under <root>/<tenant>)",
                 );
             }
             if i.max_servers == 0 {

@@ -29,12 +29,13 @@ impl Config {
             origins,
             sources,
         } = layers;
-        let cfg: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Key {
-                origin: "config".into(),
-                reason: explain(e.message(), None),
-            })?;
+        let mut cfg: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Key {
+                    origin: "config".into(),
+                    reason: explain(e.message(), None),
+                })?;
         cfg.validate().map_err(|e| match e {
             ConfigError::Invalid { key, reason } => match origins.get(key) {
                 Some(origin) => ConfigError::Key {
@@ -45,6 +46,9 @@ impl Config {
             },
             other => other,
         })?;
+        // A sandboxed tenant must not read the daemon's config.
+        cfg.isolation.daemon_config = path.and_then(|p| p.canonicalize().ok());
+        super::sandbox::config_outside_workspaces(&cfg)?;
         Ok((cfg, sources))
     }
 }

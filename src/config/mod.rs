@@ -11,6 +11,7 @@ use serde::Deserialize;
 pub use cluster::{ClusterConfig, JetStreamConfig, Switch};
 pub use controls::{ControlsConfig, OnNew};
 pub use isolation::{IsolationConfig, IsolationMode, WorkspacesConfig};
+pub use sandbox::{NetworkMode, SandboxLimits};
 pub use shares::SharesConfig;
 
 /// The environment prefix: `OPENCODE_BRIDGE__NATS__URL` sets `[nats] url`.
@@ -53,7 +54,8 @@ pub struct Config {
     pub controls: ControlsConfig,
     /// `[workspaces]`: a directory per tenant and per named workspace.
     pub workspaces: WorkspacesConfig,
-    /// `[isolation]`: one OpenCode for all tenants, or one per tenant.
+    /// `[isolation]`: one OpenCode for all tenants, one per tenant, or one
+    /// per tenant confined by the kernel.
     pub isolation: IsolationConfig,
 }
 
@@ -807,6 +809,7 @@ mod cluster;
 mod controls;
 mod isolation;
 mod load;
+mod sandbox;
 mod shares;
 #[cfg(test)]
 mod tests;

@@ -24,7 +24,8 @@ impl Config {
             })?;
         self.controls.validate()?;
         self.validate_isolation()?;
-        self.validate_agent_protocol()
+        self.validate_agent_protocol()?;
+        super::sandbox::validate(self)
     }
 
     fn validate_stream_defaults(&self) -> Result<(), ConfigError> {

@@ -32,6 +32,7 @@ use crate::opencode::embedded::{asking_config, EmbeddedServer};
 use crate::opencode::stream::StreamOptions;
 use crate::opencode::{EventHub, OpenCodeClient};
 use crate::protocol::ErrorCode;
+use crate::sandbox::TenantSandbox;
 use crate::turn::{SessionStore, TurnError};
 
 /// One tenant's running server: what its turns drive.
@@ -281,15 +282,26 @@ impl TenantServers {
                 unavailable("cannot prepare the tenant's workspace".into())
             })?;
         let vars = layout.environment(&cfg.isolation);
+        let sandbox =
+            TenantSandbox::for_tenant(&cfg.isolation, &layout.workspace, &layout.state, &vars)
+                .map_err(|e| {
+                    warn!(%tenant, error = %e, "cannot prepare the tenant's sandbox");
+                    unavailable("cannot prepare the tenant's sandbox".into())
+                })?;
         let content = asking_config(std::env::var("OPENCODE_CONFIG_CONTENT").ok().as_deref());
         let t0 = Instant::now();
-        let (server, client) =
-            EmbeddedServer::start_in(&cfg.opencode, layout.workspace.clone(), Some(vars), content)
-                .await
-                .map_err(|e| {
-                    warn!(%tenant, error = %e, "cannot start the tenant's OpenCode server");
-                    unavailable("the tenant's OpenCode server did not start".into())
-                })?;
+        let (server, client) = EmbeddedServer::start_in(
+            &cfg.opencode,
+            layout.workspace.clone(),
+            Some(vars),
+            content,
+            sandbox.as_ref(),
+        )
+        .await
+        .map_err(|e| {
+            warn!(%tenant, error = %e, "cannot start the tenant's OpenCode server");
+            unavailable("the tenant's OpenCode server did not start".into())
+        })?;
         let stop = self.cancel.child_token();
         let hub = EventHub::new(cfg.turn.event_buffer);
         let opts = StreamOptions::from(&cfg.opencode, &cfg.limits);

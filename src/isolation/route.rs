@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::workspaces::{DirLease, DirectoryStreams};
 use super::{env, Lease, TenantServers};
-use crate::config::{Config, IsolationMode};
+use crate::config::Config;
 use crate::opencode::{EventHub, OpenCodeClient, OpenCodeError};
 use crate::protocol::workspace;
 use crate::protocol::{ErrorCode, Prompt};
@@ -63,7 +63,7 @@ impl Isolation {
         cancel: &CancellationToken,
     ) -> Option<Arc<Isolation>> {
         config.workspaces.root.as_ref()?;
-        let tenants = (config.isolation.mode == IsolationMode::Process).then(|| {
+        let tenants = config.isolation.mode.per_tenant().then(|| {
             info!(
                 max_servers = config.isolation.max_servers,
                 "isolation: one OpenCode server per tenant"

@@ -80,6 +80,9 @@ pub struct ServerSpec {
     /// `OPENCODE_CONFIG_CONTENT`: the operator's, with `permission` set to
     /// ask ([`asking_config`]).
     pub config_content: String,
+    /// What runs the binary confined (`[isolation] mode = "sandbox"`:
+    /// `opencode-nats-bridge sandbox-exec <policy> --`); empty: nothing.
+    pub wrapper: Vec<std::ffi::OsString>,
 }
 
 /// The command that runs `spec`: the reaper (`setpriv --pdeathsig TERM --
@@ -87,7 +90,8 @@ pub struct ServerSpec {
 /// <port>`, in `spec.directory`, in a process group of its own.
 pub fn server_command(spec: &ServerSpec) -> Command {
     let mut cmd = reaper_command();
-    cmd.arg(&spec.binary)
+    cmd.args(&spec.wrapper)
+        .arg(&spec.binary)
         .arg("serve")
         .arg("--hostname")
         .arg("127.0.0.1")
@@ -166,30 +170,34 @@ impl EmbeddedServer {
             })?,
         };
         let content = asking_config(std::env::var("OPENCODE_CONFIG_CONTENT").ok().as_deref());
-        Self::start_in(cfg, directory, None, content).await
+        Self::start_in(cfg, directory, None, content, None).await
     }
 
     /// Spawns a server in `directory` with exactly `env` (`None`: the
-    /// daemon's), a free loopback port and a new random password, and
-    /// waits until it is healthy.
+    /// daemon's), a free loopback port and a new random password, confined
+    /// by `sandbox` when given, and waits until it is healthy.
     pub async fn start_in(
         cfg: &OpenCodeConfig,
         directory: PathBuf,
         env: Option<Vec<(std::ffi::OsString, std::ffi::OsString)>>,
         config_content: String,
+        sandbox: Option<&crate::sandbox::TenantSandbox>,
     ) -> Result<(EmbeddedServer, OpenCodeClient), EmbeddedError> {
         let binary = find_binary(&cfg.binary).map_err(|source| EmbeddedError::Spawn {
             binary: cfg.binary.clone(),
             source,
         })?;
+        let port = free_port_where(|p| sandbox.is_none_or(|s| s.may_listen_on(p)))?;
+        let wrapper = sandbox.map_or_else(Vec::new, |s| s.prefix(&binary, port));
         let spec = ServerSpec {
             binary,
-            port: free_port().map_err(EmbeddedError::Port)?,
+            port,
             directory,
             env,
             username: cfg.username.clone(),
             password: uuid::Uuid::new_v4().simple().to_string(),
             config_content,
+            wrapper,
         };
         let base_url = format!("http://127.0.0.1:{}", spec.port);
         let client = OpenCodeClient::new(
@@ -382,6 +390,20 @@ fn find_binary(binary: &Path) -> std::io::Result<PathBuf> {
                 format!("{} is not on PATH", binary.display()),
             )
         })
+}
+
+/// A free loopback port that `ok` accepts (a sandboxed tenant's server
+/// never gets a provider port, which other tenants may connect to).
+fn free_port_where(ok: impl Fn(u16) -> bool) -> Result<u16, EmbeddedError> {
+    for _ in 0..64 {
+        let port = free_port().map_err(EmbeddedError::Port)?;
+        if ok(port) {
+            return Ok(port);
+        }
+    }
+    Err(EmbeddedError::Port(std::io::Error::other(
+        "every free port tried is a provider port",
+    )))
 }
 
 fn free_port() -> std::io::Result<u16> {

@@ -13,3 +13,4 @@ pub mod ops;
 pub mod proxy;
 pub mod real_opencode;
 pub mod rig;
+pub mod tenant_user;
