@@ -201,9 +201,11 @@ fn init_client_tracing() {
     }
 }
 
-/// What the operator should know before the daemon starts: keys read under
+/// What the operator should know before the daemon starts: where its
+/// config came from (the file, the environment variables), keys read under
 /// an old name, and which runtime this build has.
 fn log_build_and_config(sources: &opencode_nats_bridge::config::Sources) {
+    tracing::info!("config: read {sources}");
     for note in &sources.renamed {
         tracing::warn!("config: {note}");
     }

@@ -7,6 +7,7 @@ mod blips;
 mod bridge_fake;
 mod cluster;
 mod daemon_binary;
+mod dev_up;
 mod e2e_interactive;
 mod e2e_real_opencode;
 mod examples;
