@@ -351,3 +351,71 @@ fn check_config_says_what_it_read_and_where_a_mistake_is() {
         "environment variable OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT=\"600\" ([turn] idle_timeout): not a duration; write a duration such as \"10m\", \"90s\" or \"1h 30m\"\n"
     );
 }
+
+mod unknown_agent {
+    //! The real OpenCode, asked for an agent it does not have: a
+    //! `bad_request` naming the agents it has (OpenCode itself answers with
+    //! an `UnknownError` and a stack trace), and nothing reaches the model.
+
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
+    use crate::support::fake_llm::{self, FakeLlm};
+    use crate::support::nats::{client, NatsServer};
+    use crate::support::real_opencode::RealOpenCode;
+
+    const TURN: Duration = Duration::from_secs(120);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unknown_agent_is_a_bad_request_listing_the_agents() {
+        let nats = NatsServer::start();
+        let llm = FakeLlm::start().await;
+        let opencode = RealOpenCode::start(&llm.base_url()).await;
+        let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+        cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+        let bridge = Bridge::start(cfg).await;
+        let c = client(&nats.url()).await;
+
+        let started = std::time::Instant::now();
+        let prompt = json!({"text": "hello", "agent": "nosuch", "conversation": "fh.agent"});
+        let r = request(&c, "opencode.prompt", &prompt.to_string(), TURN).await;
+        assert_well_formed(&r);
+        let t = terminal(&r);
+        assert_eq!(t["kind"], "error", "{r:#?}");
+        assert_eq!(t["code"], "bad_request", "{t}");
+        assert_eq!(t["retryable"], false, "{t}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        let msg = t["error"].as_str().unwrap();
+        eprintln!("unknown agent: {msg}");
+        assert!(
+            msg.starts_with("unknown agent \"nosuch\": OpenCode has no such agent (it has ["),
+            "{msg}"
+        );
+        for agent in ["\"build\"", "\"plan\""] {
+            assert!(msg.contains(agent), "{agent} not in {msg}");
+        }
+        // OpenCode's hidden agents are not offered.
+        assert!(!msg.contains("\"title\""), "{msg}");
+        assert!(llm.recorded().is_empty(), "the model was called");
+
+        // A known agent answers.
+        let prompt = json!({"text": "with plan", "agent": "plan", "conversation": "fh.agent"});
+        let r = request(&c, "opencode.prompt", &prompt.to_string(), TURN).await;
+        assert_well_formed(&r);
+        assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+        // (the plan agent's reminder follows the user's text)
+        let content = terminal(&r)["content"].as_str().unwrap().to_string();
+        assert!(
+            content.starts_with(&fake_llm::text_reply("with plan"))
+                && content.contains("Plan mode"),
+            "{content}"
+        );
+        bridge.stop().await.unwrap();
+    }
+}
