@@ -117,6 +117,47 @@ async fn a_signal_while_waiting_for_nats_stops_the_daemon() {
 }
 
 #[tokio::test]
+async fn a_mistyped_nats_host_shows_the_dns_error_in_each_retry_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "nats://nats.invalid:4222";
+    let mut d = spawn(&[("OPENCODE_BRIDGE__NATS__URL", url)], dir.path());
+    for _ in 0..3 {
+        d.wait_for("NATS not reachable; retrying").await;
+    }
+    let status = d.signal_and_wait(Signal::SIGTERM).await;
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NATS not reachable"))
+        .collect();
+    assert!(retries.len() >= 3, "{log}");
+    for l in retries {
+        assert!(
+            l.contains("cannot resolve nats.invalid: failed to lookup address information"),
+            "{l}"
+        );
+        assert!(l.contains(url), "{l}");
+    }
+    // A port where nothing listens: the address and what to check.
+    let dead = format!("nats://127.0.0.1:{}", dead_port());
+    let mut d = spawn(&[("OPENCODE_BRIDGE__NATS__URL", &dead)], dir.path());
+    let line = {
+        d.wait_for("NATS not reachable; retrying").await;
+        d.log()
+    };
+    assert!(
+        line.contains(&format!(
+            "error={}:{} (127.0.0.1): the connection failed (is a nats-server listening there?)",
+            "127.0.0.1",
+            dead.rsplit(':').next().unwrap()
+        )),
+        "{line}"
+    );
+    assert_eq!(d.signal_and_wait(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn without_retry_an_absent_nats_exits_1_naming_the_url() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("nats://127.0.0.1:{}", dead_port());
