@@ -122,9 +122,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
-async fn connect(cfg: &Config) -> Result<Caller, ExitCode> {
+/// Connects to NATS; a failure says which URL and where it came from
+/// (`--server` when given, else the config and environment).
+async fn connect(cfg: &Config, conn: &Connection) -> Result<Caller, ExitCode> {
     Caller::connect(&cfg.nats).await.map_err(|e| {
-        eprintln!("{e}");
+        match (&e, &conn.server) {
+            (opencode_nats_bridge::bus::BusError::Connect { urls, source }, Some(_)) => eprintln!(
+                "cannot connect to NATS at {urls}: {source} (is a nats-server running there? --server gave this URL)"
+            ),
+            _ => eprintln!("{e}"),
+        }
         ExitCode::from(EXIT_UNREACHABLE)
     })
 }
@@ -182,7 +189,7 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    let caller = match connect(&cfg).await {
+    let caller = match connect(&cfg, &args.conn).await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -298,6 +305,11 @@ async fn open_job(
     else {
         return Err(format!("{subject} is not a job subject"));
     };
+    if let Some(why) = caller.jetstream_missing().await {
+        return Err(format!(
+            "cannot publish a job: {why}; jobs need JetStream (docs/CLUSTER.md)"
+        ));
+    }
     let listen = cfg.reply_rules().default_subject(&who, trace_id);
     let replies = caller.listen(&listen).await.map_err(|e| e.to_string())?;
     let seq = caller
@@ -700,7 +712,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
         Err(code) => return code,
     };
     runtime().block_on(async {
-        let caller = match connect(&cfg).await {
+        let caller = match connect(&cfg, &args.conn).await {
             Ok(c) => c,
             Err(code) => return code,
         };

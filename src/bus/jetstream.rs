@@ -30,6 +30,30 @@ fn usable_version(version: &str) -> bool {
     (major, minor) >= (2, 10)
 }
 
+/// Why the server behind `client` offers no JetStream this daemon can use,
+/// in words naming its version; `None` when it does. Older than
+/// [`MIN_VERSION`]: 2.9's JetStream API answers in a shape this client
+/// cannot read. Else the account request decides (JetStream off, or not
+/// for this user).
+pub(super) async fn missing(client: &async_nats::Client) -> Option<String> {
+    let version = client.server_info().version;
+    if !usable_version(&version) {
+        return Some(format!(
+            "nats-server {version} has no JetStream API this daemon can use ({MIN_VERSION} or newer)"
+        ));
+    }
+    let ctx = jetstream::new(client.clone());
+    match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!(
+            "nats-server {version} offers no JetStream to this user (JetStream off: start it with -js; or not enabled for this account: {e})"
+        )),
+        Err(_) => Some(format!(
+            "nats-server {version} did not answer a JetStream account request within 5s"
+        )),
+    }
+}
+
 /// A JetStream context on the daemon's connection.
 #[derive(Clone)]
 pub struct JetStream {
@@ -59,27 +83,17 @@ fn failed(
 
 impl JetStream {
     /// JetStream on `client`, or `None` (logged once, naming the server's
-    /// version and what is off) when the server has none, is older than
-    /// [`MIN_VERSION`] (2.9's JetStream API answers in a shape this client
-    /// cannot read), or this user may not use it.
+    /// version and what is off) when [`missing`] says why not.
     pub async fn probe(client: &async_nats::Client) -> Option<JetStream> {
-        let version = client.server_info().version;
-        if !usable_version(&version) {
-            info!(
-                nats_server = %version,
-                "nats-server {version} has no JetStream API this daemon can use ({MIN_VERSION} or newer): {OFF}; docs/CLUSTER.md"
-            );
-            return None;
-        }
-        let ctx = jetstream::new(client.clone());
-        match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
-            Ok(Ok(_)) => Some(JetStream { ctx }),
-            Ok(Err(e)) => {
-                info!(nats_server = %version, reason = %e, "nats-server {version} offers no JetStream to this daemon (JetStream off: start it with -js; or not enabled for this account): {OFF}; docs/CLUSTER.md");
-                None
-            }
-            Err(_) => {
-                info!(nats_server = %version, "nats-server {version} did not answer a JetStream account request within 5s: {OFF}; docs/CLUSTER.md");
+        match missing(client).await {
+            None => Some(JetStream {
+                ctx: jetstream::new(client.clone()),
+            }),
+            Some(why) => {
+                info!(
+                    nats_server = %client.server_info().version,
+                    "{why}: {OFF}; docs/CLUSTER.md"
+                );
                 None
             }
         }

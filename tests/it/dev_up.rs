@@ -4,7 +4,8 @@
 //! free port, says so in one line, and its daemon gets JetStream; a second
 //! dev-up in the same directory refuses to start; every process it started
 //! is gone after it stops. And the daemon itself, on such a server, says in
-//! words what it turned off.
+//! words what it turned off; the CLI's `turn` and `prompt --job` blame the
+//! server, not a missing daemon.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -239,7 +240,7 @@ async fn the_daemon_says_what_a_server_without_jetstream_turns_off() {
     let mut servers = vec![(
         "pinned, JetStream off",
         nats_server_bin(),
-        "offers no JetStream to this daemon (JetStream off",
+        "offers no JetStream to this user (JetStream off: start it with -js",
     )];
     // Debian's 2.9.10, where the machine has it (CI has not).
     let debian = "/usr/sbin/nats-server";
@@ -274,4 +275,44 @@ async fn the_daemon_says_what_a_server_without_jetstream_turns_off() {
         d.wait_for("opencode-nats-bridge is serving");
         assert!(d.stop().success(), "{what}: {}", d.log());
     }
+}
+
+#[test]
+fn the_cli_blames_a_server_without_jetstream_and_names_the_flag_given() {
+    let (_server, port) = server_without_jetstream(&nats_server_bin());
+    let url = format!("nats://127.0.0.1:{port}");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["turn", "--server", &url, "--timeout", "1s", "t-1"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.starts_with("no turn states on this NATS server: nats-server 2.15.1 offers no JetStream to this user (JetStream off: start it with -js"),
+        "{err}"
+    );
+    let (code, err) = run(&["prompt", "--server", &url, "--job", "hello"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("cannot publish a job: nats-server 2.15.1 offers no JetStream"),
+        "{err}"
+    );
+    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let (code, err) = run(&["prompt", "--server", &dead, "hello"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("cannot connect to NATS at {dead}: "))
+            && err
+                .trim_end()
+                .ends_with("(is a nats-server running there? --server gave this URL)"),
+        "{err}"
+    );
 }
