@@ -460,3 +460,35 @@ mod unknown_agent {
         bridge.stop().await.unwrap();
     }
 }
+
+#[test]
+fn every_subcommand_describes_every_flag() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for cmd in ["run", "check-config", "prompt", "status", "turn"] {
+        let text = help(&[cmd, "--help"]);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut flags = 0;
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            if l.starts_with("  -") && (t.starts_with("--") || t.starts_with('-')) {
+                flags += 1;
+                let next = lines.get(i + 1).copied().unwrap_or("");
+                assert!(
+                    next.starts_with("          ") && !next.trim().is_empty(),
+                    "`{cmd} --help`: {t:?} has no description:\n{text}"
+                );
+            }
+        }
+        assert!(flags >= 2, "`{cmd} --help` lists no flags:\n{text}");
+        // More than one line about what the command does.
+        let about: Vec<&str> = text.split("Usage:").next().unwrap().lines().collect();
+        assert!(
+            about.iter().filter(|l| !l.trim().is_empty()).count() >= 2,
+            "`{cmd} --help` says one line:\n{text}"
+        );
+    }
+}
