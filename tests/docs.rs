@@ -128,3 +128,30 @@ fn the_check_catches_an_unbalanced_fence() {
         vec!["line 1: a code block opened here is never closed"]
     );
 }
+
+#[test]
+fn one_try_it_command_everywhere() {
+    let args = opencode_nats_bridge::app::TRY_IT_ARGS;
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!(
+            "$ target/release/opencode-nats-bridge prompt {args}\n"
+        )),
+        "README's quick start does not show `prompt {args}`"
+    );
+    let dev_up = std::fs::read_to_string(root().join("deploy/dev-up.sh")).unwrap();
+    assert!(
+        dev_up.contains(&format!("$bin prompt$server {args}\n")),
+        "dev-up.sh's banner does not show `prompt {args}`"
+    );
+    // The daemon's log (app::try_it): the binary by its path, --server
+    // only off the default URL.
+    let line = opencode_nats_bridge::app::try_it("nats://127.0.0.1:4222");
+    assert!(line.ends_with(&format!(" prompt {args}")), "{line}");
+    assert!(!line.contains("--server"), "{line}");
+    let line = opencode_nats_bridge::app::try_it("nats://127.0.0.1:4999");
+    assert!(
+        line.contains(&format!(" prompt --server nats://127.0.0.1:4999 {args}")),
+        "{line}"
+    );
+}
