@@ -18,6 +18,7 @@ use opencode_nats_bridge::protocol::{
 };
 use serde_json::{json, Value};
 
+mod job;
 mod turn;
 pub use turn::{turn, TurnArgs};
 
@@ -267,7 +268,7 @@ async fn open(
     body: String,
 ) -> Result<ReplyStream, String> {
     if args.job {
-        return open_job(caller, cfg, subject, trace_id, body).await;
+        return job::open_job(caller, cfg, subject, trace_id, body).await;
     }
     caller
         .stream(subject, &[], body.into_bytes())
@@ -286,40 +287,6 @@ fn mirrored(cfg: &Config, job: bool, subject: String) -> String {
         &subject,
     )
     .unwrap_or(subject)
-}
-
-/// A durable job: its default reply subject subscribed first, then the job
-/// published with a JetStream acknowledgement (it is stored when this
-/// returns).
-async fn open_job(
-    caller: &Caller,
-    cfg: &Config,
-    subject: &str,
-    trace_id: &str,
-    body: String,
-) -> Result<opencode_nats_bridge::bus::ReplyStream, String> {
-    use opencode_nats_bridge::protocol::job;
-    use opencode_nats_bridge::protocol::tenant::Route;
-    let Route::Prompt { caller: who, .. } =
-        job::route(&cfg.jetstream.jobs_subject, &cfg.route_subjects(), subject)
-    else {
-        return Err(format!("{subject} is not a job subject"));
-    };
-    if let Some(why) = caller.jetstream_missing().await {
-        return Err(format!(
-            "cannot publish a job: {why}; jobs need JetStream (docs/CLUSTER.md)"
-        ));
-    }
-    let listen = cfg.reply_rules().default_subject(&who, trace_id);
-    let replies = caller.listen(&listen).await.map_err(|e| e.to_string())?;
-    let seq = caller
-        .publish_job(subject, body.into_bytes())
-        .await
-        .map_err(|e| {
-            format!("{e} (no jobs stream captures it: has a daemon with [jetstream] jobs ever started on this NATS server?)")
-        })?;
-    eprintln!("opencode-nats-bridge: job stored (stream sequence {seq}); replies on {listen}");
-    Ok(replies)
 }
 
 /// The prompt: `progress` to hear of provider retries while waiting
