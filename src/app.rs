@@ -139,14 +139,33 @@ pub async fn run(
     }
     info!("opencode-nats-bridge is serving");
     info!(
-        "try it: opencode-nats-bridge prompt --server {} 'Say hello' (or any NATS client on {}: docs/PROTOCOL.md)",
-        daemon.config.nats.urls().first().map(String::as_str).unwrap_or_default(),
+        "try it: {} (or any NATS client on {}: docs/PROTOCOL.md)",
+        try_it(&daemon.config.nats.url),
         daemon.config.subjects.prompt
     );
     daemon.serve(&mut shutdown).await;
     daemon.stop().await;
     Ok(())
 }
+
+/// The command to try once the daemon serves, as the README and
+/// `deploy/dev-up.sh` show it: this binary by its path, `--server` only
+/// when NATS is not at the default URL.
+pub fn try_it(nats_url: &str) -> String {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "opencode-nats-bridge".into());
+    let server = if nats_url == crate::config::NatsConfig::default().url {
+        String::new()
+    } else {
+        format!(" --server {nats_url}")
+    };
+    format!("{exe} prompt{server} {TRY_IT_ARGS}")
+}
+
+/// The arguments of the command to try (the README, `deploy/dev-up.sh`
+/// and the daemon's log show the same).
+pub const TRY_IT_ARGS: &str = "--conversation demo 'Write a haiku about queues'";
 
 /// JetStream, if the cluster or the jobs may use it (`auto`) or must
 /// (`on`: a server without it is a configuration fault, exit 78).

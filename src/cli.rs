@@ -19,6 +19,7 @@ use opencode_nats_bridge::protocol::{
 use serde_json::{json, Value};
 
 mod control;
+mod job;
 mod turn;
 pub use control::{control, ControlCommand};
 pub use turn::{turn, TurnArgs};
@@ -124,9 +125,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
-async fn connect(cfg: &Config) -> Result<Caller, ExitCode> {
+/// Connects to NATS; a failure says which URL and where it came from
+/// (`--server` when given, else the config and environment).
+async fn connect(cfg: &Config, conn: &Connection) -> Result<Caller, ExitCode> {
     Caller::connect(&cfg.nats).await.map_err(|e| {
-        eprintln!("{e}");
+        match (&e, &conn.server) {
+            (opencode_nats_bridge::bus::BusError::Connect { urls, source }, Some(_)) => eprintln!(
+                "cannot connect to NATS at {urls}: {source} (is a nats-server running there? --server gave this URL)"
+            ),
+            _ => eprintln!("{e}"),
+        }
         ExitCode::from(EXIT_UNREACHABLE)
     })
 }
@@ -184,7 +192,7 @@ async fn run_prompt(cfg: Config, args: PromptArgs, subject: String, text: String
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    let caller = match connect(&cfg).await {
+    let caller = match connect(&cfg, &args.conn).await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -262,7 +270,7 @@ async fn open(
     body: String,
 ) -> Result<ReplyStream, String> {
     if args.job {
-        return open_job(caller, cfg, subject, trace_id, body).await;
+        return job::open_job(caller, cfg, subject, trace_id, body).await;
     }
     caller
         .stream(subject, &[], body.into_bytes())
@@ -281,35 +289,6 @@ fn mirrored(cfg: &Config, job: bool, subject: String) -> String {
         &subject,
     )
     .unwrap_or(subject)
-}
-
-/// A durable job: its default reply subject subscribed first, then the job
-/// published with a JetStream acknowledgement (it is stored when this
-/// returns).
-async fn open_job(
-    caller: &Caller,
-    cfg: &Config,
-    subject: &str,
-    trace_id: &str,
-    body: String,
-) -> Result<opencode_nats_bridge::bus::ReplyStream, String> {
-    use opencode_nats_bridge::protocol::job;
-    use opencode_nats_bridge::protocol::tenant::Route;
-    let Route::Prompt { caller: who, .. } =
-        job::route(&cfg.jetstream.jobs_subject, &cfg.route_subjects(), subject)
-    else {
-        return Err(format!("{subject} is not a job subject"));
-    };
-    let listen = cfg.reply_rules().default_subject(&who, trace_id);
-    let replies = caller.listen(&listen).await.map_err(|e| e.to_string())?;
-    let seq = caller
-        .publish_job(subject, body.into_bytes())
-        .await
-        .map_err(|e| {
-            format!("{e} (no jobs stream captures it: has a daemon with [jetstream] jobs ever started on this NATS server?)")
-        })?;
-    eprintln!("opencode-nats-bridge: job stored (stream sequence {seq}); replies on {listen}");
-    Ok(replies)
 }
 
 /// The prompt: `progress` to hear of provider retries while waiting
@@ -703,7 +682,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
         Err(code) => return code,
     };
     runtime().block_on(async {
-        let caller = match connect(&cfg).await {
+        let caller = match connect(&cfg, &args.conn).await {
             Ok(c) => c,
             Err(code) => return code,
         };

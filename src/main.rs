@@ -37,14 +37,37 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon (embedded defaults when no config file is given).
+    ///
+    /// Connects to NATS (`[nats] url`, default nats://127.0.0.1:4222,
+    /// waiting for it unless `[nats] retry_on_initial_connect = false`),
+    /// starts `opencode serve` in the current directory (or drives
+    /// `[opencode] base_url`), and serves prompts on `[subjects] prompt`
+    /// until SIGTERM or Ctrl-C, then drains. Its first log line names the
+    /// config sources it read.
+    ///
+    /// Config: built-in defaults, then the `--config` file, then
+    /// `OPENCODE_BRIDGE__<SECTION>__<KEY>` environment variables (e.g.
+    /// OPENCODE_BRIDGE__NATS__URL). Exit status: 0 stopped by a signal;
+    /// 1 a failure at run time; 78 bad config.
+    #[command(
+        after_help = "Example: opencode-nats-bridge run --config /etc/opencode-nats-bridge/config.toml"
+    )]
     Run {
-        /// A TOML config file (see config.example.toml).
-        #[arg(long, short)]
+        /// A TOML config file (see config.example.toml); without it, the
+        /// built-in defaults and the environment.
+        #[arg(long, short, value_name = "PATH")]
         config: Option<PathBuf>,
     },
     /// Validate a config file (with the environment) and exit.
+    ///
+    /// Reads what `run` would read (defaults, the file, the
+    /// OPENCODE_BRIDGE__* environment), prints which of them it read, and
+    /// names the key and the source of the first mistake. Exit status: 0
+    /// valid; 78 not.
     CheckConfig {
-        #[arg(long, short)]
+        /// The TOML config file to check (see config.example.toml); without
+        /// it, the built-in defaults and the environment.
+        #[arg(long, short, value_name = "PATH")]
         config: Option<PathBuf>,
     },
     /// Send one prompt over NATS and print the answer as it streams.
@@ -248,9 +271,11 @@ fn init_client_tracing() {
     }
 }
 
-/// What the operator should know before the daemon starts: keys read under
+/// What the operator should know before the daemon starts: where its
+/// config came from (the file, the environment variables), keys read under
 /// an old name, and which runtime this build has.
 fn log_build_and_config(sources: &opencode_nats_bridge::config::Sources) {
+    tracing::info!("config: read {sources}");
     for note in &sources.renamed {
         tracing::warn!("config: {note}");
     }

@@ -14,7 +14,8 @@ The bridge asks the caller only for permissions its policy marks `ask`
 prompts that say `"interactive": true`, as this one does. docs/PROTOCOL.md
 has the whole contract.
 
-Exit status: 0 `final`, 2 `error`, 3 no reply in time, 1 NATS unreachable.
+Exit status: 0 `final`, 2 `error`, 3 no reply in time, 1 NATS unreachable
+or no bridge listening on the subject.
 """
 
 import argparse
@@ -73,6 +74,10 @@ async def run(args):
             except NatsTimeout:
                 say(f"no reply within {args.timeout}s (is the bridge running?)")
                 return 3
+            if not msg.data and (msg.headers or {}).get("Status") == "503":
+                # NATS's "no responders": nothing subscribes to the subject.
+                say(f"no bridge is listening on {subject} (is the daemon running, on this NATS server?)")
+                return 1
             reply = json.loads(msg.data)
             if reply.get("seq") != expected_seq:
                 say(f"(replies {expected_seq}..{reply.get('seq')} were lost on the way)")

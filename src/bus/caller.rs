@@ -114,6 +114,12 @@ impl Caller {
         Ok(ack.sequence)
     }
 
+    /// Why this NATS server offers no JetStream (turn states, jobs) to
+    /// this user, in words naming its version; `None` when it does.
+    pub async fn jetstream_missing(&self) -> Option<String> {
+        super::jetstream::missing(&self.client).await
+    }
+
     /// Subscribes to `subject` (before anything that answers there is
     /// published): the replies of a job, in order.
     pub async fn listen(&self, subject: &str) -> Result<ReplyStream, BusError> {

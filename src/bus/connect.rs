@@ -1,6 +1,7 @@
 //! Connecting with every option of `[nats]`: auth, TLS, capacities, one log
 //! line per NATS event and per backoff step.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,23 +42,15 @@ pub(super) async fn connect_with(
         addrs.push(addr);
     }
     let urls = cfg.urls().join(",");
-    let backoff_urls = urls.clone();
+    let failures = Arc::new(Failures {
+        addrs: addrs.clone(),
+        count: AtomicUsize::new(0),
+    });
     let mut opts = async_nats::ConnectOptions::new()
         .name(&cfg.name)
-        // One line per backoff step, with the URL (async-nats itself only
-        // reports a bare "IO error" per failed attempt, logged at debug).
-        .reconnect_delay_callback(move |attempt| {
-            let delay = reconnect_delay(attempt);
-            if attempt > 1 {
-                warn!(
-                    url = %backoff_urls,
-                    attempt = attempt - 1,
-                    retry_in = %humantime::format_duration(delay),
-                    "NATS not reachable; retrying"
-                );
-            }
-            delay
-        })
+        // One line per failed attempt (logged from the event it raises,
+        // with the cause: see `Failures::log`).
+        .reconnect_delay_callback(reconnect_delay)
         .custom_inbox_prefix(&cfg.inbox_prefix)
         .subscription_capacity(cfg.subscription_capacity)
         .client_capacity(cfg.client_capacity)
@@ -67,7 +60,8 @@ pub(super) async fn connect_with(
             let errors = errors.clone();
             let urls = urls.clone();
             let metrics = metrics.clone();
-            async move { log_event(event, &urls, errors, metrics) }
+            let failures = failures.clone();
+            async move { log_event(event, &urls, errors, metrics, &failures).await }
         });
     if cfg.retry_on_initial_connect {
         opts = opts.retry_on_initial_connect();
@@ -91,14 +85,18 @@ pub(super) async fn connect_with(
 }
 
 /// One log line per NATS event; server errors also go to `errors`.
-fn log_event(
+async fn log_event(
     event: async_nats::Event,
     urls: &str,
     errors: Option<tokio::sync::broadcast::Sender<String>>,
     metrics: Option<Arc<Metrics>>,
+    failures: &Failures,
 ) {
     match event {
-        async_nats::Event::Connected => info!(url = %urls, "NATS connected"),
+        async_nats::Event::Connected => {
+            failures.count.store(0, Ordering::Relaxed);
+            info!(url = %urls, "NATS connected")
+        }
         async_nats::Event::ServerError(e) => {
             warn!(error = %e, "NATS server error");
             if let Some(tx) = errors {
@@ -112,7 +110,10 @@ fn log_event(
             }
             tracing::error!(sid, "NATS slow consumer: a subscription's buffer was full and a message was dropped ([nats] subscription_capacity; counted in status and metrics)")
         }
-        // A failed connection attempt: the backoff line says it.
+        // A failed connection attempt: one line with its cause.
+        async_nats::Event::ClientError(async_nats::ClientError::Other(kind)) => {
+            failures.log(urls, &kind).await
+        }
         async_nats::Event::ClientError(e) => debug!(error = %e, "NATS client error"),
         other => info!(event = %other, "NATS event"),
     }
@@ -158,4 +159,56 @@ fn reconnect_delay(attempt: usize) -> Duration {
     }
     let exp = u32::try_from(attempt - 2).unwrap_or(u32::MAX).min(5);
     Duration::from_millis(250 * 2u64.pow(exp))
+}
+
+/// Failed connection attempts since the last connect, told one line each
+/// with their cause. async-nats reports only the kind of a failure ("DNS
+/// error", "IO error"), so a name that does not resolve is resolved again
+/// here, for the system's words.
+struct Failures {
+    addrs: Vec<ServerAddr>,
+    count: AtomicUsize,
+}
+
+impl Failures {
+    async fn log(&self, urls: &str, kind: &str) {
+        let attempt = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut causes = Vec::new();
+        for addr in &self.addrs {
+            causes.push(cause(addr, kind).await);
+        }
+        warn!(
+            url = %urls,
+            attempt,
+            retry_in = %humantime::format_duration(reconnect_delay(attempt + 1)),
+            error = %causes.join("; "),
+            "NATS not reachable; retrying"
+        );
+    }
+}
+
+/// Why `addr` cannot be reached: its name does not resolve (in the
+/// system's words), or where it resolves to the connection failed (the
+/// kind of failure async-nats reports, in words).
+async fn cause(addr: &ServerAddr, kind: &str) -> String {
+    let (host, port) = (addr.host(), addr.port());
+    let found = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::lookup_host((host, port)),
+    )
+    .await;
+    let first = match found {
+        Err(_) => return format!("cannot resolve {host}: no answer within 2s"),
+        Ok(Err(e)) => return format!("cannot resolve {host}: {e}"),
+        Ok(Ok(mut found)) => found.next(),
+    };
+    let Some(sock) = first else {
+        return format!("cannot resolve {host}: no address");
+    };
+    let what = match kind {
+        "IO error" => "the connection failed (is a nats-server listening there?)",
+        "timed out" => "no answer within [nats] connection_timeout",
+        other => other,
+    };
+    format!("{host}:{port} ({}): {what}", sock.ip())
 }

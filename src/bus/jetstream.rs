@@ -10,6 +10,50 @@ use tracing::info;
 
 use super::BusError;
 
+/// The oldest nats-server whose JetStream API this daemon can use.
+pub const MIN_VERSION: &str = "2.10";
+
+/// What a daemon without JetStream does without, in words.
+const OFF: &str = "running single-host: cluster, jobs and turn states are off";
+
+/// Whether nats-server `version` ("2.9.10", "2.15.1-beta") is
+/// [`MIN_VERSION`] or newer; an unreadable version is given the benefit of
+/// the doubt (the account request decides).
+fn usable_version(version: &str) -> bool {
+    let mut parts = version.split(|c: char| !c.is_ascii_digit());
+    let (Some(Ok(major)), Some(Ok(minor))) = (
+        parts.next().map(str::parse::<u32>),
+        parts.next().map(str::parse::<u32>),
+    ) else {
+        return true;
+    };
+    (major, minor) >= (2, 10)
+}
+
+/// Why the server behind `client` offers no JetStream this daemon can use,
+/// in words naming its version; `None` when it does. Older than
+/// [`MIN_VERSION`]: 2.9's JetStream API answers in a shape this client
+/// cannot read. Else the account request decides (JetStream off, or not
+/// for this user).
+pub(super) async fn missing(client: &async_nats::Client) -> Option<String> {
+    let version = client.server_info().version;
+    if !usable_version(&version) {
+        return Some(format!(
+            "nats-server {version} has no JetStream API this daemon can use ({MIN_VERSION} or newer)"
+        ));
+    }
+    let ctx = jetstream::new(client.clone());
+    match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!(
+            "nats-server {version} offers no JetStream to this user (JetStream off: start it with -js; or not enabled for this account: {e})"
+        )),
+        Err(_) => Some(format!(
+            "nats-server {version} did not answer a JetStream account request within 5s"
+        )),
+    }
+}
+
 /// A JetStream context on the daemon's connection.
 #[derive(Clone)]
 pub struct JetStream {
@@ -38,18 +82,18 @@ fn failed(
 }
 
 impl JetStream {
-    /// JetStream on `client`, or `None` (logged once) when the server has
-    /// none or this user may not use it.
+    /// JetStream on `client`, or `None` (logged once, naming the server's
+    /// version and what is off) when [`missing`] says why not.
     pub async fn probe(client: &async_nats::Client) -> Option<JetStream> {
-        let ctx = jetstream::new(client.clone());
-        match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
-            Ok(Ok(_)) => Some(JetStream { ctx }),
-            Ok(Err(e)) => {
-                info!(reason = %e, "the NATS server offers no JetStream to this daemon: running single-host (no conversation homes, jobs or turn states; docs/CLUSTER.md)");
-                None
-            }
-            Err(_) => {
-                info!("the NATS server did not answer a JetStream account request within 5s: running single-host (docs/CLUSTER.md)");
+        match missing(client).await {
+            None => Some(JetStream {
+                ctx: jetstream::new(client.clone()),
+            }),
+            Some(why) => {
+                info!(
+                    nats_server = %client.server_info().version,
+                    "{why}: {OFF}; docs/CLUSTER.md"
+                );
                 None
             }
         }
@@ -154,5 +198,28 @@ impl Bucket {
             .delete(key)
             .await
             .map_err(|e| failed(format!("delete {} in {}", key, self.name))(e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable_version;
+
+    #[test]
+    fn nats_server_2_10_or_newer_has_a_usable_jetstream_api() {
+        for (v, ok) in [
+            ("2.9.10", false),
+            ("2.9.25", false),
+            ("2.2.0", false),
+            ("1.4.1", false),
+            ("2.10.0", true),
+            ("2.15.1", true),
+            ("2.11.0-RC.1", true),
+            ("3.0.0", true),
+            ("", true),
+            ("dev", true),
+        ] {
+            assert_eq!(usable_version(v), ok, "{v:?}");
+        }
     }
 }

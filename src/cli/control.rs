@@ -181,7 +181,7 @@ pub fn control(cmd: ControlCommand) -> ExitCode {
         None => format!("{base}.{op}"),
     };
     runtime().block_on(async {
-        let caller = match connect(&cfg).await {
+        let caller = match connect(&cfg, &common.conn).await {
             Ok(c) => c,
             Err(code) => return code,
         };

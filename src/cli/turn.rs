@@ -49,24 +49,35 @@ pub fn turn(args: TurnArgs) -> ExitCode {
     };
     let request = serde_json::json!({"trace_id": args.trace_id}).to_string();
     runtime().block_on(async {
-        let caller = match connect(&cfg).await {
+        let caller = match connect(&cfg, &args.conn).await {
             Ok(c) => c,
             Err(code) => return code,
         };
         let answer = caller
             .request_one(&subject, request.into_bytes(), args.timeout)
             .await;
+        // Nobody answered: a server without JetStream is the likelier cause.
+        let no_jetstream = match answer {
+            Ok(None) => caller.jetstream_missing().await,
+            _ => None,
+        };
         caller.close().await;
-        match answer {
-            Ok(Some(raw)) => show(&raw, args.json),
-            Ok(None) => {
+        match (answer, no_jetstream) {
+            (Ok(Some(raw)), _) => show(&raw, args.json),
+            (Ok(None), Some(why)) => {
                 eprintln!(
-                    "no bridge answered on {subject} within {} (is a daemon with JetStream running? docs/CLUSTER.md)",
+                    "no turn states on this NATS server: {why}; daemons keep turn states only with JetStream (docs/CLUSTER.md)"
+                );
+                ExitCode::from(EXIT_TIMEOUT)
+            }
+            (Ok(None), None) => {
+                eprintln!(
+                    "no bridge answered on {subject} within {} (is a daemon running on this NATS server? `status` lists them)",
                     humantime::format_duration(args.timeout)
                 );
                 ExitCode::from(EXIT_TIMEOUT)
             }
-            Err(e) => {
+            (Err(e), _) => {
                 eprintln!("{e}");
                 ExitCode::from(EXIT_UNREACHABLE)
             }

@@ -165,7 +165,7 @@ impl Config {
             );
         }
         if self.nats.user.is_some() != self.nats.password.is_some() {
-            return invalid("nats.user", "user and password go together".into());
+            return invalid("nats.user", "user and password go together (a password kept out of the file comes from OPENCODE_BRIDGE__NATS__PASSWORD)".into());
         }
         Ok(())
     }

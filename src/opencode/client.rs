@@ -115,6 +115,9 @@ pub struct SessionInfo {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AgentInfo {
     pub name: String,
+    /// OpenCode's own agents (title, summary, compaction): not offered.
+    #[serde(default)]
+    pub hidden: bool,
     /// Its merged rules, in order (the last match wins).
     #[serde(default)]
     pub permission: Vec<crate::protocol::interactive::OpenCodeRule>,

@@ -46,6 +46,9 @@ pub async fn begin(
     if let Some(m) = &prompt.model {
         check_model(ctx, m).await?;
     }
+    if let Some(a) = &prompt.agent {
+        check_agent(ctx, a).await?;
+    }
     if let Some(found) = super::resume::accepted_before(ctx, prompt).await? {
         return Ok(found);
     }
@@ -260,6 +263,27 @@ async fn check_model(ctx: &TurnContext, m: &ModelRef) -> Result<(), TurnError> {
         )),
         Some(_) => Ok(()),
     }
+}
+
+/// OpenCode answers a prompt for an unknown agent with an `UnknownError`
+/// and a stack trace, which reads as its fault and retryable: check it
+/// first, and name the agents there are (the hidden ones, OpenCode's own,
+/// are accepted but not listed).
+async fn check_agent(ctx: &TurnContext, agent: &str) -> Result<(), TurnError> {
+    let agents = ctx.client.agents().await?;
+    if agents.iter().any(|a| a.name == agent) {
+        return Ok(());
+    }
+    let mut known: Vec<&str> = agents
+        .iter()
+        .filter(|a| !a.hidden)
+        .map(|a| a.name.as_str())
+        .collect();
+    known.sort_unstable();
+    Err(TurnError::new(
+        ErrorCode::BadRequest,
+        format!("unknown agent {agent:?}: OpenCode has no such agent (it has {known:?})"),
+    ))
 }
 
 #[cfg(test)]

@@ -54,8 +54,9 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_example_streams_and_answers_a_permission() {
+/// Where nats-py is (`.tools/python`), or `None` (said) when pip is
+/// unavailable and so it could not be installed.
+fn python_tools() -> Option<PathBuf> {
     let tools = root().join(".tools/python");
     if !tools.join("nats").is_dir() {
         let pip = std::process::Command::new("python3")
@@ -70,8 +71,42 @@ async fn python_example_streams_and_answers_a_permission() {
         eprintln!(
             "SKIPPED: pip is unavailable, so nats-py could not be installed for examples/python"
         );
-        return;
+        return None;
     }
+    Some(tools)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_exits_1_when_no_bridge_listens() {
+    let Some(tools) = python_tools() else {
+        return;
+    };
+    let nats = crate::support::nats::NatsServer::start();
+    let mut cmd = Command::new("python3");
+    cmd.arg(root().join("examples/python/stream_and_answer.py"))
+        .arg("anyone there?")
+        .args(["--server", &nats.url(), "--timeout", "60"])
+        .env("PYTHONPATH", &tools);
+    let started = std::time::Instant::now();
+    let out = output(cmd).await;
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        out.stderr.trim(),
+        "no bridge is listening on opencode.prompt (is the daemon running, on this NATS server?)"
+    );
+    assert_eq!(out.stdout, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_streams_and_answers_a_permission() {
+    let Some(tools) = python_tools() else {
+        return;
+    };
     let s = stack().await;
     let marker = format!("py-example-{}", std::process::id());
     let mut cmd = Command::new("python3");

@@ -117,6 +117,47 @@ async fn a_signal_while_waiting_for_nats_stops_the_daemon() {
 }
 
 #[tokio::test]
+async fn a_mistyped_nats_host_shows_the_dns_error_in_each_retry_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "nats://nats.invalid:4222";
+    let mut d = spawn(&[("OPENCODE_BRIDGE__NATS__URL", url)], dir.path());
+    for _ in 0..3 {
+        d.wait_for("NATS not reachable; retrying").await;
+    }
+    let status = d.signal_and_wait(Signal::SIGTERM).await;
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NATS not reachable"))
+        .collect();
+    assert!(retries.len() >= 3, "{log}");
+    for l in retries {
+        assert!(
+            l.contains("cannot resolve nats.invalid: failed to lookup address information"),
+            "{l}"
+        );
+        assert!(l.contains(url), "{l}");
+    }
+    // A port where nothing listens: the address and what to check.
+    let dead = format!("nats://127.0.0.1:{}", dead_port());
+    let mut d = spawn(&[("OPENCODE_BRIDGE__NATS__URL", &dead)], dir.path());
+    let line = {
+        d.wait_for("NATS not reachable; retrying").await;
+        d.log()
+    };
+    assert!(
+        line.contains(&format!(
+            "error={}:{} (127.0.0.1): the connection failed (is a nats-server listening there?)",
+            "127.0.0.1",
+            dead.rsplit(':').next().unwrap()
+        )),
+        "{line}"
+    );
+    assert_eq!(d.signal_and_wait(Signal::SIGTERM).await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn without_retry_an_absent_nats_exits_1_naming_the_url() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("nats://127.0.0.1:{}", dead_port());
@@ -351,4 +392,104 @@ fn check_config_says_what_it_read_and_where_a_mistake_is() {
         String::from_utf8_lossy(&out.stderr),
         "environment variable OPENCODE_BRIDGE__TURN__IDLE_TIMEOUT=\"600\" ([turn] idle_timeout): not a duration; write a duration such as \"10m\", \"90s\" or \"1h 30m\"\n"
     );
+}
+
+mod unknown_agent {
+    //! The real OpenCode, asked for an agent it does not have: a
+    //! `bad_request` naming the agents it has (OpenCode itself answers with
+    //! an `UnknownError` and a stack trace), and nothing reaches the model.
+
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::support::bridge::{assert_well_formed, request, terminal, test_config, Bridge};
+    use crate::support::fake_llm::{self, FakeLlm};
+    use crate::support::nats::{client, NatsServer};
+    use crate::support::real_opencode::RealOpenCode;
+
+    const TURN: Duration = Duration::from_secs(120);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unknown_agent_is_a_bad_request_listing_the_agents() {
+        let nats = NatsServer::start();
+        let llm = FakeLlm::start().await;
+        let opencode = RealOpenCode::start(&llm.base_url()).await;
+        let mut cfg = test_config(&nats.url(), opencode.base_url(), Some(opencode.password()));
+        cfg.opencode.directory = Some(opencode.directory().to_path_buf());
+        let bridge = Bridge::start(cfg).await;
+        let c = client(&nats.url()).await;
+
+        let started = std::time::Instant::now();
+        let prompt = json!({"text": "hello", "agent": "nosuch", "conversation": "fh.agent"});
+        let r = request(&c, "opencode.prompt", &prompt.to_string(), TURN).await;
+        assert_well_formed(&r);
+        let t = terminal(&r);
+        assert_eq!(t["kind"], "error", "{r:#?}");
+        assert_eq!(t["code"], "bad_request", "{t}");
+        assert_eq!(t["retryable"], false, "{t}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        let msg = t["error"].as_str().unwrap();
+        eprintln!("unknown agent: {msg}");
+        assert!(
+            msg.starts_with("unknown agent \"nosuch\": OpenCode has no such agent (it has ["),
+            "{msg}"
+        );
+        for agent in ["\"build\"", "\"plan\""] {
+            assert!(msg.contains(agent), "{agent} not in {msg}");
+        }
+        // OpenCode's hidden agents are not offered.
+        assert!(!msg.contains("\"title\""), "{msg}");
+        assert!(llm.recorded().is_empty(), "the model was called");
+
+        // A known agent answers.
+        let prompt = json!({"text": "with plan", "agent": "plan", "conversation": "fh.agent"});
+        let r = request(&c, "opencode.prompt", &prompt.to_string(), TURN).await;
+        assert_well_formed(&r);
+        assert_eq!(terminal(&r)["kind"], "final", "{r:#?}");
+        // (the plan agent's reminder follows the user's text)
+        let content = terminal(&r)["content"].as_str().unwrap().to_string();
+        assert!(
+            content.starts_with(&fake_llm::text_reply("with plan"))
+                && content.contains("Plan mode"),
+            "{content}"
+        );
+        bridge.stop().await.unwrap();
+    }
+}
+
+#[test]
+fn every_subcommand_describes_every_flag() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for cmd in ["run", "check-config", "prompt", "status", "turn"] {
+        let text = help(&[cmd, "--help"]);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut flags = 0;
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            if l.starts_with("  -") && (t.starts_with("--") || t.starts_with('-')) {
+                flags += 1;
+                let next = lines.get(i + 1).copied().unwrap_or("");
+                assert!(
+                    next.starts_with("          ") && !next.trim().is_empty(),
+                    "`{cmd} --help`: {t:?} has no description:\n{text}"
+                );
+            }
+        }
+        assert!(flags >= 2, "`{cmd} --help` lists no flags:\n{text}");
+        // More than one line about what the command does.
+        let about: Vec<&str> = text.split("Usage:").next().unwrap().lines().collect();
+        assert!(
+            about.iter().filter(|l| !l.trim().is_empty()).count() >= 2,
+            "`{cmd} --help` says one line:\n{text}"
+        );
+    }
 }

@@ -9,6 +9,7 @@ mod cluster;
 mod controls_fake;
 mod controls_real;
 mod daemon_binary;
+mod dev_up;
 mod e2e_interactive;
 mod e2e_real_opencode;
 mod examples;
