@@ -126,6 +126,8 @@ fn tools(m: &MessageWithParts, max_text: usize, replies: &mut Vec<Value>) {
             ToolStatus::Error => (false, state.error.clone().unwrap_or_default()),
             _ => continue,
         };
+        // As the live `tool_result` says it: no host data paths.
+        let result = crate::protocol::redact::strip_data_dirs(&result).into_owned();
         let (result, cut) = cut(result, max_text);
         let mut r = json!({"kind": "tool_result", "call_id": call_id, "tool": tool, "success": success, "result": result});
         if cut {

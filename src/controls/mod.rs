@@ -151,6 +151,14 @@ impl Controls {
 
     /// Runs an admitted request here.
     async fn act(&self, caller: &Caller, req: &ControlRequest) -> Outcome {
+        // The controls drive the shared OpenCode in its own directory; with
+        // workspaces a conversation lives in another directory and, in the
+        // process and sandbox modes, on its tenant's own server, where a
+        // session id learned there must never be looked up on the shared,
+        // unconfined one. Refused until they are routed like turns.
+        if self.ctx().isolation.is_some() {
+            return Err((ErrorCode::BadRequest, ISOLATED.to_string()));
+        }
         let conversation = req.conversation.as_deref().unwrap_or_default();
         match req.op {
             ControlOp::List => history::list(self, caller, req).await,
@@ -259,6 +267,9 @@ enum Home {
 }
 
 /// The refusal of an op that changes a busy conversation.
+/// The refusal of every control where `[workspaces] root` is set.
+pub const ISOLATED: &str = "conversation controls are not available on a bridge with workspaces ([workspaces] root, the process and sandbox isolation modes): they would act on the shared OpenCode, not on the conversation's workspace or its tenant's server";
+
 fn busy(conversation: &str, op: ControlOp) -> (ErrorCode, String) {
     (
         ErrorCode::SessionBusy,

@@ -146,6 +146,15 @@ impl CommandRef {
             Some(Value::String(a)) => a.clone(),
             Some(_) => return Err("`command.arguments` must be a string".into()),
         };
+        // OpenCode puts the arguments into the command's template, then runs
+        // every !`...` in it as shell (no permission asked) and reads every
+        // @path into the prompt: from a tenant, either would step around the
+        // permission policy.
+        if let Some(c) = arguments.chars().find(|c| matches!(c, '`' | '@')) {
+            return Err(format!(
+                "`command.arguments` may not contain {c:?}: OpenCode would run !`...` as shell and read @files without asking"
+            ));
+        }
         Ok(Some(CommandRef { name, arguments }))
     }
 
@@ -417,6 +426,9 @@ mod tests {
             json!({"name": "a b"}),
             json!({"name": ""}),
             json!({"name": "x", "arguments": 1}),
+            // Shell and file references OpenCode would expand unasked.
+            json!({"name": "init", "arguments": "!`cat /proc/self/environ`"}),
+            json!({"name": "init", "arguments": "see @/etc/passwd"}),
         ] {
             assert!(CommandRef::parse(Some(bad.clone())).is_err(), "{bad}");
         }

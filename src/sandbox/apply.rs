@@ -148,7 +148,8 @@ fn restrict(policy: &Policy) -> Result<(), SandboxError> {
         created = created.add_rule(beneath(&path, read)?)?;
     }
     for path in policy.write.iter().chain(policy.tmp.iter()) {
-        created = created.add_rule(beneath(path, all)?)?;
+        let path = inside_write(path, &policy.write)?;
+        created = created.add_rule(beneath(&path, all)?)?;
     }
     for path in &policy.devices {
         created = created.add_rule(beneath(path, device | AccessFs::ReadDir)?)?;
@@ -166,6 +167,33 @@ fn restrict(policy: &Policy) -> Result<(), SandboxError> {
         return Err(SandboxError::Partial(status.ruleset));
     }
     Ok(())
+}
+
+/// `path` as the kernel resolves it, refused unless it lies inside one of
+/// the `write` roots as they resolve. The tenant may write its root, so it
+/// may have replaced a directory there (its `TMPDIR`) with a symbolic link
+/// to another tenant's root: granting what the link points at would hand
+/// that root over.
+fn inside_write(path: &Path, write: &[PathBuf]) -> Result<PathBuf, SandboxError> {
+    let resolved = |p: &Path| {
+        p.canonicalize().map_err(|source| SandboxError::Path {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let real = resolved(path)?;
+    for root in write {
+        if real.starts_with(resolved(root)?) {
+            return Ok(real);
+        }
+    }
+    Err(SandboxError::Path {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(format!(
+            "it resolves to {}, outside the writable roots (a symbolic link?): refused",
+            real.display()
+        )),
+    })
 }
 
 /// A grant of `access` on `path` and beneath it; on a file, the rights

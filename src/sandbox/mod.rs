@@ -118,6 +118,11 @@ impl TenantSandbox {
             return Ok(None);
         }
         let tmp = state.join("tmp");
+        // The tenant may have replaced it with a symbolic link (the helper
+        // refuses to grant one that leads out of its root): a fresh one.
+        if std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&tmp)?;
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

@@ -568,3 +568,37 @@ async fn a_diff_past_the_limit_is_cut_and_whole_in_the_object_store() {
     assert_eq!(one["files"][0]["file"], "f0.txt");
     r.stop().await;
 }
+
+/// With workspaces (and so in the process and sandbox modes) the controls
+/// would act on the shared OpenCode, not on the conversation's workspace or
+/// its tenant's server: every op is refused, typed, and none reaches
+/// OpenCode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_workspaces_every_control_is_refused_and_reaches_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().to_path_buf();
+    let r = rig(move |c| c.workspaces.root = Some(path)).await;
+    let calls = |f: &FakeOpenCode| {
+        f.requests()
+            .iter()
+            .filter(|q| q.path != "/event" && q.path != "/global/health")
+            .count()
+    };
+    let before = calls(&r.fake);
+    let own = r#"{"conversation":"slack.c1"}"#;
+    for op in [
+        "new", "undo", "redo", "compact", "diff", "fork", "history", "info", "list", "commands",
+    ] {
+        let v = control(&r.client, &format!("opencode.control.slack.{op}"), own).await;
+        assert_eq!(v["code"], "bad_request", "{op}: {v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("[workspaces] root"),
+            "{op}: {v}"
+        );
+    }
+    assert_eq!(calls(&r.fake), before, "a refused control reached OpenCode");
+    r.stop().await;
+}

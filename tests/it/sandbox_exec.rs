@@ -110,7 +110,16 @@ impl Lab {
     fn victim(&self) -> Victim {
         let mut cmd = self.command("sleep");
         cmd.arg("120").env("VICTIM_SECRET", "ENV-SECRET");
-        Victim(cmd.spawn().unwrap())
+        let child = cmd.spawn().unwrap();
+        // Until `setpriv` (as root) has become `sleep` as the tenant's user,
+        // its /proc entries are root's: wait for the exec.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"sleep")) {
+            assert!(std::time::Instant::now() < deadline, "the victim never ran");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Victim(child)
     }
 }
 
@@ -337,6 +346,35 @@ fn a_policy_it_cannot_read_runs_nothing() {
         text(&out)
     );
     assert!(!marker.exists());
+}
+
+/// The tenant may write its root, so it may replace its `TMPDIR` there by a
+/// symbolic link to another tenant's root: the helper then refuses to run
+/// (granting the link's target would hand that root over), and nothing
+/// reaches the other root.
+#[test]
+fn a_tmp_dir_replaced_by_a_link_to_another_root_is_refused() {
+    let Some(lab) = Lab::new() else { return };
+    let tmp = lab.alice.join(".tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::os::unix::fs::symlink(&lab.bob, &tmp).unwrap();
+    let marker = lab.bob.join("planted");
+    let out = lab.sh(true, &format!("echo x > {}", tmp.join("planted").display()));
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(sandbox::EXIT_SANDBOX)),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("outside the writable roots"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !marker.exists(),
+        "the link let the tenant write another root"
+    );
 }
 
 fn out_has(out: &Output, want: &str) -> bool {

@@ -16,7 +16,7 @@
 //! | `GET /session/status` | `{"<sid>":{"type":"busy"}}` for busy sessions |
 //! | `DELETE /session/{id}` | 200 `true`, the session removed; unknown: 404 |
 //! | `PATCH /session/{id}` `{title}` | the session, renamed; unknown: 404 |
-//! | `GET /agent` | one agent, `build`, whose rules ask for every permission |
+//! | `GET /agent` | two agents, `build` and `plan` (as OpenCode has), whose rules ask for every permission |
 //! | `POST /session/{id}/abort` | 200 `true`; cancels the running scripts of the session and, if it was busy, emits what OpenCode emits on abort ([`FakeOptions::abort_delay`] later) |
 //! | `POST /permission/{id}/reply`, `POST /session/{sid}/permissions/{id}` | 200 `true` for a permission asked on the stream, else 404 |
 //! | `POST /question/{id}/reject`, `POST /question/{id}/reply` | 200 `true` for a question asked, else 404 |

@@ -434,6 +434,8 @@ pub(super) async fn route(shared: Arc<Shared>, req: Request) -> Response {
         ("GET", ["agent"]) => Response::json(
             200,
             &json!([{"name": "build", "mode": "primary", "hidden": false,
+                     "permission": [{"permission": "*", "pattern": "*", "action": "ask"}]},
+                    {"name": "plan", "mode": "primary", "hidden": false,
                      "permission": [{"permission": "*", "pattern": "*", "action": "ask"}]}]),
         ),
         ("POST", ["session", id, "abort"]) => {
