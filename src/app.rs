@@ -146,7 +146,9 @@ async fn jetstream(config: &Config, nats: &bus::Connection) -> Result<Option<Jet
         info!("[cluster] enabled and [jetstream] jobs are off: running single-host");
         return Ok(None);
     }
-    let js = JetStream::probe(nats).await;
+    let js = JetStream::probe(nats)
+        .await
+        .map(|js| js.with_replicas(config.jetstream.replicas));
     if js.is_none() && wanted.contains(&Switch::On) {
         return Err(AppError::NoJetStream);
     }

@@ -14,6 +14,8 @@ use super::BusError;
 #[derive(Clone)]
 pub struct JetStream {
     pub(super) ctx: jetstream::Context,
+    /// Copies of every bucket and stream created (`bus::replicas`).
+    pub(super) replicas: usize,
 }
 
 /// One key's last value and its revision (a deleted key reads as none).
@@ -43,7 +45,7 @@ impl JetStream {
     pub async fn probe(client: &async_nats::Client) -> Option<JetStream> {
         let ctx = jetstream::new(client.clone());
         match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
-            Ok(Ok(_)) => Some(JetStream { ctx }),
+            Ok(Ok(_)) => Some(JetStream { ctx, replicas: 1 }),
             Ok(Err(e)) => {
                 info!(reason = %e, "the NATS server offers no JetStream to this daemon: running single-host (no conversation homes, jobs or turn states; docs/CLUSTER.md)");
                 None
@@ -56,20 +58,26 @@ impl JetStream {
     }
 
     /// The bucket `name`, created when missing with `max_age` (zero: keep)
-    /// and one value per key. An existing bucket is used as it is.
+    /// and one value per key, in [`replicas`](Self::replicas) copies. An
+    /// existing bucket is used as it is (another replica count is logged).
     pub async fn bucket(&self, name: &str, max_age: Duration) -> Result<Bucket, BusError> {
         let store = match self.ctx.get_key_value(name).await {
-            Ok(s) => s,
+            Ok(s) => {
+                let stream = super::replicas::kv_stream(name);
+                self.report_replicas("KV bucket", name, &stream).await;
+                s
+            }
             Err(_) => self
                 .ctx
                 .create_key_value(kv::Config {
                     bucket: name.to_string(),
                     history: 1,
                     max_age,
+                    num_replicas: self.replicas,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| failed(format!("create KV bucket {name}"))(e.into()))?,
+                .map_err(|e| self.create_failed(format!("create KV bucket {name}"), e.into()))?,
         };
         Ok(Bucket {
             store,

@@ -24,19 +24,25 @@ pub struct Objects {
 
 impl JetStream {
     /// The object store bucket `name`, created when missing with `max_age`
-    /// (zero: keep). An existing bucket is used as it is.
+    /// (zero: keep), in [`replicas`](JetStream::replicas) copies. An
+    /// existing bucket is used as it is (another replica count is logged).
     pub async fn objects(&self, name: &str, max_age: Duration) -> Result<Objects, BusError> {
         let store = match self.ctx.get_object_store(name).await {
-            Ok(s) => s,
+            Ok(s) => {
+                let stream = super::replicas::object_stream(name);
+                self.report_replicas("object store", name, &stream).await;
+                s
+            }
             Err(_) => self
                 .ctx
                 .create_object_store(object_store::Config {
                     bucket: name.to_string(),
                     max_age,
+                    num_replicas: self.replicas,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| failed(format!("create object store {name}"))(e.into()))?,
+                .map_err(|e| self.create_failed(format!("create object store {name}"), e.into()))?,
         };
         Ok(Objects {
             store,
@@ -45,8 +51,8 @@ impl JetStream {
     }
 
     /// The stream `name` capturing `subjects`, created when missing with
-    /// `max_age`. An existing stream is used as it is (logged if its
-    /// subjects differ).
+    /// `max_age`, in [`replicas`](JetStream::replicas) copies. An existing
+    /// stream is used as it is (logged if its subjects or replicas differ).
     pub async fn capture(
         &self,
         name: &str,
@@ -57,13 +63,14 @@ impl JetStream {
             name: name.to_string(),
             subjects: subjects.clone(),
             max_age,
+            num_replicas: self.replicas,
             ..Default::default()
         };
         let mut s = self
             .ctx
             .get_or_create_stream(config)
             .await
-            .map_err(|e| failed(format!("create stream {name}"))(e.into()))?;
+            .map_err(|e| self.create_failed(format!("create stream {name}"), e.into()))?;
         let info = s
             .info()
             .await
@@ -71,6 +78,7 @@ impl JetStream {
         if info.config.subjects != subjects {
             info!(stream = name, configured = ?subjects, found = ?info.config.subjects, "the stream exists with other subjects; using it as it is");
         }
+        self.report_replicas("stream", name, name).await;
         Ok(())
     }
 }
