@@ -235,6 +235,20 @@ impl Health {
             "Conversations with a turn running or queued.",
             s.dispatcher.active_conversations(),
         );
+        if let Some(n) = s.dispatcher.context().sessions.known() {
+            gauge(
+                &mut out,
+                "opencode_bridge_conversations_known",
+                "Conversations in the map to their OpenCode sessions.",
+                n,
+            );
+        }
+        gauge(
+            &mut out,
+            "opencode_bridge_tokio_tasks_alive",
+            "Tasks alive on the daemon's runtime (a leak shows as growth).",
+            tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        );
         gauge(
             &mut out,
             "opencode_bridge_nats_connected",
