@@ -21,5 +21,6 @@ mod ops_service;
 mod ops_systemd;
 mod real_opencode_smoke;
 mod record_fixtures;
+mod replicas;
 mod trust;
 mod turn_status;
