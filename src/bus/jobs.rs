@@ -84,7 +84,9 @@ impl JobQueue {
                 ..Default::default()
             })
             .await
-            .map_err(|e| js.create_failed(format!("create the jobs stream {}", s.stream), e.into()))?;
+            .map_err(|e| {
+                js.create_failed(format!("create the jobs stream {}", s.stream), e.into())
+            })?;
         js.report_replicas("stream", &s.stream, &s.stream).await;
         let consumer = stream
             .get_or_create_consumer(

@@ -68,4 +68,3 @@ pub(super) fn kv_stream(bucket: &str) -> String {
 pub(super) fn object_stream(bucket: &str) -> String {
     format!("OBJ_{bucket}")
 }
-

@@ -396,7 +396,13 @@ fn cluster_settings_are_checked() {
         "jetstream.replicas",
     );
     let three = env(&[("OPENCODE_BRIDGE__JETSTREAM__REPLICAS", "3")]);
-    assert_eq!(Config::load_with_env(None, three).unwrap().jetstream.replicas, 3);
+    assert_eq!(
+        Config::load_with_env(None, three)
+            .unwrap()
+            .jetstream
+            .replicas,
+        3
+    );
     let c =
         Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__CLUSTER__ENABLED", "off")])).unwrap();
     assert_eq!(c.cluster.enabled, Switch::Off);

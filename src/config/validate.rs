@@ -63,7 +63,10 @@ impl Config {
         if !(1..=5).contains(&j.replicas) {
             return invalid(
                 "jetstream.replicas",
-                format!("{} must be 1 to 5 (JetStream keeps at most 5 copies)", j.replicas),
+                format!(
+                    "{} must be 1 to 5 (JetStream keeps at most 5 copies)",
+                    j.replicas
+                ),
             );
         }
         if !j.replies_stream.is_empty() && !name_ok(&j.replies_stream) {

@@ -37,6 +37,9 @@ pub const QUEUE: usize = 4096;
 const BATCH: usize = 256;
 /// Bound on one KV put or read, and on storing a final's whole text.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tries of one state write refused by the server, and the pause between.
+const PUT_ATTEMPTS: u32 = 12;
+const PUT_PAUSE: Duration = Duration::from_millis(500);
 /// Object store buckets kept open (one per tenant with a large final).
 const MAX_BUCKETS: usize = 256;
 
@@ -187,18 +190,36 @@ async fn write(
                 Err(_) => break,
             }
         }
-        let puts = batch.into_iter().map(|(key, value)| {
-            let bucket = bucket.clone();
-            async move {
-                let r = tokio::time::timeout(IO_TIMEOUT, bucket.put(&key, value.into())).await;
-                match r {
-                    Ok(Ok(_)) => debug!(%key, "turn state written"),
-                    Ok(Err(e)) => warn!(%key, error = %e, "writing a turn state failed"),
-                    Err(_) => warn!(%key, "writing a turn state timed out"),
-                }
-            }
-        });
+        let puts = batch
+            .into_iter()
+            .map(|(key, value)| put(&bucket, key, value.into()));
         futures::future::join_all(puts).await;
+    }
+}
+
+/// Writes one state, again after a refusal while the bucket has no leader
+/// (a nats-server of the cluster restarting: "no stream found", "no
+/// responders") for up to [`PUT_ATTEMPTS`] x [`PUT_PAUSE`]: a turn's
+/// `done` must not be lost to a leader election (docs/RELIABILITY.md).
+async fn put(bucket: &Bucket, key: String, value: bytes::Bytes) {
+    for attempt in 1..=PUT_ATTEMPTS {
+        match tokio::time::timeout(IO_TIMEOUT, bucket.put(&key, value.clone())).await {
+            Ok(Ok(_)) => {
+                debug!(%key, attempt, "turn state written");
+                return;
+            }
+            Ok(Err(e)) if attempt < PUT_ATTEMPTS => {
+                debug!(%key, attempt, error = %e, "writing a turn state failed; trying again");
+                tokio::time::sleep(PUT_PAUSE).await;
+            }
+            Ok(Err(e)) => {
+                warn!(%key, attempts = attempt, error = %e, "writing a turn state failed")
+            }
+            Err(_) => {
+                warn!(%key, "writing a turn state timed out");
+                return;
+            }
+        }
     }
 }
 

@@ -58,7 +58,8 @@ async fn a_bucket_found_with_another_replica_count_is_used_and_reported() {
     let nats = NatsServer::start();
     let fake = FakeOpenCode::start().await;
     // The first daemon makes everything with one copy, then stops.
-    let (mut first, _log) = spawn_serving(daemon(&nats.url(), &fake, 1), Duration::from_secs(30)).await;
+    let (mut first, _log) =
+        spawn_serving(daemon(&nats.url(), &fake, 1), Duration::from_secs(30)).await;
     let pid = nix::unistd::Pid::from_raw(first.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let _ = first.wait().await;
@@ -75,7 +76,13 @@ async fn a_bucket_found_with_another_replica_count_is_used_and_reported() {
     let serving = wait_for_line(&mut log, &mut seen, "is serving", Duration::from_secs(30)).await;
     assert!(serving, "it serves; log:\n{}", seen.join("\n"));
     let c = client(&nats.url()).await;
-    let r = request(&c, "opencode.prompt", r#"{"text":"still served"}"#, Duration::from_secs(20)).await;
+    let r = request(
+        &c,
+        "opencode.prompt",
+        r#"{"text":"still served"}"#,
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(terminal(&r)["kind"], "final", "{r:?}");
     for name in [
         "opencode_bridge_conversations",
@@ -93,7 +100,10 @@ async fn a_bucket_found_with_another_replica_count_is_used_and_reported() {
         );
     }
     let js = jetstream::new(c.clone());
-    let info = js.get_stream("KV_opencode_bridge_conversations").await.unwrap();
+    let info = js
+        .get_stream("KV_opencode_bridge_conversations")
+        .await
+        .unwrap();
     assert_eq!(info.cached_info().config.num_replicas, 1, "used as it is");
 }
 

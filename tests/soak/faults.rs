@@ -82,7 +82,10 @@ impl Injector {
             let start = crate::now_s();
             let detail = self.inject(kind, &mut rng).await;
             let over = crate::now_s();
-            eprintln!("soak: {start:>7.1}s {kind:?} {detail} ({:.1}s)", over - start);
+            eprintln!(
+                "soak: {start:>7.1}s {kind:?} {detail} ({:.1}s)",
+                over - start
+            );
             done.push(Fault {
                 kind,
                 start,

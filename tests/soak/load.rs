@@ -23,7 +23,9 @@ use crate::Settings;
 pub const PROMPT_DEADLINE: Duration = Duration::from_secs(75);
 pub const JOB_DEADLINE: Duration = Duration::from_secs(240);
 
-const WORDS: &[&str] = &["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"];
+const WORDS: &[&str] = &[
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+];
 
 #[derive(Clone)]
 pub struct Load {
@@ -54,7 +56,9 @@ impl Load {
         for c in 0..self.s.conversations {
             let path = if c < jobs { Path::Job } else { Path::Prompt };
             let me = self.clone();
-            tasks.push(tokio::spawn(async move { me.conversation(c, path, end).await }));
+            tasks.push(tokio::spawn(
+                async move { me.conversation(c, path, end).await },
+            ));
         }
         for t in tasks {
             let _ = t.await;
@@ -107,7 +111,10 @@ impl Load {
         });
         if path == Path::Job {
             let payload = json!({"text": text, "trace_id": trace}).to_string();
-            if !self.publish_job(&format!("opencode.job.soak.{conversation}"), trace, payload).await {
+            if !self
+                .publish_job(&format!("opencode.job.soak.{conversation}"), trace, payload)
+                .await
+            {
                 self.ledger.refused(trace);
             }
             return;
@@ -154,8 +161,13 @@ impl Load {
         {
             let trace = format!("s{}-b{b}", self.s.seed);
             let conversation = format!("b{i}");
-            self.send(&trace, &conversation, &format!("burst {b} {i}"), Path::Burst)
-                .await;
+            self.send(
+                &trace,
+                &conversation,
+                &format!("burst {b} {i}"),
+                Path::Burst,
+            )
+            .await;
         }
     }
 
@@ -177,7 +189,11 @@ impl Load {
                 .into_iter()
                 .filter(|p| !p.refused && p.terminals.is_empty())
                 .any(|p| {
-                    let d = if p.path == Path::Job { JOB_DEADLINE } else { PROMPT_DEADLINE };
+                    let d = if p.path == Path::Job {
+                        JOB_DEADLINE
+                    } else {
+                        PROMPT_DEADLINE
+                    };
                     now < p.sent + d
                 });
             if !waiting {

@@ -179,6 +179,7 @@ impl Report {
             s.fault_every
         );
         fates(&mut text, &mut failed, prompts, faults, seen);
+        flagged(&s.out, prompts, faults, seen);
         latencies(&mut text, prompts);
         fault_table(&mut text, faults);
         resources(&mut text, &mut failed, samples, run_s, s.conversations);
@@ -205,7 +206,13 @@ impl Report {
     }
 }
 
-fn fates(text: &mut String, failed: &mut Vec<String>, prompts: &[Prompt], faults: &[Fault], seen: &Seen) {
+fn fates(
+    text: &mut String,
+    failed: &mut Vec<String>,
+    prompts: &[Prompt],
+    faults: &[Fault],
+    seen: &Seen,
+) {
     let mut table: BTreeMap<(Path, Fate), usize> = BTreeMap::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut examples: BTreeMap<Fate, Vec<String>> = BTreeMap::new();
@@ -213,13 +220,26 @@ fn fates(text: &mut String, failed: &mut Vec<String>, prompts: &[Prompt], faults
         let f = fate(p, faults, seen);
         *table.entry((p.path, f)).or_default() += 1;
         if f == Fate::One && p.terminals[0].body["kind"] == "error" {
-            let code = p.terminals[0].body["code"].as_str().unwrap_or("?").to_string();
+            let code = p.terminals[0].body["code"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string();
             *errors.entry(code).or_default() += 1;
         }
-        if f.fails() || matches!(f, Fate::LostKill9 | Fate::LostNatsKill | Fate::DuplicatedKill9) {
+        if f.fails()
+            || matches!(
+                f,
+                Fate::LostKill9 | Fate::LostNatsKill | Fate::DuplicatedKill9
+            )
+        {
             let e = examples.entry(f).or_default();
             if e.len() < 5 {
-                e.push(format!("{} ({:?}, sent at {:.1}s)", p.trace, p.path, at(p.sent)));
+                e.push(format!(
+                    "{} ({:?}, sent at {:.1}s)",
+                    p.trace,
+                    p.path,
+                    at(p.sent)
+                ));
             }
         }
     }
@@ -231,10 +251,38 @@ fn fates(text: &mut String, failed: &mut Vec<String>, prompts: &[Prompt], faults
             failed.push(format!("{n} {path:?} prompts {fate:?}"));
         }
     }
-    let _ = writeln!(text, "\nTyped errors among the single terminals: {errors:?}\n");
+    let _ = writeln!(
+        text,
+        "\nTyped errors among the single terminals: {errors:?}\n"
+    );
     for (fate, e) in &examples {
         let _ = writeln!(text, "- {fate:?}, e.g.: {}", e.join(", "));
     }
+}
+
+/// Every prompt not of fate `One`, whole, one JSON per line
+/// (`<SOAK_OUT>/flagged.jsonl`), to find out what happened.
+fn flagged(out: &FsPath, prompts: &[Prompt], faults: &[Fault], seen: &Seen) {
+    let mut lines = String::new();
+    for p in prompts {
+        let f = fate(p, faults, seen);
+        if f == Fate::One {
+            continue;
+        }
+        let v = serde_json::json!({
+            "fate": format!("{f:?}"),
+            "trace": p.trace,
+            "path": format!("{:?}", p.path),
+            "text": p.text,
+            "sent_s": at(p.sent),
+            "replies": p.replies,
+            "terminals": p.terminals.iter().map(|t| serde_json::json!({"at_s": at(t.at), "body": t.body})).collect::<Vec<_>>(),
+            "reached": seen.reached.get(&p.text),
+            "status": seen.statuses.get(&p.trace),
+        });
+        let _ = writeln!(lines, "{v}");
+    }
+    let _ = std::fs::write(out.join("flagged.jsonl"), lines);
 }
 
 fn latencies(text: &mut String, prompts: &[Prompt]) {
@@ -242,7 +290,10 @@ fn latencies(text: &mut String, prompts: &[Prompt]) {
     let _ = writeln!(text, "| path | finals | first reply p50 | p99 | terminal p50 | p99 |\n|---|---:|---:|---:|---:|---:|");
     for path in [Path::Prompt, Path::Job, Path::Burst] {
         let (mut first, mut term) = (Vec::new(), Vec::new());
-        for p in prompts.iter().filter(|p| p.path == path && p.terminals.len() == 1) {
+        for p in prompts
+            .iter()
+            .filter(|p| p.path == path && p.terminals.len() == 1)
+        {
             if p.terminals[0].body["kind"] != "final" {
                 continue;
             }
@@ -268,7 +319,11 @@ fn fault_table(text: &mut String, faults: &[Fault]) {
     for f in faults {
         *by.entry(f.kind).or_default() += 1;
     }
-    let _ = writeln!(text, "\n## Faults: {}\n\n| fault | times |\n|---|---:|", faults.len());
+    let _ = writeln!(
+        text,
+        "\n## Faults: {}\n\n| fault | times |\n|---|---:|",
+        faults.len()
+    );
     for (k, n) in by {
         let _ = writeln!(text, "| {k:?} | {n} |");
     }
@@ -277,9 +332,18 @@ fn fault_table(text: &mut String, faults: &[Fault]) {
 /// Per daemon process: first and last value, the max, and the slope after
 /// warm-up (the first fifth of the run, at least a minute); daemon 0 lives
 /// the whole run and must not grow without bound.
-fn resources(text: &mut String, failed: &mut Vec<String>, samples: &[Sample], run_s: f64, conversations: usize) {
+fn resources(
+    text: &mut String,
+    failed: &mut Vec<String>,
+    samples: &[Sample],
+    run_s: f64,
+    conversations: usize,
+) {
     let warm = (run_s / 5.0).max(60.0);
-    let _ = writeln!(text, "\n## Resources after warm-up ({warm:.0} s), per daemon process\n");
+    let _ = writeln!(
+        text,
+        "\n## Resources after warm-up ({warm:.0} s), per daemon process\n"
+    );
     let _ = writeln!(text, "| daemon | start | samples | RSS first..last (MiB) | RSS slope (KiB/min) | fds first..last | fds slope (/min) | tasks first..last, max | conversations max | OpenCode sessions last |\n|---|---:|---:|---|---:|---|---:|---|---:|---:|");
     let mut procs: BTreeMap<(usize, u32), Vec<&Sample>> = BTreeMap::new();
     for s in samples.iter().filter(|s| s.pid.is_some()) {
@@ -320,18 +384,29 @@ fn resources(text: &mut String, failed: &mut Vec<String>, samples: &[Sample], ru
         }
         let minutes = span.max(1.0);
         if rs * minutes > (r0 * 0.25).max(16.0 * 1024.0) {
-            failed.push(format!("daemon {daemon} RSS grew {:.1} MiB after warm-up", rs * minutes / 1024.0));
+            failed.push(format!(
+                "daemon {daemon} RSS grew {:.1} MiB after warm-up",
+                rs * minutes / 1024.0
+            ));
         }
         if fs * minutes > 20.0 {
-            failed.push(format!("daemon {daemon} open fds grew by {:.0} after warm-up", fs * minutes));
+            failed.push(format!(
+                "daemon {daemon} open fds grew by {:.0} after warm-up",
+                fs * minutes
+            ));
         }
         if slope(&tasks) * minutes > 200.0 {
-            failed.push(format!("daemon {daemon} tasks grew by {:.0} after warm-up", slope(&tasks) * minutes));
+            failed.push(format!(
+                "daemon {daemon} tasks grew by {:.0} after warm-up",
+                slope(&tasks) * minutes
+            ));
         }
         // Each conversation, plus the burst conversations (b0..), at most.
         let bound = conversations as u64 + 2048;
         if conv_max > bound {
-            failed.push(format!("daemon {daemon} knows {conv_max} conversations (> {bound})"));
+            failed.push(format!(
+                "daemon {daemon} knows {conv_max} conversations (> {bound})"
+            ));
         }
     }
     let _ = JOB_DEADLINE;

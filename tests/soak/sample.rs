@@ -43,7 +43,9 @@ impl Sampler {
         let csv = s.out.join("samples.csv");
         let task = tokio::spawn(async move {
             let mut out = Vec::new();
-            let mut file = String::from("t_s,daemon,pid,start,rss_kb,fds,tasks,conversations,in_flight,opencode_sessions\n");
+            let mut file = String::from(
+                "t_s,daemon,pid,start,rss_kb,fds,tasks,conversations,in_flight,opencode_sessions\n",
+            );
             loop {
                 for sample in take(&stack).await {
                     file.push_str(&row(&sample));
@@ -90,7 +92,15 @@ async fn take(stack: &Mutex<Stack>) -> Vec<Sample> {
         let s = stack.lock().await;
         s.daemons
             .iter()
-            .map(|d| (d.index, d.pid(), d.starts, d.metrics_port, d.fake.session_count()))
+            .map(|d| {
+                (
+                    d.index,
+                    d.pid(),
+                    d.starts,
+                    d.metrics_port,
+                    d.fake.session_count(),
+                )
+            })
             .collect()
     };
     let mut out = Vec::new();
@@ -131,7 +141,9 @@ fn fds(pid: u32) -> Option<u64> {
 /// `GET /metrics` on the daemon's listener (HTTP/1.0, read to the end).
 async fn scrape(port: u16) -> Option<String> {
     let get = async {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
         conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
             .await
             .ok()?;
@@ -139,7 +151,10 @@ async fn scrape(port: u16) -> Option<String> {
         conn.read_to_string(&mut body).await.ok()?;
         Some(body)
     };
-    tokio::time::timeout(Duration::from_secs(3), get).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(3), get)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The value of an unlabelled metric.

@@ -12,7 +12,9 @@ use tokio::process::{Child, Command};
 
 use crate::support::cluster::NatsCluster;
 use crate::support::daemon::{spawn_serving, BIN};
-use crate::support::fake_opencode::{echo_reply, paced_text_turn, words, FakeOpenCode, TurnInput, TurnScript};
+use crate::support::fake_opencode::{
+    echo_reply, paced_text_turn, words, FakeOpenCode, TurnInput, TurnScript,
+};
 use crate::support::nats::free_port;
 use crate::support::proxy::Proxy;
 use crate::Settings;
@@ -129,10 +131,16 @@ impl Daemon {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("OPENCODE_BRIDGE__NATS__URL", cluster.url(server))
-            .env("OPENCODE_BRIDGE__NATS__NAME", format!("soak-daemon-{}", self.index))
+            .env(
+                "OPENCODE_BRIDGE__NATS__NAME",
+                format!("soak-daemon-{}", self.index),
+            )
             .env("OPENCODE_BRIDGE__OPENCODE__BASE_URL", self.proxy.url())
             .env("OPENCODE_BRIDGE__OPENCODE__RECONNECT_MAX", "1s")
-            .env("OPENCODE_BRIDGE__SERVICE__HOST", format!("soak-{}", self.index))
+            .env(
+                "OPENCODE_BRIDGE__SERVICE__HOST",
+                format!("soak-{}", self.index),
+            )
             .env("OPENCODE_BRIDGE__CLUSTER__ENABLED", "on")
             .env("OPENCODE_BRIDGE__CLUSTER__LEASE_TTL", "6s")
             .env("OPENCODE_BRIDGE__JETSTREAM__JOBS", "on")
