@@ -13,6 +13,7 @@ mod examples;
 mod faults_load;
 mod first_hour;
 mod jobs;
+mod nats_cluster;
 mod nats_harness;
 mod opencode_versions;
 mod ops_cli;
