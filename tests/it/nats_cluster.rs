@@ -374,3 +374,102 @@ async fn a_rolling_restart_of_every_daemon_loses_and_repeats_no_turn_of_50_conve
         d.stop().await.unwrap();
     }
 }
+
+/// Waits until a daemon answers `status` through `c` (after a restart of
+/// its server, a daemon's reconnect may lag the client's).
+async fn reachable(c: &async_nats::Client) {
+    let deadline = tokio::time::Instant::now() + TURN;
+    loop {
+        let ask = c.request("opencode.bridge.status", Bytes::new());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no daemon answers status"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sends `text` on `conversation` until a `final` comes (a `session_busy`
+/// while the cluster recovers is sent again); the final.
+async fn until_final(
+    c: &async_nats::Client,
+    heard: &Heard,
+    conversation: &str,
+    trace: &str,
+    bound: Duration,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + bound;
+    for k in 0.. {
+        let t = format!("{trace}{k}");
+        prompt(c, conversation, &t, &format!("{trace} text")).await;
+        heard.wait_all(std::slice::from_ref(&t), TURN).await;
+        let term = heard.terminals(&t)[0].clone();
+        if term["kind"] == "final" {
+            return term;
+        }
+        assert_eq!(term["code"], "session_busy", "{term}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no final within {bound:?}: {term}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_on_a_server_cut_off_from_the_cluster_starts_no_second_home() {
+    // Clients learn no other server: a daemon stays on the one it has.
+    let mut cluster = NatsCluster::start_with(3, READY, "no_advertise: true").await;
+    let (fa, fb) = (FakeOpenCode::start().await, FakeOpenCode::start().await);
+    fa.set_script(paced(10));
+    fb.set_script(paced(10));
+    let b = Bridge::start(config(&cluster.url(1), &fb, "host-b")).await;
+    let cb = client(&cluster.url(1)).await;
+    let (heard_b, _lb) = Heard::listen(&cb).await;
+    // The conversation's home is B, on the majority side.
+    let first = until_final(&cb, &heard_b, "p1", "home", TURN).await;
+    let session = first["session_id"].clone();
+    let a = Bridge::start(config(&cluster.url(0), &fa, "host-a")).await;
+    let ca = client(&cluster.url(0)).await;
+    // Node 0 (A's) is cut off: restarted with no routes, on a route port
+    // nobody dials. A and its clients stay on it.
+    cluster.isolate(0);
+    crate::support::nats::wait_connected(&ca, TURN).await;
+    let (heard_a, _la) = Heard::listen(&ca).await;
+    reachable(&ca).await;
+    // The minority side cannot read the homes: it answers session_busy
+    // (retryable) and runs nothing, for a conversation homed on B or one
+    // it has never seen.
+    for (conv, t) in [
+        ("p1", "minority1"),
+        ("q1", "minority2"),
+        ("p1", "minority3"),
+    ] {
+        prompt(&ca, conv, t, &format!("{t} text")).await;
+        heard_a.wait_all(&[t.to_string()], TURN).await;
+        let term = &heard_a.terminals(t)[0];
+        assert_eq!(term["kind"], "error", "{term}");
+        assert_eq!(term["code"], "session_busy", "{term}");
+        assert_eq!(term["retryable"], true, "{term}");
+    }
+    assert_eq!(fa.prompts().len(), 0, "the minority ran no turn");
+    // The majority serves the conversation as before.
+    let maj = until_final(&cb, &heard_b, "p1", "majority", TURN).await;
+    assert_eq!(maj["session_id"], session, "{maj}");
+    // Healed: node 0 routed again; the conversation is still B's, whoever
+    // receives its prompt (A forwards it).
+    cluster.restart(0);
+    cluster.wait_jetstream(READY).await;
+    crate::support::nats::wait_connected(&ca, TURN).await;
+    reachable(&ca).await;
+    let healed = until_final(&ca, &heard_a, "p1", "healed", Duration::from_secs(90)).await;
+    assert_eq!(healed["session_id"], session, "{healed}");
+    assert_ne!(healed["session_recreated"], true, "{healed}");
+    assert_eq!(fa.prompts().len(), 0, "A never ran p1: {:?}", fa.prompts());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}

@@ -14,16 +14,19 @@ const NAME: &str = "soak";
 pub struct NatsCluster {
     pub servers: Vec<NatsServer>,
     route_ports: Vec<u16>,
+    /// More lines of every node's `cluster {}` block.
+    extra: String,
 }
 
-/// Node `i`'s config: its name, its route port, routes to `peers`.
-fn node_config(i: usize, route_port: u16, peers: &[u16]) -> String {
+/// Node `i`'s config: its name, its route port, routes to `peers`, and
+/// `extra` lines in its `cluster {}` block.
+fn node_config(i: usize, route_port: u16, peers: &[u16], extra: &str) -> String {
     let routes: Vec<String> = peers
         .iter()
         .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
         .collect();
     format!(
-        "server_name: n{i}\ncluster {{\n  name: {NAME}\n  listen: 127.0.0.1:{route_port}\n  routes: [{}]\n}}\n",
+        "server_name: n{i}\ncluster {{\n  name: {NAME}\n  listen: 127.0.0.1:{route_port}\n  routes: [{}]\n  {extra}\n}}\n",
         routes.join(", ")
     )
 }
@@ -32,13 +35,23 @@ impl NatsCluster {
     /// `n` nodes routed to each other, JetStream ready (a meta leader
     /// elected) within `ready`.
     pub async fn start(n: usize, ready: Duration) -> NatsCluster {
+        Self::start_with(n, ready, "").await
+    }
+
+    /// As [`start`](Self::start) with `extra` in every node's `cluster {}`
+    /// (`no_advertise: true`: clients learn no other node, so a client
+    /// stays on the one it was given, even across its restart).
+    pub async fn start_with(n: usize, ready: Duration, extra: &str) -> NatsCluster {
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let servers = (0..n)
-            .map(|i| NatsServer::start_with_config(&node_config(i, route_ports[i], &route_ports)))
+            .map(|i| {
+                NatsServer::start_with_config(&node_config(i, route_ports[i], &route_ports, extra))
+            })
             .collect();
         let cluster = NatsCluster {
             servers,
             route_ports,
+            extra: extra.to_string(),
         };
         cluster.wait_jetstream(ready).await;
         cluster
@@ -96,16 +109,17 @@ impl NatsCluster {
 
     /// Starts node `i` again, routed as before.
     pub fn restart(&mut self, i: usize) {
-        let conf = node_config(i, self.route_ports[i], &self.route_ports);
+        let conf = node_config(i, self.route_ports[i], &self.route_ports, &self.extra);
         self.servers[i].set_config(&conf);
         self.servers[i].restart();
     }
 
-    /// Restarts node `i` cut off from the others: its routes gone, and
-    /// listening for routes on a port nobody dials. Its clients stay on
-    /// it (same client port); it has no JetStream quorum.
+    /// Restarts node `i` cut off from the others: its one route to a port
+    /// where nobody listens (clustered JetStream wants one), and listening
+    /// for routes on a port nobody dials. Its clients stay on it (same
+    /// client port); it has no JetStream quorum.
     pub fn isolate(&mut self, i: usize) {
-        let conf = node_config(i, free_port(), &[]);
+        let conf = node_config(i, free_port(), &[free_port()], &self.extra);
         self.servers[i].set_config(&conf);
         self.servers[i].restart();
     }
