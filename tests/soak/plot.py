@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Resource curves of a soak run: python3 tests/soak/plot.py <SOAK_OUT> [out.png]
 
+Also prints, per daemon process that ran the whole run, a markdown table of
+its resources every 5 minutes and the least-squares slope of RSS and fds
+after warm-up (the first fifth of the run).
+
 Reads <SOAK_OUT>/samples.csv (written by `cargo test --release --test soak`)
 and draws, per daemon, RSS, open file descriptors, tokio tasks and the
 conversation map over the run; restarts of a daemon show as gaps. Needs
@@ -54,6 +58,40 @@ def main():
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     print(out)
+    table(rows)
+
+
+def slope(pts):
+    n = len(pts)
+    if n < 2:
+        return 0.0
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den if den else 0.0
+
+
+def table(rows):
+    end = max(float(r["t_s"]) for r in rows)
+    warm = max(end / 5, 60)
+    for daemon in sorted({r["daemon"] for r in rows}):
+        own = [r for r in rows if r["daemon"] == daemon and r["start"] == "1" and r["rss_kb"]]
+        if not own or float(own[-1]["t_s"]) < end * 0.9:
+            continue
+        print(f"\ndaemon {daemon} (one process, the whole run):\n")
+        print("| minute | RSS (MiB) | open fds | tokio tasks | conversations known | OpenCode sessions |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        step = 300
+        t = 0.0
+        while t <= end:
+            near = min(own, key=lambda r: abs(float(r["t_s"]) - t))
+            print(f"| {float(near['t_s']) / 60:.0f} | {int(near['rss_kb']) / 1024:.1f} | {near['fds']} | {near['tasks']} | {near['conversations']} | {near['opencode_sessions']} |")
+            t += step
+        late = [r for r in own if float(r["t_s"]) >= warm]
+        for key, unit, scale in [("rss_kb", "KiB/min", 1), ("fds", "fds/min", 1), ("tasks", "tasks/min", 1)]:
+            pts = [(float(r["t_s"]) / 60, float(r[key]) * scale) for r in late if r[key]]
+            print(f"\nslope of {key} after {warm / 60:.0f} min: {slope(pts):.2f} {unit}", end="")
+        print()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ pub struct Seen {
     pub reached: HashMap<String, Vec<(usize, f64)>>,
     /// `opencode.turn.status` of prompts heard of no terminal.
     pub statuses: HashMap<String, Value>,
+    /// Per daemon: (starts, starts that failed and were tried again).
+    pub starts: Vec<(u32, u32)>,
 }
 
 /// A prompt's fate.
@@ -182,6 +184,9 @@ impl Report {
         flagged(&s.out, prompts, faults, seen);
         latencies(&mut text, prompts);
         fault_table(&mut text, faults);
+        for (d, (ok, failed)) in seen.starts.iter().enumerate() {
+            let _ = writeln!(text, "\nDaemon {d}: {ok} starts, {failed} failed starts (tried again).");
+        }
         resources(&mut text, &mut failed, samples, run_s, s.conversations);
         if failed.is_empty() {
             let _ = writeln!(text, "\n**Verdict: pass.**");

@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
 use crate::support::cluster::NatsCluster;
-use crate::support::daemon::{spawn_serving, BIN};
+use crate::support::daemon::{log_lines, wait_for_line, BIN};
 use crate::support::fake_opencode::{
     echo_reply, paced_text_turn, words, FakeOpenCode, TurnInput, TurnScript,
 };
@@ -24,6 +25,8 @@ pub const SERVERS: usize = 3;
 pub const DAEMONS: usize = 2;
 /// How long a daemon may take to say it serves (a loaded machine).
 const READY: Duration = Duration::from_secs(60);
+/// Starts of a daemon tried before the soak gives up.
+const START_ATTEMPTS: u32 = 10;
 
 /// The fake's turn: the echo of the prompt, a word per delta, 25 ms apart.
 pub fn script(input: &TurnInput) -> TurnScript {
@@ -39,6 +42,8 @@ pub struct Daemon {
     pub proxy: Proxy,
     pub metrics_port: u16,
     pub starts: u32,
+    /// Starts that did not get to "is serving" (tried again).
+    pub failed_starts: u32,
     log: PathBuf,
 }
 
@@ -62,6 +67,7 @@ impl Stack {
                 proxy,
                 metrics_port: free_port(),
                 starts: 0,
+                failed_starts: 0,
                 log: s.out.join(format!("daemon-{index}.log")),
             };
             let _ = std::fs::remove_file(&d.log);
@@ -125,6 +131,21 @@ impl Daemon {
     /// Starts the daemon on server `index % SERVERS`; panics (with its log)
     /// if it does not serve within [`READY`].
     pub async fn spawn(&mut self, cluster: &NatsCluster) {
+        // A start can fail while the cluster elects a JetStream leader (the
+        // daemon exits when `[cluster] enabled = "on"` finds no JetStream
+        // within 5 s): counted, logged, tried again.
+        for attempt in 1..=START_ATTEMPTS {
+            if self.try_spawn(cluster).await {
+                return;
+            }
+            self.failed_starts += 1;
+            eprintln!("soak: daemon {} did not start (attempt {attempt}); trying again", self.index);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        panic!("daemon {} did not start in {START_ATTEMPTS} attempts (its log: {})", self.index, self.log.display());
+    }
+
+    async fn try_spawn(&mut self, cluster: &NatsCluster) -> bool {
         let server = self.index % SERVERS;
         let mut cmd = Command::new(BIN);
         cmd.arg("run")
@@ -158,20 +179,36 @@ impl Daemon {
                 format!("127.0.0.1:{}", self.metrics_port),
             )
             .env("RUST_LOG", "info");
-        let (child, mut log) = spawn_serving(cmd, READY).await;
-        self.starts += 1;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the daemon");
+        let mut log = log_lines(&mut child);
+        let mut seen = Vec::new();
+        let serving = wait_for_line(&mut log, &mut seen, "is serving", READY).await;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("open the daemon's log");
-        let _ = writeln!(file, "=== start {} ===", self.starts);
+        if !serving {
+            let _ = writeln!(file, "=== a start that failed ===\n{}", seen.join("\n"));
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return false;
+        }
+        self.starts += 1;
+        let _ = writeln!(file, "=== start {} ===\n{}", self.starts, seen.join("\n"));
         tokio::spawn(async move {
             while let Some(l) = log.recv().await {
                 let _ = writeln!(file, "{l}");
             }
         });
         self.child = Some(child);
+        true
     }
 
     pub fn pid(&self) -> Option<u32> {
