@@ -10,6 +10,11 @@ use tracing::info;
 
 use super::BusError;
 
+/// Bound on one JetStream account request at start, and the pause before
+/// the next one when it goes unanswered.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const PROBE_PAUSE: Duration = Duration::from_secs(1);
+
 /// A JetStream context on the daemon's connection.
 #[derive(Clone)]
 pub struct JetStream {
@@ -41,19 +46,30 @@ fn failed(
 
 impl JetStream {
     /// JetStream on `client`, or `None` (logged once) when the server has
-    /// none or this user may not use it.
-    pub async fn probe(client: &async_nats::Client) -> Option<JetStream> {
+    /// none or this user may not use it. With `patience` the request is
+    /// tried again until that much time has passed: a JetStream cluster
+    /// electing its meta leader (a nats-server of it restarting) answers
+    /// no account request for a few seconds, and a daemon that requires
+    /// JetStream must not exit for that (docs/RELIABILITY.md).
+    pub async fn probe(client: &async_nats::Client, patience: Duration) -> Option<JetStream> {
         let ctx = jetstream::new(client.clone());
-        match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
-            Ok(Ok(_)) => Some(JetStream { ctx, replicas: 1 }),
-            Ok(Err(e)) => {
-                info!(reason = %e, "the NATS server offers no JetStream to this daemon: running single-host (no conversation homes, jobs or turn states; docs/CLUSTER.md)");
-                None
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let why = match tokio::time::timeout(PROBE_TIMEOUT, ctx.query_account()).await {
+                Ok(Ok(_)) => return Some(JetStream { ctx, replicas: 1 }),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => {
+                    format!("no answer to a JetStream account request within {PROBE_TIMEOUT:?}")
+                }
+            };
+            if tokio::time::Instant::now() >= deadline {
+                info!(reason = %why, tries, "the NATS server offers no JetStream to this daemon: running single-host (no conversation homes, jobs or turn states; docs/CLUSTER.md)");
+                return None;
             }
-            Err(_) => {
-                info!("the NATS server did not answer a JetStream account request within 5s: running single-host (docs/CLUSTER.md)");
-                None
-            }
+            info!(reason = %why, "JetStream did not answer; asking again (a JetStream cluster may be electing its leader)");
+            tokio::time::sleep(PROBE_PAUSE).await;
         }
     }
 

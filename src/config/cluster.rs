@@ -13,7 +13,8 @@ pub enum Switch {
     /// On when the server has JetStream (and the daemon may use it).
     #[default]
     Auto,
-    /// On; a server without JetStream stops the start (exit 78).
+    /// On; a server without JetStream stops the start (exit 78) after
+    /// 30 s of asking (a JetStream cluster electing its leader is silent).
     On,
     Off,
 }

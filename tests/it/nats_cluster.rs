@@ -296,7 +296,9 @@ async fn with_the_conversations_leader_killed_every_new_conversation_gets_one_ho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_daemon_loses_and_repeats_no_turn_of_50_conversations() {
     if std::env::var_os("SHOW_BRIDGE_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .try_init();
     }
     let cluster = NatsCluster::start(3, READY).await;
     let fake = FakeOpenCode::start().await;
@@ -353,7 +355,10 @@ async fn a_rolling_restart_of_every_daemon_loses_and_repeats_no_turn_of_50_conve
         let terms = heard.terminals(t);
         if terms.is_empty() {
             let st = status(&c, t).await;
-            panic!("{t} (job: {durable}): no terminal; {} replies; status {st}", heard.replies(t));
+            panic!(
+                "{t} (job: {durable}): no terminal; {} replies; status {st}",
+                heard.replies(t)
+            );
         }
         assert_eq!(terms.len(), 1, "{t} (job: {durable}): {terms:?}");
         if terms[0]["kind"] != "final" {
@@ -487,4 +492,47 @@ async fn a_daemon_on_a_server_cut_off_from_the_cluster_starts_no_second_home() {
     assert_eq!(fa.prompts().len(), 0, "A never ran p1: {:?}", fa.prompts());
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_requires_jetstream_waits_out_a_leader_election_at_start() {
+    let mut cluster = NatsCluster::start(3, READY).await;
+    let fake = FakeOpenCode::start().await;
+    // Two of three down: node 0 has no JetStream quorum, so it answers no
+    // JetStream request (as during a leader election).
+    cluster.kill(1);
+    cluster.kill(2);
+    let mut cmd = tokio::process::Command::new(crate::support::daemon::BIN);
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("OPENCODE_BRIDGE__NATS__URL", cluster.url(0))
+        .env("OPENCODE_BRIDGE__OPENCODE__BASE_URL", fake.url())
+        .env("OPENCODE_BRIDGE__CLUSTER__ENABLED", "on")
+        .env("OPENCODE_BRIDGE__JETSTREAM__REPLICAS", "3")
+        .env("OPENCODE_BRIDGE__AGENT_PROTOCOL__ENABLED", "false")
+        .env("RUST_LOG", "info");
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = crate::support::daemon::log_lines(&mut child);
+    let mut seen = Vec::new();
+    let asked_again = crate::support::daemon::wait_for_line(
+        &mut log,
+        &mut seen,
+        "JetStream did not answer; asking again",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(asked_again, "log:\n{}", seen.join("\n"));
+    // Quorum again: the daemon starts instead of exiting.
+    cluster.restart(1);
+    let serving =
+        crate::support::daemon::wait_for_line(&mut log, &mut seen, "is serving", READY).await;
+    assert!(serving, "log:\n{}", seen.join("\n"));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
 }

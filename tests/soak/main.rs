@@ -141,7 +141,11 @@ async fn run(s: Arc<Settings>) -> bool {
     let mut stack = stack.lock().await;
     let seen = stack.sessions_by_fake();
     let reached = stack.turns_by_text();
-    let starts = stack.daemons.iter().map(|d| (d.starts, d.failed_starts)).collect();
+    let starts = stack
+        .daemons
+        .iter()
+        .map(|d| (d.starts, d.failed_starts))
+        .collect();
     let statuses = load.fetch_missing(&client).await;
     listener.abort();
     stack.stop().await;

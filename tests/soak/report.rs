@@ -185,7 +185,10 @@ impl Report {
         latencies(&mut text, prompts);
         fault_table(&mut text, faults);
         for (d, (ok, failed)) in seen.starts.iter().enumerate() {
-            let _ = writeln!(text, "\nDaemon {d}: {ok} starts, {failed} failed starts (tried again).");
+            let _ = writeln!(
+                text,
+                "\nDaemon {d}: {ok} starts, {failed} failed starts (tried again)."
+            );
         }
         resources(&mut text, &mut failed, samples, run_s, s.conversations);
         if failed.is_empty() {

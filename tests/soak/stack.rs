@@ -139,10 +139,17 @@ impl Daemon {
                 return;
             }
             self.failed_starts += 1;
-            eprintln!("soak: daemon {} did not start (attempt {attempt}); trying again", self.index);
+            eprintln!(
+                "soak: daemon {} did not start (attempt {attempt}); trying again",
+                self.index
+            );
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        panic!("daemon {} did not start in {START_ATTEMPTS} attempts (its log: {})", self.index, self.log.display());
+        panic!(
+            "daemon {} did not start in {START_ATTEMPTS} attempts (its log: {})",
+            self.index,
+            self.log.display()
+        );
     }
 
     async fn try_spawn(&mut self, cluster: &NatsCluster) -> bool {
