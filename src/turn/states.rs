@@ -37,8 +37,10 @@ pub const QUEUE: usize = 4096;
 const BATCH: usize = 256;
 /// Bound on one KV put or read, and on storing a final's whole text.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tries of one state write refused by the server, and the pause between.
-const PUT_ATTEMPTS: u32 = 12;
+/// Tries of one state write refused by the server, and the pause between:
+/// 30 s, the default `ack_wait` (a leader election can outlast 6 s on a
+/// loaded machine: docs/RELIABILITY.md, run 2).
+const PUT_ATTEMPTS: u32 = 60;
 const PUT_PAUSE: Duration = Duration::from_millis(500);
 /// Object store buckets kept open (one per tenant with a large final).
 const MAX_BUCKETS: usize = 256;
