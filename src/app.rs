@@ -175,7 +175,15 @@ async fn jetstream(config: &Config, nats: &bus::Connection) -> Result<Option<Jet
         info!("[cluster] enabled and [jetstream] jobs are off: running single-host");
         return Ok(None);
     }
-    let js = JetStream::probe(nats).await;
+    // Required: asked again for up to 30 s (a JetStream leader election).
+    let patience = if wanted.contains(&Switch::On) {
+        Duration::from_secs(30)
+    } else {
+        Duration::ZERO
+    };
+    let js = JetStream::probe(nats, patience)
+        .await
+        .map(|js| js.with_replicas(config.jetstream.replicas));
     if js.is_none() && wanted.contains(&Switch::On) {
         return Err(AppError::NoJetStream);
     }

@@ -32,6 +32,7 @@ use crate::metrics::{JobEvent, Metrics};
 use crate::protocol::job::{self, JobTurn, RetryAfter};
 use crate::protocol::tenant::Route;
 use crate::protocol::ErrorCode;
+use crate::turn::answered::Answered;
 use crate::turn::job::{JobEnd, JobHook};
 
 /// How long one pull waits for a job before the feed looks at the slots
@@ -64,6 +65,8 @@ pub struct Jobs {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
+    /// Jobs answered here, so a redelivery of one is not answered twice.
+    answered: Arc<Answered>,
 }
 
 impl Jobs {
@@ -113,6 +116,7 @@ impl Jobs {
             config,
             metrics,
             tracker,
+            answered: Arc::new(Answered::default()),
         }))
     }
 
@@ -132,6 +136,9 @@ impl Jobs {
     /// `permit`, else it is parked until a slot frees.
     pub async fn arrived(&mut self, msg: JobMessage, permit: Option<OwnedSemaphorePermit>) {
         self.metrics.job(JobEvent::Taken);
+        if self.answered_before(&msg).await {
+            return;
+        }
         let j = &self.config.jetstream;
         let last = j.max_deliver > 0 && msg.delivered >= j.max_deliver as u64;
         let route = job::route(
@@ -163,6 +170,24 @@ impl Jobs {
         }
     }
 
+    /// A redelivery of a job this daemon answered: acknowledged again,
+    /// not answered twice (`turn::answered`).
+    async fn answered_before(&self, msg: &JobMessage) -> bool {
+        if msg.delivered < 2 || !self.answered.contains(&msg.stream, msg.sequence) {
+            return false;
+        }
+        match msg.ack().await {
+            Ok(()) => {
+                warn!(sequence = msg.sequence, delivered = msg.delivered, "a job answered here came again (its acknowledgement was lost): acknowledged again, not answered twice");
+                self.metrics.job(JobEvent::Acked);
+            }
+            Err(e) => {
+                warn!(sequence = msg.sequence, error = %e, "acknowledging a job answered here again failed; it comes back after ack_wait")
+            }
+        }
+        true
+    }
+
     /// Whether `msg` is its job's last allowed delivery.
     pub fn is_last(&self, msg: &JobMessage) -> bool {
         let max = self.config.jetstream.max_deliver;
@@ -174,6 +199,9 @@ impl Jobs {
     /// than be lost or run away from its conversation's home.
     pub async fn arrived_over_limit(&mut self, msg: JobMessage) {
         self.metrics.job(JobEvent::Taken);
+        if self.answered_before(&msg).await {
+            return;
+        }
         let j = &self.config.jetstream;
         let route = job::route(
             &j.jobs_subject,
@@ -217,8 +245,9 @@ impl Jobs {
             ack_wait: j.ack_wait,
             retry_delay: j.retry_delay,
         };
+        let answered = self.answered.clone();
         self.tracker
-            .spawn(settle(msg, end, timing, self.metrics.clone()));
+            .spawn(settle(msg, end, timing, self.metrics.clone(), answered));
         pending
     }
 
@@ -357,6 +386,7 @@ async fn settle(
     mut end: oneshot::Receiver<JobEnd>,
     timing: Timing,
     metrics: Arc<Metrics>,
+    answered: Arc<Answered>,
 ) {
     let every = (timing.ack_wait / 3).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -372,9 +402,13 @@ async fn settle(
     };
     let (event, result) = match end {
         Ok(JobEnd::Answered { code }) if is_refusal(code) => {
+            answered.insert(&msg.stream, msg.sequence);
             (JobEvent::Terminated, msg.term().await)
         }
-        Ok(JobEnd::Answered { .. }) => (JobEvent::Acked, msg.ack().await),
+        Ok(JobEnd::Answered { .. }) => {
+            answered.insert(&msg.stream, msg.sequence);
+            (JobEvent::Acked, msg.ack().await)
+        }
         Ok(JobEnd::Retry(RetryAfter::Now)) => (JobEvent::Naked, msg.nak(None).await),
         Ok(JobEnd::Retry(RetryAfter::Delay)) => {
             (JobEvent::Naked, msg.nak(Some(timing.retry_delay)).await)

@@ -43,7 +43,7 @@ pub(super) async fn missing(client: &async_nats::Client) -> Option<String> {
         ));
     }
     let ctx = jetstream::new(client.clone());
-    match tokio::time::timeout(Duration::from_secs(5), ctx.query_account()).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, ctx.query_account()).await {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => Some(format!(
             "nats-server {version} offers no JetStream to this user (JetStream off: start it with -js; or not enabled for this account: {e})"
@@ -53,11 +53,17 @@ pub(super) async fn missing(client: &async_nats::Client) -> Option<String> {
         )),
     }
 }
+/// Bound on one JetStream account request at start, and the pause before
+/// the next one when it goes unanswered.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const PROBE_PAUSE: Duration = Duration::from_secs(1);
 
 /// A JetStream context on the daemon's connection.
 #[derive(Clone)]
 pub struct JetStream {
     pub(super) ctx: jetstream::Context,
+    /// Copies of every bucket and stream created (`bus::replicas`).
+    pub(super) replicas: usize,
 }
 
 /// One key's last value and its revision (a deleted key reads as none).
@@ -83,25 +89,37 @@ fn failed(
 
 impl JetStream {
     /// JetStream on `client`, or `None` (logged once, naming the server's
-    /// version and what is off) when [`missing`] says why not.
-    pub async fn probe(client: &async_nats::Client) -> Option<JetStream> {
-        match missing(client).await {
-            None => Some(JetStream {
-                ctx: jetstream::new(client.clone()),
-            }),
-            Some(why) => {
-                info!(
-                    nats_server = %client.server_info().version,
-                    "{why}: {OFF}; docs/CLUSTER.md"
-                );
-                None
+    /// version and what is off) when [`missing`] says why not. With
+    /// `patience` an unanswered or refused account request is tried again
+    /// until that much time has passed: a JetStream cluster electing its
+    /// meta leader (a nats-server of it restarting) answers no account
+    /// request for a few seconds, and a daemon that requires JetStream must
+    /// not exit for that (docs/RELIABILITY.md). A server too old is final.
+    pub async fn probe(client: &async_nats::Client, patience: Duration) -> Option<JetStream> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let Some(why) = missing(client).await else {
+                return Some(JetStream {
+                    ctx: jetstream::new(client.clone()),
+                    replicas: 1,
+                });
+            };
+            let version = client.server_info().version;
+            if !usable_version(&version) || tokio::time::Instant::now() >= deadline {
+                info!(nats_server = %version, tries, "{why}: {OFF}; docs/CLUSTER.md");
+                return None;
             }
+            info!(reason = %why, "JetStream did not answer; asking again (a JetStream cluster may be electing its leader)");
+            tokio::time::sleep(PROBE_PAUSE).await;
         }
     }
 
     /// The bucket `name`, created when missing with `max_age` (zero: keep),
     /// one value per key and at most `max_bytes` (`None`: no bound; a full
-    /// bucket refuses new writes). An existing bucket is used as it is.
+    /// bucket refuses new writes), in [`replicas`](Self::replicas) copies. An
+    /// existing bucket is used as it is (another replica count is logged).
     pub async fn bucket(
         &self,
         name: &str,
@@ -109,7 +127,11 @@ impl JetStream {
         max_bytes: Option<u64>,
     ) -> Result<Bucket, BusError> {
         let store = match self.ctx.get_key_value(name).await {
-            Ok(s) => s,
+            Ok(s) => {
+                let stream = super::replicas::kv_stream(name);
+                self.report_replicas("KV bucket", name, &stream).await;
+                s
+            }
             Err(_) => self
                 .ctx
                 .create_key_value(kv::Config {
@@ -117,10 +139,11 @@ impl JetStream {
                     history: 1,
                     max_age,
                     max_bytes: max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+                    num_replicas: self.replicas,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| failed(format!("create KV bucket {name}"))(e.into()))?,
+                .map_err(|e| self.create_failed(format!("create KV bucket {name}"), e.into()))?,
         };
         Ok(Bucket {
             store,

@@ -74,8 +74,10 @@ fn failed(what: impl Into<String>) -> impl FnOnce(super::Source) -> BusError {
 }
 
 impl JobQueue {
-    /// The stream and the consumer, created when missing; existing ones
-    /// are used as they are (an operator may have tuned them).
+    /// The stream and the consumer, created when missing (the stream in
+    /// `[jetstream] replicas` copies; the consumer follows it); existing
+    /// ones are used as they are (an operator may have tuned them; another
+    /// replica count is logged).
     pub async fn open(js: &JetStream, s: &JobSettings) -> Result<JobQueue, BusError> {
         let mut consumers = Vec::with_capacity(1 + s.tenants.len());
         let shared = if s.tenants.is_empty() {
@@ -112,10 +114,14 @@ impl JobQueue {
                 storage: stream::StorageType::File,
                 max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
                 discard: stream::DiscardPolicy::New,
+                num_replicas: js.replicas,
                 ..Default::default()
             })
             .await
-            .map_err(|e| failed(format!("create the jobs stream {name} (streams may not overlap: with [shares] job_tenants, a jobs_stream that captures every tenant's jobs must be drained and deleted first)"))(e.into()))?;
+            .map_err(|e| {
+                js.create_failed(format!("create the jobs stream {name} (streams may not overlap: with [shares] job_tenants, a jobs_stream that captures every tenant's jobs must be drained and deleted first)"), e.into())
+            })?;
+        js.report_replicas("stream", name, name).await;
         let consumer = stream
             .get_or_create_consumer(
                 &s.consumer,

@@ -5,7 +5,8 @@
 //! [`agent`] (the Synadia Agent Protocol registration and heartbeat),
 //! [`jetstream`] (JetStream found or not, KV buckets with compare-and-swap),
 //! [`forward`] (a prompt handed to its conversation's home daemon),
-//! [`objects`] (object store buckets, the replies stream), [`jobs`] (the
+//! [`objects`] (object store buckets, the replies stream), [`replicas`]
+//! (the copies of what it creates), [`jobs`] (the
 //! durable jobs stream and its shared consumer) and [`caller`] (the client
 //! side of the contract, for the CLI).
 //! Architecture invariant: this is the only module that imports
@@ -21,6 +22,7 @@ pub mod jetstream;
 pub mod jobs;
 pub mod objects;
 pub mod publish;
+pub mod replicas;
 pub mod service;
 pub mod subscribe;
 

@@ -25,7 +25,8 @@ pub struct Objects {
 impl JetStream {
     /// The object store bucket `name`, created when missing with `max_age`
     /// (zero: keep) and at most `max_bytes` (a full bucket refuses new
-    /// objects). An existing bucket is used as it is.
+    /// objects), in [`replicas`](JetStream::replicas) copies. An existing
+    /// bucket is used as it is (another replica count is logged).
     pub async fn objects(
         &self,
         name: &str,
@@ -33,17 +34,22 @@ impl JetStream {
         max_bytes: u64,
     ) -> Result<Objects, BusError> {
         let store = match self.ctx.get_object_store(name).await {
-            Ok(s) => s,
+            Ok(s) => {
+                let stream = super::replicas::object_stream(name);
+                self.report_replicas("object store", name, &stream).await;
+                s
+            }
             Err(_) => self
                 .ctx
                 .create_object_store(object_store::Config {
                     bucket: name.to_string(),
                     max_age,
                     max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+                    num_replicas: self.replicas,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| failed(format!("create object store {name}"))(e.into()))?,
+                .map_err(|e| self.create_failed(format!("create object store {name}"), e.into()))?,
         };
         Ok(Objects {
             store,
@@ -52,8 +58,8 @@ impl JetStream {
     }
 
     /// The stream `name` capturing `subjects`, created when missing with
-    /// `max_age`. An existing stream is used as it is (logged if its
-    /// subjects differ).
+    /// `max_age`, in [`replicas`](JetStream::replicas) copies. An existing
+    /// stream is used as it is (logged if its subjects or replicas differ).
     pub async fn capture(
         &self,
         name: &str,
@@ -64,13 +70,14 @@ impl JetStream {
             name: name.to_string(),
             subjects: subjects.clone(),
             max_age,
+            num_replicas: self.replicas,
             ..Default::default()
         };
         let mut s = self
             .ctx
             .get_or_create_stream(config)
             .await
-            .map_err(|e| failed(format!("create stream {name}"))(e.into()))?;
+            .map_err(|e| self.create_failed(format!("create stream {name}"), e.into()))?;
         let info = s
             .info()
             .await
@@ -78,6 +85,7 @@ impl JetStream {
         if info.config.subjects != subjects {
             info!(stream = name, configured = ?subjects, found = ?info.config.subjects, "the stream exists with other subjects; using it as it is");
         }
+        self.report_replicas("stream", name, name).await;
         Ok(())
     }
 }

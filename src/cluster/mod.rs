@@ -48,11 +48,18 @@ pub struct Cluster {
     /// The last time the lease was written; the `owned` cache is trusted
     /// only while the lease is fresh.
     renewed: Mutex<Option<Instant>>,
+    /// Since when homes could not be read (none: they could, last time).
+    kv_down: Mutex<Option<Instant>>,
 }
 
-/// The bound on one decision's KV round trips; past it the prompt is
-/// served here (availability first; logged).
+/// The bound on one decision's KV round trips.
 const KV_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a decision keeps trying while the buckets cannot be read (a
+/// JetStream leader election takes a few seconds), and the pause between
+/// tries. Past it the prompt is not served (`session_busy`): serving it
+/// here could give the conversation a second home (docs/CLUSTER.md).
+const KV_RETRY_FOR: Duration = Duration::from_secs(8);
+const KV_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 impl Cluster {
     /// Opens (or creates) the buckets and writes the first lease.
@@ -93,6 +100,7 @@ impl Cluster {
             ttl: c.lease_ttl,
             owned: Mutex::new(HashMap::new()),
             renewed: Mutex::new(None),
+            kv_down: Mutex::new(None),
         });
         cluster.refuse_a_twin().await?;
         cluster.renew().await?;
@@ -187,17 +195,34 @@ impl Cluster {
         if self.lease_fresh() && lock(&self.owned).contains_key(conversation) {
             return Place::Here { moved_from: None };
         }
-        match tokio::time::timeout(KV_TIMEOUT, self.decide(conversation, forwarded, sessions)).await
-        {
-            Ok(Ok(place)) => place,
-            Ok(Err(e)) => {
-                error!(%conversation, error = %e, "cannot read the conversation's home; serving it here");
-                Place::Here { moved_from: None }
+        // While the buckets are known to be unreadable, one try: prompts
+        // are decided one at a time and must not each wait the full bound.
+        let retry_for = if lock(&self.kv_down).is_some() {
+            Duration::ZERO
+        } else {
+            KV_RETRY_FOR
+        };
+        let deadline = Instant::now() + retry_for;
+        let why = loop {
+            let decided =
+                tokio::time::timeout(KV_TIMEOUT, self.decide(conversation, forwarded, sessions));
+            let why = match decided.await {
+                Ok(Ok(place)) => {
+                    *lock(&self.kv_down) = None;
+                    return place;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {KV_TIMEOUT:?}"),
+            };
+            if Instant::now() >= deadline {
+                break why;
             }
-            Err(_) => {
-                error!(%conversation, "the conversation's home was not read within 2s; serving it here");
-                Place::Here { moved_from: None }
-            }
+            tokio::time::sleep(KV_RETRY_PAUSE).await;
+        };
+        lock(&self.kv_down).get_or_insert_with(Instant::now);
+        error!(%conversation, error = %why, "cannot read the conversation's home; not serving it (another daemon may be its home): session_busy");
+        Place::Busy {
+            reason: "the cluster cannot read conversation homes now (JetStream has no leader for them: a nats-server restarting or cut off from the others); send again".into(),
         }
     }
 

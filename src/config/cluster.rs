@@ -13,7 +13,8 @@ pub enum Switch {
     /// On when the server has JetStream (and the daemon may use it).
     #[default]
     Auto,
-    /// On; a server without JetStream stops the start (exit 78).
+    /// On; a server without JetStream stops the start (exit 78) after
+    /// 30 s of asking (a JetStream cluster electing its leader is silent).
     On,
     Off,
 }
@@ -106,6 +107,12 @@ pub struct JetStreamConfig {
     /// How long `replies_stream` keeps replies.
     #[serde(with = "humantime_serde")]
     pub replies_max_age: Duration,
+    /// Copies of every bucket and stream the daemon creates (conversations,
+    /// instances, turns, finals, jobs, replies): 1 on a single nats-server,
+    /// 3 on a three-node cluster (docs/CLUSTER.md). A cluster with fewer
+    /// JetStream servers cannot place them: the start fails and says so.
+    /// Existing ones keep their count (a different one is logged).
+    pub replicas: usize,
 }
 
 impl Default for JetStreamConfig {
@@ -121,6 +128,7 @@ impl Default for JetStreamConfig {
             retry_delay: Duration::from_secs(5),
             replies_stream: String::new(),
             replies_max_age: Duration::from_secs(3600),
+            replicas: 1,
         }
     }
 }

@@ -75,6 +75,7 @@ fn example_file_is_valid_and_complete() {
         "jetstream.retry_delay",
         "jetstream.replies_stream",
         "jetstream.replies_max_age",
+        "jetstream.replicas",
         "subjects.turn_status",
         "limits.large_final_bucket",
         "limits.max_attachments",
@@ -392,6 +393,22 @@ fn cluster_settings_are_checked() {
     bad(
         &[("OPENCODE_BRIDGE__JETSTREAM__JOBS_SUBJECT", "opencode.job.>")],
         "jetstream.jobs_subject",
+    );
+    bad(
+        &[("OPENCODE_BRIDGE__JETSTREAM__REPLICAS", "0")],
+        "jetstream.replicas",
+    );
+    bad(
+        &[("OPENCODE_BRIDGE__JETSTREAM__REPLICAS", "7")],
+        "jetstream.replicas",
+    );
+    let three = env(&[("OPENCODE_BRIDGE__JETSTREAM__REPLICAS", "3")]);
+    assert_eq!(
+        Config::load_with_env(None, three)
+            .unwrap()
+            .jetstream
+            .replicas,
+        3
     );
     let c =
         Config::load_with_env(None, env(&[("OPENCODE_BRIDGE__CLUSTER__ENABLED", "off")])).unwrap();

@@ -69,6 +69,15 @@ impl Config {
                 return invalid(key, format!("{v:?} must be 1-64 letters, digits, - or _"));
             }
         }
+        if !(1..=5).contains(&j.replicas) {
+            return invalid(
+                "jetstream.replicas",
+                format!(
+                    "{} must be 1 to 5 (JetStream keeps at most 5 copies)",
+                    j.replicas
+                ),
+            );
+        }
         if !j.replies_stream.is_empty() && !name_ok(&j.replies_stream) {
             return invalid(
                 "jetstream.replies_stream",

@@ -219,6 +219,27 @@ impl Health {
         }
     }
 
+    /// What must stay bounded however long the daemon runs (the soak
+    /// watches them, docs/RELIABILITY.md): the conversation map, the tasks.
+    fn render_sizes(&self, out: &mut String) {
+        if let Some(n) = self.sources.dispatcher.context().sessions.known() {
+            gauge(
+                out,
+                "opencode_bridge_conversations_known",
+                "Conversations in the map to their OpenCode sessions.",
+                n,
+            );
+        }
+        gauge(
+            out,
+            "opencode_bridge_tokio_tasks_alive",
+            "Tasks alive on the daemon's runtime (a leak shows as growth).",
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks(),
+        );
+    }
+
     /// Everything in the Prometheus text format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let s = &self.sources;
@@ -245,6 +266,7 @@ impl Health {
             "Conversations with a turn running or queued.",
             s.dispatcher.active_conversations(),
         );
+        self.render_sizes(&mut out);
         gauge(
             &mut out,
             "opencode_bridge_nats_connected",

@@ -50,6 +50,8 @@ pub async fn begin(
         check_agent(ctx, a).await?;
     }
     if let Some(found) = super::resume::accepted_before(ctx, prompt).await? {
+        // The followed turn's replies name its session like any other's.
+        sink.set_session(&found.session_id);
         return Ok(found);
     }
     let mut session_id = resolve_session(ctx, prompt).await?;

@@ -1,6 +1,7 @@
 //! One agent turn from prompt to `final`/`error`, the per-conversation
 //! queue, and the conversation -> session map.
 
+pub mod answered;
 pub mod begin;
 pub mod command;
 pub mod context;

@@ -38,6 +38,11 @@ pub const QUEUE: usize = 4096;
 const BATCH: usize = 256;
 /// Bound on one KV put or read, and on storing a final's whole text.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tries of one state write refused by the server, and the pause between:
+/// 30 s, the default `ack_wait` (a leader election can outlast 6 s on a
+/// loaded machine: docs/RELIABILITY.md, run 2).
+const PUT_ATTEMPTS: u32 = 60;
+const PUT_PAUSE: Duration = Duration::from_millis(500);
 /// Object store buckets kept open (one per tenant with a large final).
 const MAX_BUCKETS: usize = 256;
 
@@ -293,26 +298,55 @@ async fn write(
         let puts = batch.into_iter().map(|((name, key), value)| {
             let buckets = buckets.clone();
             async move {
-                let put = async {
-                    let bucket = buckets.get(&name).await?;
-                    bucket.put(&key, value.into()).await
-                };
-                let r = tokio::time::timeout(IO_TIMEOUT, put).await;
-                match r {
-                    Ok(Ok(_)) => {
-                        buckets.wrote(&name, None);
-                        debug!(%key, "turn state written")
-                    }
+                let bucket = match tokio::time::timeout(IO_TIMEOUT, buckets.get(&name)).await {
+                    Ok(Ok(b)) => b,
                     Ok(Err(e)) => {
-                        buckets.wrote(&name, Some(&e.to_string()));
-                        warn!(%key, error = %e, "writing a turn state failed")
+                        warn!(%key, bucket = %name, error = %e, "writing a turn state failed: its bucket cannot be opened");
+                        return;
                     }
-                    Err(_) => warn!(%key, "writing a turn state timed out"),
-                }
+                    Err(_) => {
+                        warn!(%key, bucket = %name, "writing a turn state timed out opening its bucket");
+                        return;
+                    }
+                };
+                let refused = put(&bucket, key, value.into()).await.err();
+                buckets.wrote(&name, refused.as_deref());
             }
         });
         futures::future::join_all(puts).await;
     }
+}
+
+/// Writes one state, again after a refusal while the bucket has no leader
+/// (a nats-server of the cluster restarting: "no stream found", "no
+/// responders") for up to [`PUT_ATTEMPTS`] x [`PUT_PAUSE`]: a turn's
+/// `done` must not be lost to a leader election (docs/RELIABILITY.md). A
+/// full share ([`is_out_of_room`]) is not tried again. `Err`: the last
+/// refusal.
+async fn put(bucket: &Bucket, key: String, value: bytes::Bytes) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 1..=PUT_ATTEMPTS {
+        match tokio::time::timeout(IO_TIMEOUT, bucket.put(&key, value.clone())).await {
+            Ok(Ok(_)) => {
+                debug!(%key, attempt, "turn state written");
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                last = e.to_string();
+                if is_out_of_room(&last) || attempt == PUT_ATTEMPTS {
+                    warn!(%key, attempts = attempt, error = %e, "writing a turn state failed");
+                    break;
+                }
+                debug!(%key, attempt, error = %e, "writing a turn state failed; trying again");
+                tokio::time::sleep(PUT_PAUSE).await;
+            }
+            Err(_) => {
+                warn!(%key, "writing a turn state timed out");
+                return Err(format!("no answer within {IO_TIMEOUT:?}"));
+            }
+        }
+    }
+    Err(last)
 }
 
 /// Answers turn state requests (`<turn_status>`, `<turn_status>.<tenant>`,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod cluster;
 pub mod control;
 pub mod daemon;
 pub mod fake_llm;

@@ -136,6 +136,14 @@ impl NatsServer {
         );
     }
 
+    /// Replaces the config file the next [`restart`](Self::restart) reads
+    /// (a cluster node restarted without its routes, then with them).
+    pub fn set_config(&mut self, conf_text: &str) {
+        let path = self.dir.path().join("nats.conf");
+        fs::write(&path, conf_text).expect("write nats-server config");
+        self.config = Some(path);
+    }
+
     /// All log output of every launch so far (for failure messages).
     pub fn logs(&self) -> String {
         (1..=self.launches)
@@ -225,7 +233,7 @@ fn server_bin() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("probe a free port")

@@ -6,7 +6,7 @@
 //! the proxy keeps accepting: a new connection goes through at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,9 @@ struct Shared {
     accepted: AtomicU64,
     severed: AtomicU64,
     cuts: AtomicU64,
+    /// While set, every connection is cut and new ones are reset at once
+    /// (the server behind is "dead": [`Proxy::set_down`]).
+    down: AtomicBool,
 }
 
 impl Proxy {
@@ -43,6 +46,7 @@ impl Proxy {
             accepted: AtomicU64::new(0),
             severed: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         });
         let s = shared.clone();
         let accept = tokio::spawn(async move {
@@ -81,6 +85,15 @@ impl Proxy {
                 s.sever_all();
             }
         }))
+    }
+
+    /// Down (`true`): every open connection is cut and new ones are reset,
+    /// as when the server behind died; up again (`false`): they go through.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::Relaxed);
+        if down {
+            self.shared.sever_all();
+        }
     }
 
     /// Connections accepted so far.
@@ -128,7 +141,11 @@ impl Shared {
     }
 }
 
-async fn pipe(mut client: TcpStream, shared: Arc<Shared>, cut: CancellationToken) {
+async fn pipe(client: TcpStream, shared: Arc<Shared>, cut: CancellationToken) {
+    if shared.down.load(Ordering::Relaxed) {
+        let _ = client.set_zero_linger();
+        return;
+    }
     let mut server = match TcpStream::connect(shared.target).await {
         Ok(s) => s,
         Err(_) => {
@@ -136,6 +153,7 @@ async fn pipe(mut client: TcpStream, shared: Arc<Shared>, cut: CancellationToken
             return;
         }
     };
+    let mut client = client;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     shared.open.fetch_add(1, Ordering::Relaxed);

@@ -422,6 +422,11 @@ impl FakeOpenCode {
         lock(&self.shared.state).sessions.clone()
     }
 
+    /// How many sessions there are (without copying them).
+    pub fn session_count(&self) -> usize {
+        lock(&self.shared.state).sessions.len()
+    }
+
     /// Deletes a session (its messages too), as if a user removed it.
     pub fn remove_session(&self, id: &str) -> bool {
         let mut st = lock(&self.shared.state);
